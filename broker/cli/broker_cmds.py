@@ -1,0 +1,114 @@
+"""``merlin broker up|down|status``: the coordinator and its resource actors."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import yaml
+
+from broker.catalog import load_catalog
+from broker.cli.common import Context, emit_json, json_option, when
+from broker.errors import BrokerUnavailable
+
+__all__ = ["register"]
+
+DEFAULT_CATALOG = "configs/resources.yaml"
+
+
+def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
+    broker = sub.add_parser("broker", help="the broker actors").add_subparsers(dest="verb", required=True)
+
+    up = broker.add_parser(
+        "up",
+        parents=[common],
+        help="create (or update) the broker and one actor per catalog key; idempotent",
+        description="Create the detached `broker` coordinator and one `resource:<key>` actor per key of "
+        "the catalog. Running it again applies catalog changes; existing leases are untouched.",
+    )
+    up.add_argument("--catalog", default=DEFAULT_CATALOG, help=f"catalog YAML (default: {DEFAULT_CATALOG})")
+    json_option(up)
+    up.set_defaults(run=_up)
+
+    down = broker.add_parser(
+        "down",
+        parents=[common],
+        help="stop the broker actors; leases and queues stay on disk for the next `up`",
+    )
+    down.set_defaults(run=_down)
+
+    status = broker.add_parser("status", parents=[common], help="health, uptime and counts")
+    json_option(status)
+    status.set_defaults(run=_status)
+
+
+def _up(ctx: Context) -> int:
+    catalog_path = Path(ctx.args.catalog)
+    catalog = load_catalog(catalog_path)  # fail on a bad catalog before touching the cluster
+    raw = yaml.safe_load(catalog_path.read_text(encoding="utf-8"))
+    ctx.connect_ray()
+    import ray
+
+    from broker.coordinator import RemoteBrokerActor
+    from broker.placement import COORDINATOR_NAME, actor_options, head_node_id
+
+    ctx.state.ensure()
+    options = actor_options(COORDINATOR_NAME, ctx.namespace, head_node_id())
+    handle = RemoteBrokerActor.options(**options).remote(str(ctx.state.root), ctx.namespace)
+    info = ray.get(handle.ping.remote(), timeout=120)
+    if info.get("state_dir") not in (None, str(ctx.state.root)):
+        raise BrokerUnavailable(
+            f"the broker in namespace {ctx.namespace!r} uses state dir {info['state_dir']}",
+            "pass that --state-dir, or run `merlin broker down` first",
+        )
+    keys = ray.get(handle.apply_catalog.remote(raw), timeout=300)
+    client = ctx.client()
+    status = client.status()
+    if ctx.args.json:
+        emit_json({"resources": keys, "status": status})
+        return 0
+    print(f"broker up in namespace {ctx.namespace!r}: {len(keys)} resources from {catalog_path}")
+    for key in keys:
+        print(f"  resource:{key}  ({catalog.resources[key].description or 'no description'})")
+    print(f"state dir {status.state_dir}")
+    if status.metrics_url:
+        print(f"metrics at {status.metrics_url}")
+    return 0
+
+
+def _down(ctx: Context) -> int:
+    ctx.connect_ray()
+    import ray
+
+    from broker.placement import COORDINATOR_NAME, resource_actor_name
+
+    client = ctx.client()
+    keys = [status.key for status in client.resources()]
+    killed = 0
+    for name in [resource_actor_name(key) for key in keys] + [COORDINATOR_NAME]:
+        try:
+            ray.kill(ray.get_actor(name, namespace=ctx.namespace), no_restart=True)
+            killed += 1
+        except ValueError:
+            continue
+    print(f"stopped {killed} broker actors in namespace {ctx.namespace!r}; state stays in {ctx.state.root}")
+    return 0
+
+
+def _status(ctx: Context) -> int:
+    status = ctx.client().status()
+    if ctx.args.json:
+        emit_json(status)
+    else:
+        health = "healthy" if status.healthy else "DEGRADED"
+        print(f"broker {health}, up since {when(status.started_at)}, namespace {status.namespace!r}")
+        print(
+            f"{status.resources} resources: {status.leased} leased, {status.queued} waiting, "
+            f"{status.in_maintenance} in maintenance, {len(status.down)} down"
+        )
+        if status.down:
+            print(f"down: {', '.join(status.down)}")
+        print(f"state dir {status.state_dir}")
+        if status.metrics_url:
+            print(f"metrics at {status.metrics_url}")
+    return 0 if status.healthy else BrokerUnavailable.exit_code

@@ -1,0 +1,128 @@
+"""What every ``merlin`` command shares: common options, output, time formatting."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from datetime import datetime, timezone
+from typing import Any
+
+from pydantic import BaseModel
+
+from broker.durations import format_duration, parse_duration
+from broker.placement import namespace_from_env
+from broker.store import StateDir
+
+__all__ = [
+    "common_options",
+    "json_option",
+    "Context",
+    "emit_json",
+    "duration_arg",
+    "when",
+    "table",
+    "note",
+]
+
+
+def common_options() -> argparse.ArgumentParser:
+    """Options every leaf command takes (so they may follow the subcommand)."""
+    parent = argparse.ArgumentParser(add_help=False)
+    group = parent.add_argument_group("where")
+    group.add_argument(
+        "--state-dir",
+        default=None,
+        help="broker state dir (default: $MERLIN_STATE_DIR or build/generated/ray)",
+    )
+    group.add_argument(
+        "--namespace",
+        default=None,
+        help="Ray namespace of the broker actors (default: $MERLIN_RAY_NAMESPACE or merlin)",
+    )
+    group.add_argument(
+        "--address",
+        default=None,
+        help="Ray address (default: $RAY_ADDRESS, then the state dir's cluster/bootstrap.json)",
+    )
+    return parent
+
+
+def json_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
+
+
+class Context:
+    """The resolved common options, and a lazily connected broker client."""
+
+    def __init__(self, args: argparse.Namespace):
+        self.args = args
+        self.state = StateDir.from_env(args.state_dir)
+        self.namespace = args.namespace or namespace_from_env()
+        self.address = args.address
+        self._client: Any = None
+
+    def client(self) -> Any:
+        if self._client is None:
+            from broker.client import connect
+
+            self._client = connect(self.address, namespace=self.namespace, state_dir=str(self.state.root))
+        return self._client
+
+    def connect_ray(self) -> Any:
+        from broker.cluster import connect_ray
+
+        return connect_ray(self.state, address=self.address, namespace=self.namespace)
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, BaseModel):
+        return value.model_dump(mode="json")
+    if isinstance(value, (list, tuple)):
+        return [_plain(item) for item in value]
+    if isinstance(value, dict):
+        return {key: _plain(item) for key, item in value.items()}
+    return value
+
+
+def emit_json(value: Any) -> None:
+    json.dump(_plain(value), sys.stdout, indent=2, sort_keys=False, default=str)
+    sys.stdout.write("\n")
+
+
+def duration_arg(field: str) -> Any:
+    """An argparse ``type`` for ``90s``/``10m``/``2h``; a bad value is ``InvalidRequest`` (exit 3)."""
+
+    def parse(text: str) -> float:
+        return parse_duration(text, field=field)
+
+    parse.__name__ = "duration"
+    return parse
+
+
+def when(ts: float | None, *, relative: bool = True) -> str:
+    """``2026-11-21 23:10:00Z (in 59m)``; ``-`` for no time."""
+    if ts is None:
+        return "-"
+    stamp = datetime.fromtimestamp(ts, tz=timezone.utc).strftime("%Y-%m-%d %H:%M:%SZ")
+    if not relative:
+        return stamp
+    delta = ts - time.time()
+    rel = f"in {format_duration(delta)}" if delta >= 0 else f"{format_duration(-delta)} ago"
+    return f"{stamp} ({rel})"
+
+
+def table(headers: list[str], rows: list[list[str]]) -> str:
+    widths = [len(header) for header in headers]
+    for row in rows:
+        widths = [max(width, len(cell)) for width, cell in zip(widths, row)]
+    lines = ["  ".join(header.upper().ljust(width) for header, width in zip(headers, widths)).rstrip()]
+    for row in rows:
+        lines.append("  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip())
+    return "\n".join(lines)
+
+
+def note(message: str) -> None:
+    """Progress and hints go to stderr, so ``--json`` output stays clean on stdout."""
+    print(message, file=sys.stderr, flush=True)

@@ -1,0 +1,334 @@
+"""The Python shim: ``broker.connect()`` and a client that retries safely.
+
+Retries happen here, not in Ray: a call that died with the coordinator is sent
+again to the restarted one with the *same* ``request_id``, so it never takes
+a second lease. ``client.lease(...)`` holds a lease for a ``with`` block,
+renewing it from a background thread, and raises if the lease was lost.
+"""
+
+from __future__ import annotations
+
+import getpass
+import socket
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from typing import Any
+
+from broker.errors import BrokerError, BrokerUnavailable, LeaseNotFound, LeaseNotHeld
+from broker.models import BrokerStatus, Lease, LeaseState, ResourceStatus
+from broker.placement import COORDINATOR_NAME, namespace_from_env
+from broker.store import StateDir
+
+__all__ = ["connect", "BrokerClient", "HeldLease", "default_holder"]
+
+DEFAULT_RETRY_S = 30.0
+
+
+def default_holder() -> str:
+    """``user@host``: who holds a lease when nobody says otherwise."""
+    try:
+        user = getpass.getuser()
+    except (KeyError, OSError):
+        user = "unknown"
+    return f"{user}@{socket.gethostname()}"
+
+
+def connect(
+    address: str | None = None,
+    *,
+    namespace: str | None = None,
+    state_dir: str | None = None,
+    retry_s: float = DEFAULT_RETRY_S,
+) -> BrokerClient:
+    """Connect to the running broker.
+
+    Args:
+        address: a Ray address; default ``RAY_ADDRESS``, then the state dir's
+            ``cluster/bootstrap.json``.
+        namespace: default ``MERLIN_RAY_NAMESPACE``, then ``merlin``.
+        state_dir: default ``MERLIN_STATE_DIR``, then ``build/generated/ray``.
+        retry_s: how long a call keeps retrying while the broker restarts.
+    Raises:
+        BrokerUnavailable: no cluster answers, or no broker runs in it (the
+            message names the command to run). Never hangs.
+    """
+    from broker.cluster import connect_ray
+
+    namespace = namespace or namespace_from_env()
+    connect_ray(StateDir.from_env(state_dir), address=address, namespace=namespace)
+    client = BrokerClient(namespace, retry_s=retry_s)
+    client.ping()
+    return client
+
+
+class BrokerClient:
+    """Calls on the ``broker`` actor with retries; see the coordinator for each method's rules."""
+
+    def __init__(self, namespace: str, *, retry_s: float = DEFAULT_RETRY_S):
+        self.namespace = namespace
+        self.retry_s = retry_s
+        self._handle: Any = None
+
+    # ------------------------------------------------------------------ API
+
+    def reserve(
+        self,
+        resource: str,
+        holder: str | None = None,
+        *,
+        ttl_s: float = 3600.0,
+        wait: bool = False,
+        timeout_s: float | None = None,
+        priority: int = 0,
+        request_id: str | None = None,
+        note: str = "",
+        on_position: Callable[[int | None], None] | None = None,
+    ) -> Lease:
+        """Reserve ``resource``; a retried call reuses one ``request_id``, so it never gets two leases.
+
+        ``on_position`` (with ``wait=True``) is called with the request's place in
+        the queue whenever it changes.
+        """
+        holder = default_holder() if holder is None else holder
+        request_id = uuid.uuid4().hex if request_id is None else request_id
+        kwargs = dict(
+            ttl_s=ttl_s, wait=wait, timeout_s=timeout_s, priority=priority, request_id=request_id, note=note
+        )
+        progress = None
+        if on_position is not None and wait:
+            last: list[int | None] = [-1]
+
+            def progress() -> None:
+                try:
+                    position = self.call("queue_position", resource, holder, request_id, timeout_s=2.0)
+                except BrokerError:
+                    return
+                if position != last[0]:
+                    last[0] = position
+                    on_position(position)
+
+        try:
+            return self.call("reserve", resource, holder, progress=progress, **kwargs)
+        except KeyboardInterrupt:
+            if wait:  # leave the queue rather than be granted a lease nobody will use
+                try:
+                    self.call("withdraw", resource, holder, request_id, timeout_s=5.0)
+                except BrokerError:
+                    pass
+            raise
+
+    def release(self, lease_id: str) -> Lease:
+        return self.call("release", lease_id)
+
+    def renew(self, lease_id: str, ttl_s: float | None = None) -> Lease:
+        return self.call("renew", lease_id, ttl_s)
+
+    def get_lease(self, lease_id: str) -> Lease:
+        return self.call("lease", lease_id)
+
+    def revoke(
+        self, resource: str, reason: str, *, expected_holder: str | None = None, by: str | None = None
+    ) -> Lease:
+        return self.call(
+            "revoke",
+            resource,
+            reason,
+            expected_holder=expected_holder,
+            by=by or default_holder(),
+            request_id=uuid.uuid4().hex,
+        )
+
+    def set_maintenance(self, resource: str, on: bool, reason: str = "", *, by: str | None = None) -> ResourceStatus:
+        return self.call("set_maintenance", resource, on, reason, by=by or default_holder())
+
+    def check_fence(self, lease_id: str, fencing_token: int) -> Lease:
+        return self.call("check_fence", lease_id, fencing_token)
+
+    def queue_position(self, resource: str, holder: str, request_id: str) -> int | None:
+        return self.call("queue_position", resource, holder, request_id)
+
+    def resources(self) -> list[ResourceStatus]:
+        return self.call("resources")
+
+    def status(self) -> BrokerStatus:
+        return self.call("status")
+
+    def ping(self) -> dict[str, Any]:
+        return self.call("ping", timeout_s=10.0)
+
+    def lease(
+        self,
+        resource: str,
+        holder: str | None = None,
+        *,
+        ttl_s: float = 60.0,
+        wait: bool = True,
+        timeout_s: float | None = None,
+        priority: int = 0,
+        note: str = "",
+        heartbeat_s: float | None = None,
+        on_lost: Callable[[HeldLease], None] | None = None,
+    ) -> HeldLease:
+        """Hold ``resource`` for a ``with`` block, renewing every ``heartbeat_s`` (default ttl/3).
+
+        ``with client.lease("firesim_u250") as held:`` waits for the grant,
+        renews in the background, releases on exit, and raises ``LeaseNotHeld``
+        on exit if the lease was lost meanwhile (expired, revoked). ``on_lost``
+        is called from the heartbeat thread the moment the loss is seen;
+        ``held.check()`` raises at once inside the block.
+        """
+        return HeldLease(
+            self,
+            dict(
+                resource=resource,
+                holder=holder,
+                ttl_s=ttl_s,
+                wait=wait,
+                timeout_s=timeout_s,
+                priority=priority,
+                note=note,
+            ),
+            heartbeat_s=heartbeat_s if heartbeat_s is not None else max(0.05, ttl_s / 3.0),
+            on_lost=on_lost,
+        )
+
+    # ------------------------------------------------------------------ plumbing
+
+    def call(
+        self,
+        method: str,
+        *args: Any,
+        timeout_s: float | None = None,
+        progress: Callable[[], None] | None = None,
+        **kwargs: Any,
+    ) -> Any:
+        """Call ``broker.<method>``; retry with the same arguments while the broker restarts.
+
+        ``progress`` is called about twice a second while the call is pending
+        (the CLI uses it to show a waiter its place in the queue).
+        """
+        import ray
+        from ray.exceptions import ActorUnavailableError, GetTimeoutError, RayActorError, RayTaskError
+
+        deadline = time.monotonic() + self.retry_s
+        delay = 0.05
+        while True:
+            handle = self._broker()
+            ref = getattr(handle, method).remote(*args, **kwargs)
+            try:
+                if progress is not None:
+                    while not ray.wait([ref], timeout=0.5)[0]:
+                        progress()
+                return ray.get(ref, timeout=timeout_s)
+            except RayTaskError as err:
+                cause = err.cause
+                if isinstance(cause, BrokerError):
+                    raise cause from None
+                raise BrokerUnavailable(f"broker.{method} failed: {type(cause).__name__}: {cause}") from None
+            except GetTimeoutError:
+                ray.cancel(ref)
+                raise BrokerUnavailable(f"the broker did not answer {method} within {timeout_s:g}s") from None
+            except (RayActorError, ActorUnavailableError):
+                self._handle = None
+                if time.monotonic() >= deadline:
+                    raise BrokerUnavailable(
+                        f"the broker did not come back within {self.retry_s:g}s", "check `merlin broker status`"
+                    ) from None
+                time.sleep(delay)
+                delay = min(delay * 2, 1.0)
+            except KeyboardInterrupt:
+                ray.cancel(ref)
+                raise
+
+    def _broker(self) -> Any:
+        if self._handle is None:
+            import ray
+
+            try:
+                self._handle = ray.get_actor(COORDINATOR_NAME, namespace=self.namespace)
+            except ValueError:
+                raise BrokerUnavailable(
+                    f"no broker runs in namespace {self.namespace!r}", "run `merlin broker up`"
+                ) from None
+        return self._handle
+
+
+class HeldLease:
+    """A lease held for a ``with`` block; see :meth:`BrokerClient.lease`."""
+
+    def __init__(
+        self,
+        client: BrokerClient,
+        request: dict[str, Any],
+        *,
+        heartbeat_s: float,
+        on_lost: Callable[[HeldLease], None] | None,
+    ):
+        self._client = client
+        self._request = request
+        self._heartbeat_s = heartbeat_s
+        self._on_lost = on_lost
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self.lease: Lease | None = None
+        self.lost: BrokerError | None = None
+
+    @property
+    def lease_id(self) -> str:
+        return self._current().lease_id
+
+    @property
+    def fencing_token(self) -> int:
+        return self._current().fencing_token or 0
+
+    def check(self) -> Lease:
+        """The current lease; raises ``LeaseNotHeld`` if it was lost."""
+        if self.lost is not None:
+            raise self.lost
+        return self._current()
+
+    def __enter__(self) -> HeldLease:
+        self.lease = self._client.reserve(**self._request)
+        if self.lease.state is not LeaseState.GRANTED:
+            raise LeaseNotHeld(self.lease.lease_id, self.lease.state.value, "not granted")
+        self._thread = threading.Thread(target=self._beat, name=f"merlin-heartbeat-{self.lease.resource}", daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=self._heartbeat_s + 5.0)
+        if self.lost is None:
+            try:
+                self.lease = self._client.release(self._current().lease_id)
+            except (LeaseNotHeld, LeaseNotFound) as err:
+                self.lost = err
+        if self.lost is not None and exc_type is None:
+            raise self.lost
+
+    def _current(self) -> Lease:
+        if self.lease is None:
+            raise LeaseNotHeld("-", "queued", "the with block has not been entered")
+        return self.lease
+
+    def _beat(self) -> None:
+        lease_id = self._current().lease_id
+        while not self._stop.wait(self._heartbeat_s):
+            try:
+                self.lease = self._client.call("renew", lease_id, None, timeout_s=max(self._heartbeat_s, 1.0))
+            except (LeaseNotHeld, LeaseNotFound) as err:
+                self._lose(err)
+                return
+            except BrokerUnavailable:
+                expires_at = self._current().expires_at or 0.0
+                if time.time() >= expires_at:
+                    self._lose(LeaseNotHeld(lease_id, "expired", "no heartbeat reached the broker before expiry"))
+                    return
+
+    def _lose(self, err: BrokerError) -> None:
+        self.lost = err
+        if self._on_lost is not None:
+            self._on_lost(self)

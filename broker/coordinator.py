@@ -1,0 +1,283 @@
+"""``broker``: the coordinator actor notebooks, the CLI and the shim talk to.
+
+What it owns: the resource catalog (persisted as ``catalog.json`` in the state
+dir), one handle per resource actor, and routing. It holds no lease state:
+every lease call is forwarded to ``resource:<key>``, which owns that key.
+
+Guarantees:
+
+* Every call is safe to retry. ``reserve`` and ``revoke`` get a
+  ``request_id`` here when the caller gave none, so a forwarded call that died
+  with its resource actor is retried with the same id and never takes a
+  second lease or revokes twice; ``release``, ``renew``, ``cancel`` and
+  ``set_maintenance`` are idempotent.
+* Detached actors do not share fate: if the coordinator dies, resource
+  actors keep their leases and timers; Ray restarts the coordinator, which
+  reloads the catalog and finds its actors by name. If a resource actor dies,
+  only calls for that key wait (bounded) for its restart.
+* An error a caller made is raised as the matching ``broker.errors`` class;
+  an actor that does not come back within the retry window is
+  ``BrokerUnavailable``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import secrets
+import time
+from typing import Any
+
+import ray
+from ray.exceptions import ActorUnavailableError, GetTimeoutError, RayActorError, RayTaskError
+
+from broker.catalog import Catalog, parse_catalog
+from broker.errors import BrokerError, BrokerUnavailable, InvalidRequest, LeaseNotFound, UnknownResource
+from broker.events import EventSink
+from broker.models import (
+    BrokerStatus,
+    Lease,
+    ResourceState,
+    ResourceStatus,
+    is_resource_key,
+    resource_of_lease_id,
+)
+from broker.placement import actor_options, resource_actor_name
+from broker.resource_actor import RemoteResourceActor
+from broker.store import StateDir, atomic_write, read_json
+
+__all__ = ["BrokerActor", "RemoteBrokerActor", "VERSION"]
+
+VERSION = "0.1.0"
+# How long a call waits for a restarting resource actor before BrokerUnavailable.
+ACTOR_RETRY_S = float(os.environ.get("MERLIN_ACTOR_RETRY_S", "30"))
+STATUS_TIMEOUT_S = 2.0
+
+
+class BrokerActor:
+    """The coordinator. See the module docstring for what it owns and promises."""
+
+    def __init__(self, state_dir: str, namespace: str):
+        self._state = StateDir.from_env(state_dir).ensure()
+        self._namespace = namespace
+        self._started_at = time.time()
+        self._events = EventSink(self._state.events_path, source="broker")
+        self._node_id = ray.get_runtime_context().get_node_id()
+        self._actors: dict[str, Any] = {}
+        self._catalog: Catalog | None = None
+        if self._state.catalog_path.exists():
+            self._catalog = Catalog.model_validate(read_json(self._state.catalog_path))
+            for key in self._catalog.resources:
+                self._actor(key)
+        self._events.emit(
+            "broker.started",
+            pid=os.getpid(),
+            namespace=namespace,
+            resources=len(self._catalog.resources) if self._catalog else 0,
+        )
+
+    # ------------------------------------------------------------------ catalog
+
+    async def apply_catalog(self, catalog: dict[str, Any]) -> list[str]:
+        """Adopt ``catalog`` (the parsed YAML): create new keys' actors, refuse to drop busy keys."""
+        new = parse_catalog(catalog, "catalog")
+        old_keys = set(self._catalog.resources) if self._catalog else set()
+        dropped = sorted(old_keys - set(new.resources))
+        for key in dropped:
+            status = await self._status_of(key)
+            if status.holder is not None or status.queue:
+                raise InvalidRequest(f"cannot drop {key!r} from the catalog: it is leased or has waiters", "catalog")
+        atomic_write(self._state.catalog_path, new.model_dump_json(by_alias=True, indent=2).encode())
+        self._catalog = new
+        for key in dropped:
+            handle = self._actors.pop(key, None)
+            if handle is not None:
+                ray.kill(handle, no_restart=True)
+        await asyncio.gather(*(self._call(key, "reconfigure") for key in new.resources))
+        self._events.emit("broker.catalog_applied", resources=len(new.resources), dropped=dropped or None)
+        return sorted(new.resources)
+
+    # ------------------------------------------------------------------ leases
+
+    async def reserve(
+        self,
+        resource: str,
+        holder: str,
+        *,
+        ttl_s: float = 3600.0,
+        wait: bool = False,
+        timeout_s: float | None = None,
+        priority: int = 0,
+        request_id: str | None = None,
+        note: str = "",
+    ) -> Lease:
+        """Grant ``resource`` to ``holder`` now, or queue (``wait=True``), or raise ``ResourceBusy``."""
+        self._known(resource)
+        request_id = request_id if request_id is not None else f"broker-{secrets.token_hex(12)}"
+        try:
+            return await self._call(
+                resource,
+                "reserve",
+                holder,
+                ttl_s=ttl_s,
+                wait=wait,
+                timeout_s=timeout_s,
+                priority=priority,
+                request_id=request_id,
+                note=note,
+            )
+        except asyncio.CancelledError:
+            # The caller cancelled its wait (ray.cancel): take the request out of the queue.
+            if wait and isinstance(holder, str):
+                await self._call(resource, "withdraw", holder, request_id)
+            raise
+
+    async def release(self, lease_id: str) -> Lease:
+        return await self._call(self._key_of(lease_id), "release", lease_id)
+
+    async def renew(self, lease_id: str, ttl_s: float | None = None) -> Lease:
+        return await self._call(self._key_of(lease_id), "renew", lease_id, ttl_s)
+
+    async def lease(self, lease_id: str) -> Lease:
+        return await self._call(self._key_of(lease_id), "lease", lease_id)
+
+    async def withdraw(self, resource: str, holder: str, request_id: str) -> Lease | None:
+        """Take ``holder``'s queued request ``request_id`` out of the queue (for a waiter that gave up)."""
+        self._known(resource)
+        return await self._call(resource, "withdraw", holder, request_id)
+
+    async def check_fence(self, lease_id: str, fencing_token: int) -> Lease:
+        """The lease if it still holds its key with this token, else ``StaleFencingToken``."""
+        return await self._call(self._key_of(lease_id), "check_fence", lease_id, fencing_token)
+
+    async def queue_position(self, resource: str, holder: str, request_id: str) -> int | None:
+        """Where ``holder``'s request ``request_id`` stands in the queue (1 = next), or None."""
+        self._known(resource)
+        return await self._call(resource, "queue_position", holder, request_id)
+
+    async def revoke(
+        self,
+        resource: str,
+        reason: str,
+        *,
+        expected_holder: str | None = None,
+        by: str = "",
+        request_id: str | None = None,
+    ) -> Lease:
+        """Take ``resource`` from its holder (administrative; recorded with reason and by)."""
+        self._known(resource)
+        return await self._call(
+            resource,
+            "revoke",
+            reason,
+            expected_holder=expected_holder,
+            by=by,
+            request_id=request_id if request_id is not None else f"broker-{secrets.token_hex(12)}",
+        )
+
+    async def set_maintenance(self, resource: str, on: bool, reason: str = "", *, by: str = "") -> ResourceStatus:
+        """Stop (or resume) new grants on ``resource``; its holder keeps the lease."""
+        self._known(resource)
+        status = await self._call(resource, "set_maintenance", on, reason, by)
+        return self._with_catalog(status)
+
+    # ------------------------------------------------------------------ reads
+
+    async def resources(self) -> list[ResourceStatus]:
+        """Every key's status, in catalog order; a key whose actor does not answer is ``down``."""
+        keys = list(self._catalog.resources) if self._catalog else []
+        return list(await asyncio.gather(*(self._status_of(key) for key in keys)))
+
+    async def status(self) -> BrokerStatus:
+        statuses = await self.resources()
+        down = tuple(s.key for s in statuses if s.state is ResourceState.DOWN)
+        return BrokerStatus(
+            healthy=self._catalog is not None and not down,
+            namespace=self._namespace,
+            state_dir=str(self._state.root),
+            started_at=self._started_at,
+            uptime_s=round(time.time() - self._started_at, 3),
+            resources=len(statuses),
+            leased=sum(1 for s in statuses if s.holder is not None),
+            queued=sum(len(s.queue) for s in statuses),
+            in_maintenance=sum(1 for s in statuses if s.state is ResourceState.MAINTENANCE),
+            down=down,
+            version=VERSION,
+        )
+
+    async def ping(self) -> dict[str, Any]:
+        return {
+            "pid": os.getpid(),
+            "started_at": self._started_at,
+            "namespace": self._namespace,
+            "state_dir": str(self._state.root),
+        }
+
+    # ------------------------------------------------------------------ plumbing
+
+    async def _status_of(self, key: str) -> ResourceStatus:
+        try:
+            status = await asyncio.wait_for(self._actor(key).status.remote(), STATUS_TIMEOUT_S)
+        except (asyncio.TimeoutError, RayActorError, ActorUnavailableError, GetTimeoutError, RayTaskError):
+            status = ResourceStatus(key=key, state=ResourceState.DOWN)
+        return self._with_catalog(status)
+
+    def _with_catalog(self, status: ResourceStatus) -> ResourceStatus:
+        spec = self._catalog.resources.get(status.key) if self._catalog else None
+        if spec is None:
+            return status
+        return status.model_copy(
+            update={"labels": dict(spec.labels), "properties": dict(spec.properties), "description": spec.description}
+        )
+
+    async def _call(self, key: str, method: str, *args: Any, **kwargs: Any) -> Any:
+        """Call ``resource:<key>``; retry (same arguments) while it restarts, up to ACTOR_RETRY_S."""
+        deadline = time.monotonic() + ACTOR_RETRY_S
+        delay = 0.05
+        while True:
+            handle = self._actor(key)
+            try:
+                return await getattr(handle, method).remote(*args, **kwargs)
+            except RayTaskError as err:
+                cause = err.cause
+                if isinstance(cause, BrokerError):
+                    raise cause from None
+                raise BrokerUnavailable(
+                    f"resource:{key} failed in {method}: {type(cause).__name__}: {cause}",
+                    "see the actor's log; the call changed nothing it acknowledged",
+                ) from None
+            except (RayActorError, ActorUnavailableError) as err:
+                if isinstance(err, RayActorError) and not isinstance(err, ActorUnavailableError):
+                    self._actors.pop(key, None)  # re-resolve: a killed actor may be a new one by now
+                if time.monotonic() >= deadline:
+                    raise BrokerUnavailable(
+                        f"resource:{key} did not answer within {ACTOR_RETRY_S:g}s",
+                        "check `merlin broker status`",
+                    ) from None
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 1.0)
+
+    def _actor(self, key: str) -> Any:
+        handle = self._actors.get(key)
+        if handle is None:
+            options = actor_options(resource_actor_name(key), self._namespace, self._node_id)
+            handle = RemoteResourceActor.options(**options).remote(key, str(self._state.root))
+            self._actors[key] = handle
+        return handle
+
+    def _known(self, resource: Any) -> None:
+        if not isinstance(resource, str) or self._catalog is None or resource not in self._catalog.resources:
+            known = tuple(self._catalog.resources) if self._catalog else ()
+            if not is_resource_key(resource):
+                shown = repr(resource) if len(repr(resource)) <= 80 else repr(resource)[:77] + "..."
+                raise InvalidRequest(f"invalid resource={shown}: not a resource key", "resource")
+            raise UnknownResource(resource, known)
+
+    def _key_of(self, lease_id: Any) -> str:
+        key = resource_of_lease_id(lease_id)
+        if self._catalog is None or key not in self._catalog.resources:
+            raise LeaseNotFound(lease_id)
+        return key
+
+
+RemoteBrokerActor = ray.remote(BrokerActor)

@@ -1,0 +1,292 @@
+"""Values that cross the broker's edges: leases, requests, resource and broker status.
+
+Pydantic models, frozen, so a notebook gets typed objects back from
+``ray.get(broker.reserve.remote(...))`` and the state files are plain JSON.
+Times are wall-clock seconds since the epoch (they are written to disk and
+must mean the same after a restart).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import re
+import sys
+from collections.abc import Mapping
+from typing import Annotated, Any
+
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StrictBool, StrictInt, TypeAdapter, ValidationError
+
+from broker.errors import InvalidRequest, LeaseNotHeld
+
+if sys.version_info >= (3, 11):
+    from enum import StrEnum
+else:  # pragma: no cover - Python 3.10
+    from enum import Enum
+
+    class StrEnum(str, Enum):
+        def __str__(self) -> str:
+            return str(self.value)
+
+__all__ = [
+    "RESOURCE_KEY_PATTERN",
+    "LeaseState",
+    "LEASE_TRANSITIONS",
+    "ACTIVE_STATES",
+    "check_transition",
+    "LeaseTransition",
+    "Lease",
+    "lease_ref",
+    "resource_of_lease_id",
+    "ResourceState",
+    "QueueEntry",
+    "ResourceStatus",
+    "BrokerStatus",
+    "ReserveRequest",
+    "validated",
+    "checked",
+    "Holder",
+    "TtlSeconds",
+    "RequestId",
+    "Reason",
+    "MAX_TTL_S",
+]
+
+RESOURCE_KEY_PATTERN = r"^[a-z0-9][a-z0-9_.-]{0,63}$"
+_RESOURCE_KEY = re.compile(RESOURCE_KEY_PATTERN)
+# A lease id is "<key>.<32 hex>": the key routes it without a lookup table, the
+# 128 random bits make it a capability nobody can guess.
+_LEASE_ID = re.compile(r"^([a-z0-9][a-z0-9_.-]{0,63})\.([0-9a-f]{32})$")
+REQUEST_ID_PATTERN = r"^[A-Za-z0-9_.:@/+=-]{1,128}$"
+
+MAX_TTL_S = 7 * 24 * 3600.0
+MAX_PRIORITY = 1000
+
+
+class LeaseState(StrEnum):
+    QUEUED = "queued"
+    GRANTED = "granted"
+    RELEASED = "released"
+    EXPIRED = "expired"
+    REVOKED = "revoked"
+    CANCELLED = "cancelled"
+
+
+# The one table of legal moves; every state change in the book goes through it.
+LEASE_TRANSITIONS: Mapping[LeaseState, frozenset[LeaseState]] = {
+    LeaseState.QUEUED: frozenset({LeaseState.GRANTED, LeaseState.CANCELLED}),
+    LeaseState.GRANTED: frozenset({LeaseState.RELEASED, LeaseState.EXPIRED, LeaseState.REVOKED}),
+    LeaseState.RELEASED: frozenset(),
+    LeaseState.EXPIRED: frozenset(),
+    LeaseState.REVOKED: frozenset(),
+    LeaseState.CANCELLED: frozenset(),
+}
+ACTIVE_STATES = frozenset({LeaseState.QUEUED, LeaseState.GRANTED})
+
+
+def check_transition(lease_id: str, current: LeaseState, target: LeaseState) -> None:
+    """Raise ``LeaseNotHeld`` naming both states when the table forbids the move."""
+    if target not in LEASE_TRANSITIONS[current]:
+        raise LeaseNotHeld(lease_id, current.value, f"cannot move from {current.value} to {target.value}")
+
+
+def lease_ref(lease_id: str) -> str:
+    """A public name for a lease: safe to log, list and journal, useless as a capability."""
+    return hashlib.sha256(lease_id.encode()).hexdigest()[:12]
+
+
+def resource_of_lease_id(lease_id: object) -> str:
+    """The resource key a lease id belongs to; ``InvalidRequest`` if it is not a lease id."""
+    match = _LEASE_ID.match(lease_id) if isinstance(lease_id, str) else None
+    if match is None:
+        shown = lease_id if isinstance(lease_id, str) and len(lease_id) <= 100 else f"<{type(lease_id).__name__}>"
+        raise InvalidRequest(f"not a lease id: {shown!r} (expected '<resource>.<32 hex digits>')", "lease_id")
+    return match.group(1)
+
+
+def is_resource_key(value: object) -> bool:
+    return isinstance(value, str) and _RESOURCE_KEY.match(value) is not None
+
+
+class LeaseTransition(BaseModel):
+    """One entry of a lease's history: the state it entered, when, why and by whom."""
+
+    model_config = ConfigDict(frozen=True)
+
+    state: LeaseState
+    at: float
+    reason: str = ""
+    by: str = ""
+
+
+class Lease(BaseModel):
+    """A holder's claim on one resource key, from queueing to its end.
+
+    ``lease_id`` is the holder's capability: only it renews or releases.
+    ``fencing_token`` is set at grant, strictly increasing per key.
+    """
+
+    model_config = ConfigDict(frozen=True)
+
+    lease_id: str
+    resource: str
+    holder: str
+    state: LeaseState
+    fencing_token: int | None = None
+    priority: int = 0
+    seq: int = 0  # arrival order on its key: FIFO among equal priorities
+    ttl_s: float
+    queued_at: float
+    granted_at: float | None = None
+    expires_at: float | None = None
+    wait_deadline: float | None = None
+    note: str = ""
+    request_id: str
+    ended_at: float | None = None
+    end_reason: str = ""
+    ended_by: str = ""
+    end_request_id: str | None = None  # the request_id of the revoke that ended it
+    renewals: int = 0
+    history: tuple[LeaseTransition, ...] = ()
+
+    @property
+    def ref(self) -> str:
+        return lease_ref(self.lease_id)
+
+    @property
+    def active(self) -> bool:
+        return self.state in ACTIVE_STATES
+
+    def public(self) -> dict[str, Any]:
+        """The lease as others may see it: everything but the capability."""
+        data = self.model_dump(mode="json", exclude={"lease_id", "request_id", "end_request_id"})
+        data["ref"] = self.ref
+        return data
+
+
+class ResourceState(StrEnum):
+    FREE = "free"
+    LEASED = "leased"
+    MAINTENANCE = "maintenance"
+    DOWN = "down"  # its actor does not answer
+
+
+class QueueEntry(BaseModel):
+    model_config = ConfigDict(frozen=True)
+
+    position: int  # 1 = next to be granted
+    holder: str
+    priority: int
+    queued_at: float
+    note: str = ""
+    ref: str  # lease_ref of the queued lease, so a waiter can find itself
+
+
+class ResourceStatus(BaseModel):
+    """One resource key as anyone may see it. Never carries a lease id."""
+
+    model_config = ConfigDict(frozen=True)
+
+    key: str
+    state: ResourceState
+    holder: str | None = None
+    lease_ref: str | None = None
+    fencing_token: int | None = None
+    granted_at: float | None = None
+    expires_at: float | None = None
+    queue: tuple[QueueEntry, ...] = ()
+    maintenance_reason: str | None = None
+    maintenance_since: float | None = None
+    labels: dict[str, str] = Field(default_factory=dict)
+    properties: dict[str, Any] = Field(default_factory=dict)
+    description: str = ""
+
+
+class BrokerStatus(BaseModel):
+    model_config = ConfigDict(frozen=True)
+
+    healthy: bool
+    namespace: str
+    state_dir: str
+    started_at: float
+    uptime_s: float
+    resources: int
+    leased: int
+    queued: int
+    in_maintenance: int
+    down: tuple[str, ...] = ()
+    metrics_url: str | None = None
+    version: str = ""
+
+
+def _finite(value: float | None) -> float | None:
+    if value is not None and not math.isfinite(value):
+        raise ValueError("must be a finite number")
+    return value
+
+
+def _printable(value: str) -> str:
+    if value != value.strip() or not value.isprintable():
+        raise ValueError("must be printable with no surrounding whitespace")
+    return value
+
+
+def _printable_text(value: str) -> str:
+    if not value.isprintable():
+        raise ValueError("must be printable text")
+    return value
+
+
+# The argument types every edge validates, shared by the request models and
+# the single-argument checks (renew's ttl_s, revoke's expected_holder, ...).
+Holder = Annotated[str, Field(min_length=1, max_length=128), AfterValidator(_printable)]
+TtlSeconds = Annotated[float, Field(gt=0, le=MAX_TTL_S, strict=True), AfterValidator(_finite)]
+WaitSeconds = Annotated[float, Field(ge=0, le=MAX_TTL_S, strict=True), AfterValidator(_finite)]
+Priority = Annotated[StrictInt, Field(ge=-MAX_PRIORITY, le=MAX_PRIORITY)]
+RequestId = Annotated[str, Field(pattern=REQUEST_ID_PATTERN)]
+Note = Annotated[str, Field(max_length=1024)]
+Reason = Annotated[str, Field(max_length=512), AfterValidator(_printable_text)]
+
+
+class ReserveRequest(BaseModel):
+    """A validated ``reserve`` call; built at every edge that takes one."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    resource: str = Field(pattern=RESOURCE_KEY_PATTERN)
+    holder: Holder
+    ttl_s: TtlSeconds = 3600.0
+    wait: StrictBool = False
+    timeout_s: WaitSeconds | None = None
+    priority: Priority = 0
+    request_id: RequestId
+    note: Note = ""
+
+
+_ADAPTERS: dict[Any, TypeAdapter[Any]] = {}
+
+
+def checked(kind: Any, value: Any, field: str) -> Any:
+    """Validate one argument against one of the types above; ``InvalidRequest`` names it."""
+    adapter = _ADAPTERS.get(kind)
+    if adapter is None:
+        adapter = _ADAPTERS[kind] = TypeAdapter(kind)
+    try:
+        return adapter.validate_python(value)
+    except ValidationError as exc:
+        raise InvalidRequest(f"invalid {field}={_shown(value)}: {exc.errors()[0]['msg']}", field) from None
+
+
+def _shown(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def validated(model: type[BaseModel], **fields: Any) -> Any:
+    """Build ``model`` or raise one ``InvalidRequest`` naming the first bad field and value."""
+    try:
+        return model(**fields)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        where = ".".join(str(part) for part in err["loc"]) or model.__name__
+        raise InvalidRequest(f"invalid {where}={_shown(err.get('input'))}: {err['msg']}", where) from None

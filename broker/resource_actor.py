@@ -1,0 +1,394 @@
+"""``resource:<key>``: the async Ray actor that owns one key's leases.
+
+A thin shell around :class:`broker.book.LeaseBook`. Each call runs one book
+command, writes what it changed to the ledger, and only then answers, wakes
+waiters and logs. Nothing awaits between the command and the write, so calls
+never interleave inside one state change.
+
+Lifecycle: created detached by the coordinator, restarted by Ray forever. On
+(re)start the constructor rebuilds the book from the ledger — granted leases
+keep holder, id and token; queued requests keep their order; leases whose
+time ran out are expired — and arms one timer for the next deadline. There
+is no polling loop: a release, an expiry or a timeout grants the next waiter
+in the same step.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import secrets
+import time
+from typing import Any
+
+import ray
+
+from broker.book import WAIT_TIMED_OUT, Change, LeaseBook, Outcome, release_ended
+from broker.catalog import Catalog, ResourceSpec
+from broker.errors import BrokerUnavailable, InvalidRequest, LeaseNotFound, LeaseNotHeld, WaitTimeout
+from broker.events import EventSink
+from broker.models import (
+    Holder,
+    Lease,
+    LeaseState,
+    QueueEntry,
+    Reason,
+    RequestId,
+    ReserveRequest,
+    ResourceState,
+    ResourceStatus,
+    TtlSeconds,
+    checked,
+    resource_of_lease_id,
+    validated,
+)
+from broker.store import ResourceLedger, ResourceMeta, StateDir, read_json
+
+__all__ = ["ResourceActor", "resource_status"]
+
+def resource_status(book: LeaseBook) -> ResourceStatus:
+    """What anyone may see of a book: no lease ids, only public refs."""
+    granted = book.granted
+    maintenance = book.maintenance
+    if maintenance is not None:
+        state = ResourceState.MAINTENANCE
+    elif granted is not None:
+        state = ResourceState.LEASED
+    else:
+        state = ResourceState.FREE
+    queue = tuple(
+        QueueEntry(
+            position=index + 1,
+            holder=lease.holder,
+            priority=lease.priority,
+            queued_at=lease.queued_at,
+            note=lease.note,
+            ref=lease.ref,
+        )
+        for index, lease in enumerate(book.queue)
+    )
+    return ResourceStatus(
+        key=book.resource,
+        state=state,
+        holder=granted.holder if granted else None,
+        lease_ref=granted.ref if granted else None,
+        fencing_token=granted.fencing_token if granted else None,
+        granted_at=granted.granted_at if granted else None,
+        expires_at=granted.expires_at if granted else None,
+        queue=queue,
+        maintenance_reason=maintenance.reason if maintenance else None,
+        maintenance_since=maintenance.since if maintenance else None,
+    )
+
+
+class ResourceActor:
+    """Owns one key: its book, its ledger, its waiters and its expiry timer."""
+
+    def __init__(self, key: str, state_dir: str):
+        self._key = key
+        self._state = StateDir.from_env(state_dir).ensure()
+        self._ledger = ResourceLedger(self._state, key)
+        self._events = EventSink(self._state.events_path, source=f"resource:{key}")
+        self._spec, settings = self._read_catalog()
+        self._waiters: dict[str, list[asyncio.Future[Lease]]] = {}
+        self._loop = asyncio.get_running_loop()  # async actors construct inside their loop
+        self._timer: asyncio.TimerHandle | None = None
+        self._started_at = time.time()
+        contents = self._ledger.load()
+        for moved_to, error in contents.corrupt:
+            self._events.emit("ledger.corrupt_record", level="error", resource=key, moved_to=str(moved_to), error=error)
+        self._book, fixes = LeaseBook.restore(
+            key,
+            contents.leases,
+            # A corrupt record may have held the newest token: stay above it.
+            fencing_floor=contents.meta.fencing_counter + len(contents.corrupt),
+            maintenance=contents.meta.maintenance,
+            now=time.time(),
+            max_hold_s=self._spec.max_hold_s,
+            claim_s=settings.claim_s,
+            retention_s=settings.retention_s,
+        )
+        self._meta = contents.meta
+        try:
+            self._ledger.write(fixes.changed_leases)
+        except OSError as exc:  # read-only disk: serve reads; the fixes are recomputed next start
+            self._events.emit("ledger.write_failed", level="error", resource=key, error=str(exc))
+        self._deliver(fixes)
+        self._events.emit(
+            "resource.started",
+            resource=key,
+            pid=os.getpid(),
+            granted=self._book.granted.ref if self._book.granted else None,
+            queued=len(self._book.queue),
+            fencing_counter=self._book.fencing_counter,
+        )
+        self._arm_timer()
+
+    # ------------------------------------------------------------------ lease calls
+
+    async def reserve(
+        self,
+        holder: str,
+        *,
+        ttl_s: float = 3600.0,
+        wait: bool = False,
+        timeout_s: float | None = None,
+        priority: int = 0,
+        request_id: str | None = None,
+        note: str = "",
+    ) -> Lease:
+        request = validated(
+            ReserveRequest,
+            resource=self._key,
+            holder=holder,
+            ttl_s=ttl_s,
+            wait=wait,
+            timeout_s=timeout_s,
+            priority=priority,
+            request_id=request_id if request_id is not None else secrets.token_hex(16),
+            note=note,
+        )
+        lease_id = f"{self._key}.{secrets.token_hex(16)}"
+        lease: Lease = self._apply(lambda now: self._book.reserve(request, lease_id, now)).result  # type: ignore[assignment]
+        if lease.state is LeaseState.CANCELLED:
+            raise self._cancelled_error(lease)
+        if lease.state is not LeaseState.QUEUED or not request.wait:
+            return lease
+        future: asyncio.Future[Lease] = self._loop.create_future()
+        self._waiters.setdefault(lease.lease_id, []).append(future)
+        try:
+            return await future
+        except asyncio.CancelledError:
+            # The caller went away (ray.cancel, Ctrl-C): leave the queue, unless
+            # another call for the same request is still waiting.
+            self._forget_waiter(lease.lease_id, future)
+            if not self._waiters.get(lease.lease_id):
+                try:
+                    self._apply(lambda now: self._book.cancel(lease.lease_id, now, "waiter went away"))
+                except (LeaseNotHeld, LeaseNotFound, BrokerUnavailable):
+                    pass
+            raise
+
+    async def release(self, lease_id: str) -> Lease:
+        self._own(lease_id)
+        try:
+            return self._apply(lambda now: self._book.release(lease_id, now)).result  # type: ignore[return-value]
+        except LeaseNotFound:
+            return release_ended(self._from_disk(lease_id))
+
+    async def renew(self, lease_id: str, ttl_s: float | None = None) -> Lease:
+        self._own(lease_id)
+        ttl = None if ttl_s is None else checked(TtlSeconds, ttl_s, "ttl_s")
+        try:
+            return self._apply(lambda now: self._book.renew(lease_id, ttl, now)).result  # type: ignore[return-value]
+        except LeaseNotFound:
+            ended = self._from_disk(lease_id)
+            raise LeaseNotHeld(lease_id, ended.state.value, ended.end_reason) from None
+
+    async def cancel(self, lease_id: str) -> Lease:
+        self._own(lease_id)
+        return self._apply(lambda now: self._book.cancel(lease_id, now)).result  # type: ignore[return-value]
+
+    async def withdraw(self, holder: str, request_id: str) -> Lease | None:
+        """Cancel the queued request ``(holder, request_id)``; None if there is none."""
+        lease = self._book.find_request(holder, request_id) if isinstance(request_id, str) else None
+        if lease is None or lease.state is not LeaseState.QUEUED:
+            return lease
+        return self._apply(lambda now: self._book.cancel(lease.lease_id, now, "withdrawn by its holder")).result
+
+    async def lease(self, lease_id: str) -> Lease:
+        self._own(lease_id)
+        try:
+            return self._book.get(lease_id)
+        except LeaseNotFound:
+            return self._from_disk(lease_id)
+
+    async def revoke(
+        self,
+        reason: str,
+        *,
+        expected_holder: str | None = None,
+        by: str = "",
+        request_id: str | None = None,
+    ) -> Lease:
+        reason = checked(Reason, reason, "reason")
+        if not reason.strip():
+            raise InvalidRequest("invalid reason='': a revoke needs a reason", "reason")
+        if expected_holder is not None:
+            expected_holder = checked(Holder, expected_holder, "expected_holder")
+        by = checked(Reason, by, "by")
+        if request_id is not None:
+            request_id = checked(RequestId, request_id, "request_id")
+        outcome = self._apply(
+            lambda now: self._book.revoke(
+                reason, now, expected_holder=expected_holder, by=by, request_id=request_id
+            )
+        )
+        return outcome.result  # type: ignore[return-value]
+
+    async def set_maintenance(self, on: bool, reason: str = "", by: str = "") -> ResourceStatus:
+        if not isinstance(on, bool):
+            raise InvalidRequest(f"invalid on={on!r}: must be true or false", "on")
+        reason, by = checked(Reason, reason, "reason"), checked(Reason, by, "by")
+        self._apply(lambda now: self._book.set_maintenance(on, reason, now, by))
+        return resource_status(self._book)
+
+    async def check_fence(self, lease_id: str, fencing_token: int) -> Lease:
+        self._own(lease_id)
+        if isinstance(fencing_token, bool) or not isinstance(fencing_token, int):
+            raise InvalidRequest(f"invalid fencing_token={fencing_token!r}: must be an integer", "fencing_token")
+        return self._book.check_fence(lease_id, fencing_token, time.time())
+
+    # ------------------------------------------------------------------ reads
+
+    async def status(self) -> ResourceStatus:
+        return resource_status(self._book)
+
+    async def queue_position(self, holder: str, request_id: str) -> int | None:
+        lease = self._book.find_request(holder, request_id) if isinstance(request_id, str) else None
+        return self._book.position(lease.lease_id) if lease is not None else None
+
+    async def ping(self) -> dict[str, Any]:
+        return {"key": self._key, "pid": os.getpid(), "started_at": self._started_at}
+
+    async def reconfigure(self) -> None:
+        """Re-read this key's settings from the catalog the coordinator wrote."""
+        self._spec, settings = self._read_catalog()
+        self._book.max_hold_s = self._spec.max_hold_s
+        self._book.claim_s = settings.claim_s
+        self._book.retention_s = settings.retention_s
+
+    # ------------------------------------------------------------------ shell
+
+    def _apply(self, command: Any) -> Outcome:
+        """Run one book command, make it durable, then tell everyone."""
+        outcome: Outcome = command(time.time())
+        if outcome.wrote_anything:
+            meta = None
+            if outcome.maintenance_changed:
+                maintenance = self._book.maintenance
+                meta = ResourceMeta(
+                    key=self._key,
+                    fencing_counter=self._book.fencing_counter,
+                    maintenance_reason=maintenance.reason if maintenance else None,
+                    maintenance_since=maintenance.since if maintenance else None,
+                    maintenance_by=maintenance.by if maintenance else "",
+                    updated_at=time.time(),
+                )
+            try:
+                self._ledger.write(outcome.changed_leases, meta)
+            except OSError as exc:
+                self._book.rollback()
+                self._events.emit("ledger.write_failed", level="error", resource=self._key, error=str(exc))
+                raise BrokerUnavailable(
+                    f"cannot write the state dir for {self._key!r} ({exc.strerror or exc}); nothing was changed",
+                    f"check {self._state.root} is writable",
+                ) from None
+            if meta is not None:
+                self._meta = meta
+        self._deliver(outcome)
+        self._arm_timer()
+        return outcome
+
+    def _deliver(self, outcome: Outcome) -> None:
+        for change in outcome.changes:
+            self._log_change(change)
+            lease = change.lease
+            if lease is None:
+                continue
+            if lease.state is LeaseState.GRANTED:
+                self._wake(lease.lease_id, result=lease)
+            elif lease.state is LeaseState.CANCELLED:
+                self._wake(lease.lease_id, error=self._cancelled_error(lease))
+
+    def _log_change(self, change: Change) -> None:
+        lease = change.lease
+        if lease is None:
+            maintenance = self._book.maintenance
+            self._events.emit(
+                change.event,
+                resource=self._key,
+                on=maintenance is not None,
+                reason=maintenance.reason if maintenance else None,
+                by=(maintenance.by if maintenance else None) or None,
+            )
+            return
+        fields: dict[str, Any] = {
+            "resource": self._key,
+            "holder": lease.holder,
+            "lease": lease.ref,
+            "priority": lease.priority,
+            "fencing_token": lease.fencing_token,
+        }
+        if change.event == "lease.granted":
+            fields["wait_s"] = round((lease.granted_at or 0.0) - lease.queued_at, 6)
+            fields["expires_at"] = lease.expires_at
+        elif change.event in ("lease.renewed", "lease.queued"):
+            fields["expires_at"] = lease.expires_at
+            fields["position"] = self._book.position(lease.lease_id)
+        else:
+            fields["reason"] = lease.end_reason or None
+            fields["by"] = lease.ended_by or None
+            if lease.granted_at is not None and lease.ended_at is not None:
+                fields["hold_s"] = round(lease.ended_at - lease.granted_at, 6)
+        self._events.emit(change.event, **fields)
+
+    def _wake(self, lease_id: str, *, result: Lease | None = None, error: BaseException | None = None) -> None:
+        for future in self._waiters.pop(lease_id, []):
+            if future.done():
+                continue
+            if error is not None:
+                future.set_exception(error)
+            else:
+                future.set_result(result)  # type: ignore[arg-type]
+
+    def _forget_waiter(self, lease_id: str, future: asyncio.Future[Lease]) -> None:
+        waiters = self._waiters.get(lease_id, [])
+        if future in waiters:
+            waiters.remove(future)
+        if not waiters:
+            self._waiters.pop(lease_id, None)
+
+    def _cancelled_error(self, lease: Lease) -> Exception:
+        if lease.end_reason == WAIT_TIMED_OUT:
+            waited = (lease.ended_at or lease.queued_at) - lease.queued_at
+            return WaitTimeout(self._key, round(waited, 3), lease.lease_id)
+        return LeaseNotHeld(lease.lease_id, lease.state.value, lease.end_reason)
+
+    def _arm_timer(self) -> None:
+        deadline = self._book.next_deadline()
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        if deadline is not None:
+            delay = max(0.0, deadline - time.time())
+            self._timer = self._loop.call_later(delay, self._on_timer)
+
+    def _on_timer(self) -> None:
+        self._timer = None
+        try:
+            self._apply(self._book.tick)
+        except BrokerUnavailable:
+            # The disk refused; the book is unchanged. Try again shortly.
+            self._timer = self._loop.call_later(1.0, self._on_timer)
+
+    def _own(self, lease_id: str) -> None:
+        if resource_of_lease_id(lease_id) != self._key:
+            raise LeaseNotFound(lease_id)
+
+    def _from_disk(self, lease_id: str) -> Lease:
+        lease = self._ledger.read_lease(lease_id)
+        if lease is None:
+            raise LeaseNotFound(lease_id)
+        return lease
+
+    def _read_catalog(self) -> tuple[ResourceSpec, Any]:
+        path = self._state.catalog_path
+        if path.exists():
+            catalog = Catalog.model_validate(read_json(path))
+            spec = catalog.resources.get(self._key, ResourceSpec())
+            return spec, catalog.broker
+        return ResourceSpec(), Catalog(resources={self._key: ResourceSpec()}).broker
+
+
+RemoteResourceActor = ray.remote(ResourceActor)
