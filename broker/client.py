@@ -102,7 +102,7 @@ class BrokerClient:
 
             def progress() -> None:
                 try:
-                    position = self.call("queue_position", resource, holder, request_id, timeout_s=2.0)
+                    position = self.call("queue_position", resource, holder, request_id, answer_within_s=2.0)
                 except BrokerError:
                     return
                 if position != last[0]:
@@ -114,7 +114,7 @@ class BrokerClient:
         except KeyboardInterrupt:
             if wait:  # leave the queue rather than be granted a lease nobody will use
                 try:
-                    self.call("withdraw", resource, holder, request_id, timeout_s=5.0)
+                    self.call("withdraw", resource, holder, request_id, answer_within_s=5.0)
                 except BrokerError:
                     pass
             raise
@@ -156,7 +156,7 @@ class BrokerClient:
         return self.call("status")
 
     def ping(self) -> dict[str, Any]:
-        return self.call("ping", timeout_s=10.0)
+        return self.call("ping", answer_within_s=10.0)
 
     def lease(
         self,
@@ -200,7 +200,7 @@ class BrokerClient:
         self,
         method: str,
         *args: Any,
-        timeout_s: float | None = None,
+        answer_within_s: float | None = None,
         progress: Callable[[], None] | None = None,
         **kwargs: Any,
     ) -> Any:
@@ -221,7 +221,7 @@ class BrokerClient:
                 if progress is not None:
                     while not ray.wait([ref], timeout=0.5)[0]:
                         progress()
-                return ray.get(ref, timeout=timeout_s)
+                return ray.get(ref, timeout=answer_within_s)
             except RayTaskError as err:
                 cause = err.cause
                 if isinstance(cause, BrokerError):
@@ -229,7 +229,7 @@ class BrokerClient:
                 raise BrokerUnavailable(f"broker.{method} failed: {type(cause).__name__}: {cause}") from None
             except GetTimeoutError:
                 ray.cancel(ref)
-                raise BrokerUnavailable(f"the broker did not answer {method} within {timeout_s:g}s") from None
+                raise BrokerUnavailable(f"the broker did not answer {method} within {answer_within_s:g}s") from None
             except (RayActorError, ActorUnavailableError):
                 self._handle = None
                 if time.monotonic() >= deadline:
@@ -318,7 +318,7 @@ class HeldLease:
         lease_id = self._current().lease_id
         while not self._stop.wait(self._heartbeat_s):
             try:
-                self.lease = self._client.call("renew", lease_id, None, timeout_s=max(self._heartbeat_s, 1.0))
+                self.lease = self._client.call("renew", lease_id, None, answer_within_s=max(self._heartbeat_s, 1.0))
             except (LeaseNotHeld, LeaseNotFound) as err:
                 self._lose(err)
                 return

@@ -13,6 +13,7 @@ environment; ``stop`` kills only the processes it started.
 from __future__ import annotations
 
 import hashlib
+import importlib.metadata
 import os
 import secrets
 import signal
@@ -214,8 +215,6 @@ def start_local(
         _kill_group(proc.pid)
         last = log_path.read_text(errors="replace").strip().splitlines()[-1:] or ["(no output)"]
         raise BrokerUnavailable(f"`ray start` failed (exit {code}): {last[0][:200]}", f"see {log_path}")
-    import ray
-
     bootstrap = Bootstrap(
         gcs_address=f"{host}:{ports['gcs']}",
         dashboard_url=f"http://{host}:{ports['dashboard']}",
@@ -228,7 +227,7 @@ def start_local(
         token_path=str(token_path) if auth else None,
         pgid=proc.pid,  # `ray start` led a new session: every head process is in its group
         python=sys.executable,
-        ray_version=ray.__version__,
+        ray_version=importlib.metadata.version("ray"),
         started_at=time.time(),
     )
     atomic_write(state.bootstrap_path, bootstrap.model_dump_json(indent=2).encode())
@@ -287,6 +286,17 @@ def client_env(bootstrap: Bootstrap | None, address: str) -> dict[str, str]:
     return env
 
 
+def _refresh_imported_ray(env: dict[str, str]) -> None:
+    """Make an already imported Ray (a notebook imported it first) see the environment we set."""
+    from ray._private import ray_constants
+    from ray._raylet import AuthenticationTokenLoader, Config
+
+    if env.get("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER") == "0":
+        ray_constants.ENABLE_RAY_CLUSTER = False  # read per call, not only at import
+    Config.initialize("")  # re-reads RAY_AUTH_MODE, as Ray's own token setup does
+    AuthenticationTokenLoader.instance().reset_cache()
+
+
 def connect_ray(state: StateDir, *, address: str | None = None, namespace: str) -> Bootstrap | None:
     """Connect this process to the cluster as a driver, or raise ``BrokerUnavailable`` quickly.
 
@@ -303,23 +313,23 @@ def connect_ray(state: StateDir, *, address: str | None = None, namespace: str) 
     if bootstrap is not None and target != bootstrap.gcs_address:
         bootstrap = None  # another cluster: do not borrow this one's auth
     env = client_env(bootstrap, target)
+    imported_before = "ray._raylet" in sys.modules
     for name, value in env.items():
         if name.startswith("RAY_AUTH") and name in os.environ:
             continue  # an explicit auth setting wins
         os.environ[name] = value
-    # Ray reads the loopback switch when it is imported: set the environment first.
+    # Ray reads the loopback switch and the auth mode when it is imported: the
+    # environment is set first, and refreshed below if Ray came in before us.
     try:
         import ray
-        from ray._private import ray_constants
     except ImportError:
         raise BrokerUnavailable(
             "Ray is not installed in this Python", "install the project: `make setup` (or pip install -e .)"
         ) from None
     if ray.is_initialized():
         return bootstrap
-    if env.get("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER") == "0":
-        # Ray was imported before us (a notebook): the constant is read per call, so set it too.
-        ray_constants.ENABLE_RAY_CLUSTER = False
+    if imported_before:
+        _refresh_imported_ray(env)
     if ":" in target and not target.startswith(("ray://", "auto")) and not _probe(target):
         raise BrokerUnavailable(f"no Ray cluster answers at {target}", "run `merlin ray cluster start-local`")
     try:

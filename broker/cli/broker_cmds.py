@@ -43,27 +43,14 @@ def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -
 
 
 def _up(ctx: Context) -> int:
+    from broker.deploy import broker_up
+
     catalog_path = Path(ctx.args.catalog)
     catalog = load_catalog(catalog_path)  # fail on a bad catalog before touching the cluster
     raw = yaml.safe_load(catalog_path.read_text(encoding="utf-8"))
     ctx.connect_ray()
-    import ray
-
-    from broker.coordinator import RemoteBrokerActor
-    from broker.placement import COORDINATOR_NAME, actor_options, head_node_id
-
-    ctx.state.ensure()
-    options = actor_options(COORDINATOR_NAME, ctx.namespace, head_node_id())
-    handle = RemoteBrokerActor.options(**options).remote(str(ctx.state.root), ctx.namespace)
-    info = ray.get(handle.ping.remote(), timeout=120)
-    if info.get("state_dir") not in (None, str(ctx.state.root)):
-        raise BrokerUnavailable(
-            f"the broker in namespace {ctx.namespace!r} uses state dir {info['state_dir']}",
-            "pass that --state-dir, or run `merlin broker down` first",
-        )
-    keys = ray.get(handle.apply_catalog.remote(raw), timeout=300)
-    client = ctx.client()
-    status = client.status()
+    keys = broker_up(ctx.state, ctx.namespace, raw)
+    status = ctx.client().status()
     if ctx.args.json:
         emit_json({"resources": keys, "status": status})
         return 0
@@ -77,20 +64,10 @@ def _up(ctx: Context) -> int:
 
 
 def _down(ctx: Context) -> int:
+    from broker.deploy import broker_down
+
     ctx.connect_ray()
-    import ray
-
-    from broker.placement import COORDINATOR_NAME, resource_actor_name
-
-    client = ctx.client()
-    keys = [status.key for status in client.resources()]
-    killed = 0
-    for name in [resource_actor_name(key) for key in keys] + [COORDINATOR_NAME]:
-        try:
-            ray.kill(ray.get_actor(name, namespace=ctx.namespace), no_restart=True)
-            killed += 1
-        except ValueError:
-            continue
+    killed = broker_down(ctx.namespace)
     print(f"stopped {killed} broker actors in namespace {ctx.namespace!r}; state stays in {ctx.state.root}")
     return 0
 

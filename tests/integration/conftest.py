@@ -1,0 +1,104 @@
+"""One real local Ray cluster per test session (on loopback, token auth); each test gets its own
+namespace and state dir, and its broker actors are killed afterwards."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from broker.client import BrokerClient
+from broker.cluster import Bootstrap, connect_ray, start_local, stop_local
+from broker.store import StateDir
+
+ROOT = Path(__file__).resolve().parents[2]
+TEST_CATALOG: dict[str, Any] = {
+    "version": 1,
+    "broker": {"claim": "20s"},
+    "resources": {
+        "firesim_u250": {"labels": {"kind": "fpga"}, "properties": {"slot": 0}},
+        "spacemit_x60_board_01": {"labels": {"kind": "board"}},
+        "radiance_sim_lane_a": {"labels": {"kind": "sim"}},
+    },
+}
+
+
+@dataclass
+class Cluster:
+    state: StateDir
+    bootstrap: Bootstrap
+
+
+@dataclass
+class BrokerEnv:
+    """A broker of its own for one test."""
+
+    state: StateDir
+    namespace: str
+    client: BrokerClient
+
+    def env(self) -> dict[str, str]:
+        """Environment for a subprocess (CLI or second driver) to reach this broker."""
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_", "MERLIN_"))}
+        env.update(MERLIN_STATE_DIR=str(self.state.root), MERLIN_RAY_NAMESPACE=self.namespace)
+        return env
+
+    def cli(self, *args: str, timeout: float = 120.0, check: bool = False) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "broker.cli", *args],
+            env=self.env(),
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            check=check,
+            cwd=ROOT,
+        )
+
+    def actor(self, key: str) -> Any:
+        import ray
+
+        return ray.get_actor(f"resource:{key}", namespace=self.namespace)
+
+    def actor_pid(self, name: str) -> int:
+        import ray
+
+        return ray.get(ray.get_actor(name, namespace=self.namespace).ping.remote(), timeout=60)["pid"]
+
+
+@pytest.fixture(scope="session")
+def ray_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
+    state = StateDir(tmp_path_factory.mktemp("cluster")).ensure()
+    bootstrap, _ = start_local(state)
+    connect_ray(state, namespace="merlin-tests")
+    yield Cluster(state, bootstrap)
+    import ray
+
+    ray.shutdown()
+    stop_local(state)
+
+
+def make_broker(cluster: Cluster, root: Path, catalog: dict[str, Any] | None = None) -> BrokerEnv:
+    from broker.deploy import broker_up
+
+    namespace = f"t-{uuid.uuid4().hex[:10]}"
+    state = StateDir(root).ensure()
+    shutil.copy(cluster.state.bootstrap_path, state.bootstrap_path)
+    broker_up(state, namespace, catalog or TEST_CATALOG)
+    return BrokerEnv(state=state, namespace=namespace, client=BrokerClient(namespace, retry_s=60.0))
+
+
+@pytest.fixture
+def broker_env(ray_cluster: Cluster, tmp_path: Path) -> Iterator[BrokerEnv]:
+    from broker.deploy import broker_down
+
+    env = make_broker(ray_cluster, tmp_path / "state")
+    yield env
+    broker_down(env.namespace)
