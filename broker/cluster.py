@@ -42,7 +42,8 @@ __all__ = [
 
 LOOPBACK = "127.0.0.1"
 START_TIMEOUT_S = 90.0
-STOP_GRACE_S = 10.0
+# Ray daemons often ignore SIGTERM for long; our state is on disk, so a short grace is enough.
+STOP_GRACE_S = 3.0
 CONNECT_PROBE_S = 2.0
 
 

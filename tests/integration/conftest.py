@@ -76,13 +76,15 @@ class BrokerEnv:
 @pytest.fixture(scope="session")
 def ray_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
     state = StateDir(tmp_path_factory.mktemp("cluster")).ensure()
-    bootstrap, _ = start_local(state)
-    connect_ray(state, namespace="merlin-tests")
-    yield Cluster(state, bootstrap)
-    import ray
+    try:
+        bootstrap, _ = start_local(state)
+        connect_ray(state, namespace="merlin-tests")
+        yield Cluster(state, bootstrap)
+    finally:
+        import ray
 
-    ray.shutdown()
-    stop_local(state)
+        ray.shutdown()
+        stop_local(state)
 
 
 def make_broker(cluster: Cluster, root: Path, catalog: dict[str, Any] | None = None) -> BrokerEnv:

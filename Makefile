@@ -1,0 +1,42 @@
+# Two commands do all the set-up on a fresh machine:
+#   make demo   - venv + install, a Ray head on 127.0.0.1, the broker from configs/resources.yaml,
+#                 a reserve/release shown working
+#   make test   - venv + install, then the whole test suite
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+export MERLIN_STATE_DIR ?= $(CURDIR)/build/generated/ray
+
+.PHONY: setup demo test stop clean
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e ".[test]"
+	touch $@
+
+setup: $(VENV)/.installed
+
+demo: setup
+	$(BIN)/merlin ray cluster start-local
+	$(BIN)/merlin broker up --catalog configs/resources.yaml
+	$(BIN)/merlin ray resources list
+	@echo '--- alice reserves the U250 slot for 10 minutes'
+	$(BIN)/merlin ray resources reserve firesim_u250 --holder alice --ttl 10m --json > build/demo-lease.json
+	@echo '--- bob tries too, without waiting: busy (exit 5)'
+	-$(BIN)/merlin ray resources reserve firesim_u250 --holder bob
+	$(BIN)/merlin ray resources list
+	@echo '--- alice releases it'
+	$(BIN)/merlin ray resources release $$($(BIN)/python -c "import json; print(json.load(open('build/demo-lease.json'))['lease_id'])")
+	$(BIN)/merlin broker status
+	@echo 'The broker keeps running. Stop it with: make stop'
+
+test: setup
+	$(BIN)/python -m pytest
+
+stop:
+	-$(BIN)/merlin broker down
+	-$(BIN)/merlin ray cluster stop
+
+clean: stop
+	rm -rf build $(VENV)

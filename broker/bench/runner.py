@@ -1,0 +1,112 @@
+"""``merlin bench``: set up a cluster and a broker of its own, run scenarios, print a table."""
+
+from __future__ import annotations
+
+import math
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from broker.bench.stats import Result, Summary
+
+__all__ = ["run", "render", "SCENARIOS"]
+
+
+def _scenarios() -> dict[str, Callable[..., Result]]:
+    from broker.bench import scenarios
+
+    return {"cycle": scenarios.cycle, "handoff": scenarios.handoff}
+
+
+SCENARIOS = ("cycle", "handoff")
+
+
+def _catalog(keys: list[str]) -> dict[str, Any]:
+    return {"version": 1, "resources": {key: {"labels": {"kind": "bench"}} for key in keys}}
+
+
+def run(
+    *,
+    quick: bool,
+    address: str | None,
+    only: list[str] | None = None,
+    progress: Callable[[str], None] = lambda line: print(line, file=sys.stderr, flush=True),
+) -> list[Result]:
+    """Run the scenarios; starts (and stops) a loopback cluster of its own unless ``address`` is given."""
+    from broker.bench.scenarios import BenchContext
+    from broker.cluster import connect_ray, start_local, stop_local
+    from broker.deploy import broker_down, broker_up
+    from broker.store import StateDir
+
+    workdir = Path(tempfile.mkdtemp(prefix="merlin-bench-"))
+    state = StateDir(workdir / "state").ensure()
+    own_cluster = address is None
+    if own_cluster:
+        progress("starting a loopback Ray cluster for the benchmark ...")
+        start_local(state)
+    namespace = f"bench-{uuid.uuid4().hex[:8]}"
+    connect_ray(state, address=address, namespace=namespace)
+    keys = ["bench_key_00"]
+    broker_up(state, namespace, _catalog(keys))
+    ctx = BenchContext(state=state, namespace=namespace, keys=keys, quick=quick)
+    results: list[Result] = []
+    try:
+        for name, scenario in _scenarios().items():
+            if only and name not in only:
+                continue
+            progress(f"[{len(results) + 1}] {name} ...")
+            started = time.monotonic()
+            result = scenario(ctx)
+            progress(f"[{len(results) + 1}] {name} done in {time.monotonic() - started:.1f}s")
+            results.append(result)
+    finally:
+        broker_down(namespace)
+        if own_cluster:
+            import ray
+
+            ray.shutdown()
+            stop_local(state)
+    return results
+
+
+def _cell(value: Summary | float) -> str:
+    if isinstance(value, Summary):
+        return f"{value.median:9.3f} {value.unit}   p99 {value.p99:9.3f}   n={value.n}"
+    if math.isnan(value):
+        return "n/a"
+    return f"{value:9.3f}"
+
+
+def render(results: list[Result]) -> str:
+    lines: list[str] = []
+    for result in results:
+        lines.append(f"== {result.name}")
+        width = max((len(name) for name in result.figures), default=10)
+        for name, value in result.figures.items():
+            lines.append(f"  {name.ljust(width)}  {_cell(value)}")
+        for note in result.notes:
+            lines.append(f"  ({note})")
+        for target in result.targets:
+            verdict = "met" if target.met else "NOT MET"
+            lines.append(f"  target: {target.text}: {target.value:.3f} -> {verdict}")
+    return "\n".join(lines)
+
+
+def as_json(results: list[Result]) -> list[dict[str, Any]]:
+    return [
+        {
+            "name": result.name,
+            "figures": {
+                name: value.as_dict() if isinstance(value, Summary) else value for name, value in result.figures.items()
+            },
+            "notes": result.notes,
+            "targets": [
+                {"target": t.text, "value": t.value, "limit": t.limit, "met": t.met} for t in result.targets
+            ],
+        }
+        for result in results
+    ]
