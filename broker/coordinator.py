@@ -34,6 +34,7 @@ from ray.exceptions import ActorUnavailableError, GetTimeoutError, RayActorError
 from broker.catalog import Catalog, parse_catalog
 from broker.errors import BrokerError, BrokerUnavailable, InvalidRequest, LeaseNotFound, UnknownResource
 from broker.events import EventSink
+from broker.metrics import DEFAULT_METRICS_HOST, DEFAULT_METRICS_PORT, MetricsBoard, serve_metrics
 from broker.models import (
     BrokerStatus,
     Lease,
@@ -45,6 +46,7 @@ from broker.models import (
 from broker.placement import actor_options, resource_actor_name
 from broker.resource_actor import RemoteResourceActor
 from broker.store import StateDir, atomic_write, read_json
+from broker.usage import ResourceSnapshot
 
 __all__ = ["BrokerActor", "RemoteBrokerActor", "VERSION"]
 
@@ -52,12 +54,21 @@ VERSION = "0.1.0"
 # How long a call waits for a restarting resource actor before BrokerUnavailable.
 ACTOR_RETRY_S = float(os.environ.get("MERLIN_ACTOR_RETRY_S", "30"))
 STATUS_TIMEOUT_S = 2.0
+# How often the coordinator checks each resource actor answers (resource_up) and
+# pulls its snapshot, in case a push was lost while the coordinator was down.
+HEALTH_INTERVAL_S = float(os.environ.get("MERLIN_HEALTH_INTERVAL_S", "5"))
 
 
 class BrokerActor:
     """The coordinator. See the module docstring for what it owns and promises."""
 
-    def __init__(self, state_dir: str, namespace: str):
+    def __init__(
+        self,
+        state_dir: str,
+        namespace: str,
+        metrics_host: str = DEFAULT_METRICS_HOST,
+        metrics_port: int | None = DEFAULT_METRICS_PORT,
+    ):
         self._state = StateDir.from_env(state_dir).ensure()
         self._namespace = namespace
         self._started_at = time.time()
@@ -65,15 +76,22 @@ class BrokerActor:
         self._node_id = ray.get_runtime_context().get_node_id()
         self._actors: dict[str, Any] = {}
         self._catalog: Catalog | None = None
+        self._board = MetricsBoard()
+        self._metrics_url: str | None = None
+        if metrics_port is not None:
+            try:
+                self._metrics_server, self._metrics_url = serve_metrics(self._board, metrics_host, metrics_port)
+            except OSError as exc:  # a busy port must not crash-loop the coordinator
+                self._events.emit("metrics.unavailable", level="error", host=metrics_host, port=metrics_port, error=str(exc))
         if self._state.catalog_path.exists():
-            self._catalog = Catalog.model_validate(read_json(self._state.catalog_path))
-            for key in self._catalog.resources:
-                self._actor(key)
+            self._adopt(Catalog.model_validate(read_json(self._state.catalog_path)))
+        self._watcher = asyncio.get_running_loop().create_task(self._watch())
         self._events.emit(
             "broker.started",
             pid=os.getpid(),
             namespace=namespace,
             resources=len(self._catalog.resources) if self._catalog else 0,
+            metrics_url=self._metrics_url,
         )
 
     # ------------------------------------------------------------------ catalog
@@ -88,7 +106,7 @@ class BrokerActor:
             if status.holder is not None or status.queue:
                 raise InvalidRequest(f"cannot drop {key!r} from the catalog: it is leased or has waiters", "catalog")
         atomic_write(self._state.catalog_path, new.model_dump_json(by_alias=True, indent=2).encode())
-        self._catalog = new
+        self._adopt(new)
         for key in dropped:
             handle = self._actors.pop(key, None)
             if handle is not None:
@@ -202,8 +220,14 @@ class BrokerActor:
             queued=sum(len(s.queue) for s in statuses),
             in_maintenance=sum(1 for s in statuses if s.state is ResourceState.MAINTENANCE),
             down=down,
+            metrics_url=self._metrics_url,
             version=VERSION,
         )
+
+    def push_snapshot(self, snapshot: ResourceSnapshot, started_at: float) -> None:
+        """A resource actor reports its state for the metrics endpoint (fire and forget)."""
+        if self._catalog is not None and snapshot.key in self._catalog.resources:
+            self._board.put(snapshot, started_at)
 
     async def ping(self) -> dict[str, Any]:
         return {
@@ -214,6 +238,28 @@ class BrokerActor:
         }
 
     # ------------------------------------------------------------------ plumbing
+
+    def _adopt(self, catalog: Catalog) -> None:
+        self._catalog = catalog
+        self._board.set_keys(list(catalog.resources), VERSION)
+        for key in catalog.resources:
+            self._actor(key)
+
+    async def _watch(self) -> None:
+        """Every HEALTH_INTERVAL_S: does each resource actor answer? Pull its snapshot."""
+        while True:
+            keys = list(self._catalog.resources) if self._catalog else []
+            await asyncio.gather(*(self._probe(key) for key in keys))
+            await asyncio.sleep(HEALTH_INTERVAL_S)
+
+    async def _probe(self, key: str) -> None:
+        try:
+            snapshot, started_at = await asyncio.wait_for(self._actor(key).snapshot.remote(), STATUS_TIMEOUT_S)
+        except (asyncio.TimeoutError, RayActorError, ActorUnavailableError, GetTimeoutError, RayTaskError):
+            self._board.set_up(key, False)
+            return
+        self._board.put(snapshot, started_at)
+        self._board.set_up(key, True)
 
     async def _status_of(self, key: str) -> ResourceStatus:
         try:

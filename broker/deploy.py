@@ -10,11 +10,20 @@ from broker.store import StateDir
 __all__ = ["broker_up", "broker_down"]
 
 
-def broker_up(state: StateDir, namespace: str, catalog: dict[str, Any], *, timeout_s: float = 300.0) -> list[str]:
+def broker_up(
+    state: StateDir,
+    namespace: str,
+    catalog: dict[str, Any],
+    *,
+    metrics_host: str = "127.0.0.1",
+    metrics_port: int | None = 9477,
+    timeout_s: float = 300.0,
+) -> list[str]:
     """Create (or find) the coordinator and apply ``catalog``; returns the resource keys.
 
     Needs a connected Ray driver. Idempotent: a running broker keeps its leases
-    and only adopts catalog changes.
+    and only adopts catalog changes. ``metrics_port=0`` picks a free port;
+    ``None`` serves no metrics. They apply when the coordinator is created.
     """
     import ray
 
@@ -23,7 +32,7 @@ def broker_up(state: StateDir, namespace: str, catalog: dict[str, Any], *, timeo
 
     state.ensure()
     options = actor_options(COORDINATOR_NAME, namespace, head_node_id())
-    handle = RemoteBrokerActor.options(**options).remote(str(state.root), namespace)
+    handle = RemoteBrokerActor.options(**options).remote(str(state.root), namespace, metrics_host, metrics_port)
     info = ray.get(handle.ping.remote(), timeout=timeout_s)
     if info["state_dir"] != str(state.root):
         raise BrokerUnavailable(

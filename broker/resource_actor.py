@@ -42,7 +42,9 @@ from broker.models import (
     resource_of_lease_id,
     validated,
 )
+from broker.placement import COORDINATOR_NAME
 from broker.store import ResourceLedger, ResourceMeta, StateDir, read_json
+from broker.usage import ResourceSnapshot, UsageCounters
 
 __all__ = ["ResourceActor", "resource_status"]
 
@@ -97,6 +99,10 @@ class ResourceActor:
         contents = self._ledger.load()
         for moved_to, error in contents.corrupt:
             self._events.emit("ledger.corrupt_record", level="error", resource=key, moved_to=str(moved_to), error=error)
+        self._counters = UsageCounters.from_leases(contents.leases)
+        self._snapshot_seq = 0
+        self._push_pending = False
+        self._coordinator: Any = None
         self._book, fixes = LeaseBook.restore(
             key,
             contents.leases,
@@ -108,7 +114,6 @@ class ResourceActor:
             claim_s=settings.claim_s,
             retention_s=settings.retention_s,
         )
-        self._meta = contents.meta
         try:
             self._ledger.write(fixes.changed_leases)
         except OSError as exc:  # read-only disk: serve reads; the fixes are recomputed next start
@@ -123,6 +128,7 @@ class ResourceActor:
             fencing_counter=self._book.fencing_counter,
         )
         self._arm_timer()
+        self._schedule_push()
 
     # ------------------------------------------------------------------ lease calls
 
@@ -251,6 +257,10 @@ class ResourceActor:
     async def ping(self) -> dict[str, Any]:
         return {"key": self._key, "pid": os.getpid(), "started_at": self._started_at}
 
+    async def snapshot(self) -> tuple[ResourceSnapshot, float]:
+        """The metrics snapshot and this actor life's start time (the coordinator's pull)."""
+        return self._make_snapshot(), self._started_at
+
     async def reconfigure(self) -> None:
         """Re-read this key's settings from the catalog the coordinator wrote."""
         self._spec, settings = self._read_catalog()
@@ -284,14 +294,15 @@ class ResourceActor:
                     f"cannot write the state dir for {self._key!r} ({exc.strerror or exc}); nothing was changed",
                     f"check {self._state.root} is writable",
                 ) from None
-            if meta is not None:
-                self._meta = meta
         self._deliver(outcome)
         self._arm_timer()
         return outcome
 
     def _deliver(self, outcome: Outcome) -> None:
+        if outcome.changes:
+            self._schedule_push()
         for change in outcome.changes:
+            self._counters.observe(change.event, change.lease)
             self._log_change(change)
             lease = change.lease
             if lease is None:
@@ -332,6 +343,38 @@ class ResourceActor:
             if lease.granted_at is not None and lease.ended_at is not None:
                 fields["hold_s"] = round(lease.ended_at - lease.granted_at, 6)
         self._events.emit(change.event, **fields)
+
+    def _make_snapshot(self) -> ResourceSnapshot:
+        self._snapshot_seq += 1
+        status = resource_status(self._book)
+        queue = self._book.queue
+        return ResourceSnapshot(
+            key=self._key,
+            pid=os.getpid(),
+            seq=self._snapshot_seq,
+            state=status.state.value,
+            queue_depth=len(queue),
+            granted_at=status.granted_at,
+            expires_at=status.expires_at,
+            oldest_queued_at=min((lease.queued_at for lease in queue), default=None),
+            maintenance_since=status.maintenance_since,
+            counters=self._counters.copy(),
+        )
+
+    def _schedule_push(self) -> None:
+        """Push one snapshot after the current call has answered (coalesces bursts)."""
+        if not self._push_pending:
+            self._push_pending = True
+            self._loop.call_soon(self._push)
+
+    def _push(self) -> None:
+        self._push_pending = False
+        try:
+            if self._coordinator is None:
+                self._coordinator = ray.get_actor(COORDINATOR_NAME, namespace=ray.get_runtime_context().namespace)
+            self._coordinator.push_snapshot.remote(self._make_snapshot(), self._started_at)
+        except Exception:  # noqa: BLE001 - no coordinator now: it pulls snapshots when it is back
+            self._coordinator = None
 
     def _wake(self, lease_id: str, *, result: Lease | None = None, error: BaseException | None = None) -> None:
         for future in self._waiters.pop(lease_id, []):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 from pathlib import Path
 
 import yaml
@@ -10,6 +11,7 @@ import yaml
 from broker.catalog import load_catalog
 from broker.cli.common import Context, emit_json, json_option, when
 from broker.errors import BrokerUnavailable
+from broker.metrics import DEFAULT_METRICS_HOST, DEFAULT_METRICS_PORT
 
 __all__ = ["register"]
 
@@ -27,6 +29,17 @@ def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -
         "the catalog. Running it again applies catalog changes; existing leases are untouched.",
     )
     up.add_argument("--catalog", default=DEFAULT_CATALOG, help=f"catalog YAML (default: {DEFAULT_CATALOG})")
+    up.add_argument(
+        "--metrics-host",
+        default=os.environ.get("MERLIN_METRICS_HOST", DEFAULT_METRICS_HOST),
+        help="address of the Prometheus endpoint (default: $MERLIN_METRICS_HOST or 127.0.0.1)",
+    )
+    up.add_argument(
+        "--metrics-port",
+        type=int,
+        default=int(os.environ.get("MERLIN_METRICS_PORT", DEFAULT_METRICS_PORT)),
+        help="its port; 0 picks a free one (default: $MERLIN_METRICS_PORT or 9477)",
+    )
     json_option(up)
     up.set_defaults(run=_up)
 
@@ -49,7 +62,9 @@ def _up(ctx: Context) -> int:
     catalog = load_catalog(catalog_path)  # fail on a bad catalog before touching the cluster
     raw = yaml.safe_load(catalog_path.read_text(encoding="utf-8"))
     ctx.connect_ray()
-    keys = broker_up(ctx.state, ctx.namespace, raw)
+    keys = broker_up(
+        ctx.state, ctx.namespace, raw, metrics_host=ctx.args.metrics_host, metrics_port=ctx.args.metrics_port
+    )
     status = ctx.client().status()
     if ctx.args.json:
         emit_json({"resources": keys, "status": status})

@@ -93,7 +93,7 @@ def make_broker(cluster: Cluster, root: Path, catalog: dict[str, Any] | None = N
     namespace = f"t-{uuid.uuid4().hex[:10]}"
     state = StateDir(root).ensure()
     shutil.copy(cluster.state.bootstrap_path, state.bootstrap_path)
-    broker_up(state, namespace, catalog or TEST_CATALOG)
+    broker_up(state, namespace, catalog or TEST_CATALOG, metrics_port=0)
     return BrokerEnv(state=state, namespace=namespace, client=BrokerClient(namespace, retry_s=60.0))
 
 

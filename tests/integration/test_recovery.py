@@ -79,7 +79,7 @@ def test_detached_actors_outlive_the_driver_that_made_them(ray_cluster, tmp_path
     broker_down(env.namespace)
     catalog = tmp_path / "catalog.yaml"
     catalog.write_text(yaml.safe_dump(TEST_CATALOG))
-    up = env.cli("broker", "up", "--catalog", str(catalog))
+    up = env.cli("broker", "up", "--catalog", str(catalog), "--metrics-port", "0")
     assert up.returncode == 0, up.stderr
     reserve = env.cli("ray", "resources", "reserve", "firesim_u250", "--holder", "ci", "--json")
     assert reserve.returncode == 0, reserve.stderr
@@ -118,7 +118,7 @@ def test_cluster_stop_and_start_restores_leases_and_queue(tmp_path):
 
     try:
         assert merlin("ray", "cluster", "start-local").returncode == 0
-        assert merlin("broker", "up", "--catalog", str(catalog)).returncode == 0
+        assert merlin("broker", "up", "--catalog", str(catalog), "--metrics-port", "0").returncode == 0
         alice = json.loads(merlin("ray", "resources", "reserve", "firesim_u250", "--holder", "alice", "--json").stdout)
         queued = subprocess.run(
             [sys.executable, "-c", QUEUE_AND_LEAVE], env=env, capture_output=True, text=True, timeout=120
@@ -129,7 +129,7 @@ def test_cluster_stop_and_start_restores_leases_and_queue(tmp_path):
         assert stop.returncode == 0 and "stopped" in stop.stdout, stop.stderr
         assert merlin("ray", "cluster", "status").returncode == 10
         assert merlin("ray", "cluster", "start-local").returncode == 0
-        assert merlin("broker", "up", "--catalog", str(catalog)).returncode == 0
+        assert merlin("broker", "up", "--catalog", str(catalog), "--metrics-port", "0").returncode == 0
 
         shown = json.loads(merlin("ray", "resources", "show", alice["lease_id"], "--json").stdout)
         assert (shown["state"], shown["lease_id"], shown["fencing_token"]) == (

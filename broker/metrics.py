@@ -1,0 +1,202 @@
+"""The Prometheus endpoint: one custom collector over snapshots held in memory.
+
+A scrape makes no remote call. Resource actors push a
+:class:`~broker.usage.ResourceSnapshot` when their state changes (and the
+coordinator pulls one every few seconds as a fallback); the coordinator's run
+manager reports run counts. The HTTP server is prometheus-client's, in a
+thread of the coordinator, bound to 127.0.0.1 unless configured otherwise.
+
+Labels are bounded: ``resource`` (catalog keys), ``state`` and ``status``
+(enums). Never a lease id or a holder.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
+from prometheus_client.registry import Collector, CollectorRegistry
+
+from broker.models import ResourceState
+from broker.usage import Histogram, ResourceSnapshot
+
+__all__ = [
+    "DEFAULT_METRICS_HOST",
+    "DEFAULT_METRICS_PORT",
+    "RUN_STATUSES",
+    "RUN_DURATION_BUCKETS_S",
+    "RunStats",
+    "MetricsBoard",
+    "BrokerCollector",
+    "serve_metrics",
+]
+
+DEFAULT_METRICS_HOST = "127.0.0.1"
+DEFAULT_METRICS_PORT = 9477
+# How a run can end (runs_total{status}); pending and running are counted by runs_active.
+RUN_STATUSES = ("succeeded", "failed", "stopped", "blocked")
+RUN_DURATION_BUCKETS_S = (1.0, 10.0, 30.0, 60.0, 300.0, 900.0, 1800.0, 3600.0, 4 * 3600.0, 12 * 3600.0)
+_STATES = tuple(state.value for state in ResourceState)
+
+
+@dataclass
+class RunStats:
+    """Run counts for the ``runs_*`` families (filled by the coordinator's run manager)."""
+
+    finished: dict[str, int] = field(default_factory=lambda: {status: 0 for status in RUN_STATUSES})
+    active: int = 0
+    duration: Histogram = field(default_factory=lambda: Histogram(RUN_DURATION_BUCKETS_S))
+
+
+class MetricsBoard:
+    """What a scrape serves. Written by the coordinator's event loop, read by the HTTP thread."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._snapshots: dict[str, tuple[tuple[float, int], ResourceSnapshot]] = {}
+        self._up: dict[str, bool] = {}
+        self._keys: tuple[str, ...] = ()
+        self._runs = RunStats()
+        self._version = ""
+
+    def set_keys(self, keys: list[str], version: str = "") -> None:
+        with self._lock:
+            self._keys = tuple(keys)
+            self._version = version
+            for key in list(self._snapshots):
+                if key not in keys:
+                    del self._snapshots[key]
+                    self._up.pop(key, None)
+
+    def put(self, snapshot: ResourceSnapshot, started_at: float) -> bool:
+        """Keep ``snapshot`` unless a newer one of the same key is already here."""
+        order = (started_at, snapshot.seq)
+        with self._lock:
+            current = self._snapshots.get(snapshot.key)
+            if current is not None and current[0] >= order:
+                return False
+            self._snapshots[snapshot.key] = (order, snapshot)
+            self._up[snapshot.key] = True
+            return True
+
+    def set_up(self, key: str, up: bool) -> None:
+        with self._lock:
+            self._up[key] = up
+
+    def set_runs(self, runs: RunStats) -> None:
+        with self._lock:
+            self._runs = runs
+
+    def view(self) -> tuple[tuple[str, ...], dict[str, ResourceSnapshot], dict[str, bool], RunStats, str]:
+        with self._lock:
+            snapshots = {key: entry[1] for key, entry in self._snapshots.items()}
+            return self._keys, snapshots, dict(self._up), self._runs, self._version
+
+    def snapshot(self, key: str) -> ResourceSnapshot | None:
+        with self._lock:
+            entry = self._snapshots.get(key)
+            return entry[1] if entry else None
+
+
+class BrokerCollector(Collector):
+    """Builds every ``merlin_broker_*`` family from the board; no I/O, no remote calls."""
+
+    def __init__(self, board: MetricsBoard):
+        self._board = board
+
+    def collect(self) -> Iterator[Metric]:
+        keys, snapshots, up, runs, version = self._board.view()
+        now = time.time()
+        info = GaugeMetricFamily("merlin_broker_info", "Broker build information.", labels=["version"])
+        info.add_metric([version], 1.0)
+        yield info
+
+        families: dict[str, Any] = {
+            "up": GaugeMetricFamily("merlin_broker_resource_up", "1 if the resource actor answers.", labels=["resource"]),
+            "leased": GaugeMetricFamily("merlin_broker_resource_leased", "1 if the resource is leased now.", labels=["resource"]),
+            "state": GaugeMetricFamily(
+                "merlin_broker_resource_state", "1 for the state the resource is in.", labels=["resource", "state"]
+            ),
+            "queue": GaugeMetricFamily("merlin_broker_queue_depth", "Requests waiting for the resource.", labels=["resource"]),
+            "oldest": GaugeMetricFamily(
+                "merlin_broker_queue_oldest_wait_seconds",
+                "How long the longest-waiting request has waited (0 if none).",
+                labels=["resource"],
+            ),
+            "maint": GaugeMetricFamily(
+                "merlin_broker_maintenance_since_timestamp_seconds",
+                "When maintenance began (0 if the resource is not in maintenance).",
+                labels=["resource"],
+            ),
+            "grants": CounterMetricFamily("merlin_broker_lease_grants", "Leases granted.", labels=["resource"]),
+            "releases": CounterMetricFamily("merlin_broker_lease_releases", "Leases released by their holder.", labels=["resource"]),
+            "expirations": CounterMetricFamily(
+                "merlin_broker_lease_expirations", "Leases that ran out of time.", labels=["resource"]
+            ),
+            "revocations": CounterMetricFamily("merlin_broker_lease_revocations", "Leases revoked by an admin.", labels=["resource"]),
+            "timeouts": CounterMetricFamily(
+                "merlin_broker_lease_wait_timeouts", "Waiting requests that timed out.", labels=["resource"]
+            ),
+            "leased_s": CounterMetricFamily(
+                "merlin_broker_leased_seconds",
+                "Seconds the resource was leased; utilization is its rate.",
+                labels=["resource"],
+            ),
+            "wait": HistogramMetricFamily(
+                "merlin_broker_lease_wait_seconds", "Time from request to grant.", labels=["resource"]
+            ),
+            "hold": HistogramMetricFamily(
+                "merlin_broker_lease_hold_seconds", "Time from grant to the lease's end.", labels=["resource"]
+            ),
+        }
+        for key in keys:
+            snapshot = snapshots.get(key)
+            answering = up.get(key, False)
+            families["up"].add_metric([key], 1.0 if answering else 0.0)
+            state = snapshot.state if (snapshot is not None and answering) else ResourceState.DOWN.value
+            for candidate in _STATES:
+                families["state"].add_metric([key, candidate], 1.0 if candidate == state else 0.0)
+            if snapshot is None:
+                continue  # never heard from it: no counters rather than false zeros
+            counters = snapshot.counters
+            families["leased"].add_metric([key], 1.0 if snapshot.granted_at is not None else 0.0)
+            families["queue"].add_metric([key], float(snapshot.queue_depth))
+            oldest = now - snapshot.oldest_queued_at if snapshot.oldest_queued_at is not None else 0.0
+            families["oldest"].add_metric([key], max(0.0, oldest))
+            families["maint"].add_metric([key], snapshot.maintenance_since or 0.0)
+            families["grants"].add_metric([key], float(counters.grants))
+            families["releases"].add_metric([key], float(counters.releases))
+            families["expirations"].add_metric([key], float(counters.expirations))
+            families["revocations"].add_metric([key], float(counters.revocations))
+            families["timeouts"].add_metric([key], float(counters.wait_timeouts))
+            families["leased_s"].add_metric([key], snapshot.leased_seconds_total(now))
+            families["wait"].add_metric([key], counters.wait.cumulative(), sum_value=counters.wait.total)
+            families["hold"].add_metric([key], counters.hold.cumulative(), sum_value=counters.hold.total)
+        yield from families.values()
+
+        finished = CounterMetricFamily("merlin_broker_runs", "Runs that reached an end, by status.", labels=["status"])
+        for status in RUN_STATUSES:
+            finished.add_metric([status], float(runs.finished.get(status, 0)))
+        yield finished
+        active = GaugeMetricFamily("merlin_broker_runs_active", "Runs queued or running now.")
+        active.add_metric([], float(runs.active))
+        yield active
+        duration = HistogramMetricFamily("merlin_broker_run_duration_seconds", "Wall time of finished runs.")
+        duration.add_metric([], runs.duration.cumulative(), sum_value=runs.duration.total)
+        yield duration
+
+
+def serve_metrics(board: MetricsBoard, host: str, port: int) -> tuple[Any, str]:
+    """Start the HTTP endpoint in a daemon thread; returns the server and its URL."""
+    from prometheus_client import start_http_server
+
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(BrokerCollector(board))
+    server, _thread = start_http_server(port, addr=host, registry=registry)
+    bound_port = server.server_port
+    shown = f"[{host}]" if ":" in host else host
+    return server, f"http://{shown}:{bound_port}/metrics"
