@@ -7,7 +7,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 export MERLIN_STATE_DIR ?= $(CURDIR)/build/generated/ray
 
-.PHONY: setup demo test stop clean
+.PHONY: setup tools demo test stop clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -16,6 +16,19 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 setup: $(VENV)/.installed
+
+# promtool and prometheus (Debian package) for the metrics tests; installed when we may (root + apt).
+tools:
+	@command -v promtool >/dev/null 2>&1 || { \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	    echo "installing Debian's prometheus package (promtool, prometheus) for the metrics tests"; \
+	    export DEBIAN_FRONTEND=noninteractive; \
+	    apt-get install -y -qq --no-install-recommends prometheus >/dev/null 2>&1 || \
+	      { apt-get update -qq >/dev/null 2>&1 && apt-get install -y -qq --no-install-recommends prometheus >/dev/null; }; \
+	    (systemctl disable --now prometheus || service prometheus stop) >/dev/null 2>&1 || true; \
+	  else \
+	    echo "note: promtool/prometheus are not installed; their tests are skipped (apt-get install prometheus)"; \
+	  fi; }
 
 demo: setup
 	$(BIN)/merlin ray cluster start-local
@@ -31,7 +44,7 @@ demo: setup
 	$(BIN)/merlin broker status
 	@echo 'The broker keeps running. Stop it with: make stop'
 
-test: setup
+test: setup tools
 	$(BIN)/python -m pytest
 
 stop:

@@ -22,7 +22,7 @@ _EXIT_HELP = "exit codes: 0 ok, 1 internal error, 2 usage, " + ", ".join(
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from broker.cli import bench_cmds, broker_cmds, cluster_cmds, resource_cmds
+    from broker.cli import bench_cmds, broker_cmds, cluster_cmds, events_cmds, resource_cmds
     from broker.cli.common import common_options
 
     common = common_options()
@@ -38,6 +38,7 @@ def build_parser() -> argparse.ArgumentParser:
     ray_sub = ray_parser.add_subparsers(dest="group", required=True)
     cluster_cmds.register(ray_sub, common)
     resource_cmds.register(ray_sub, common)
+    events_cmds.register_events(ray_sub, common)
     return parser
 
 
@@ -60,6 +61,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("merlin: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # `merlin ... | head`: the reader left; not an error
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
     except Exception as err:  # noqa: BLE001 - the CLI's promise: one line, no traceback
         if os.environ.get("MERLIN_DEBUG"):
             raise

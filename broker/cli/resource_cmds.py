@@ -72,6 +72,10 @@ def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -
     json_option(maintenance)
     maintenance.set_defaults(run=_maintenance)
 
+    from broker.cli.events_cmds import register_history
+
+    register_history(resources, common)
+
 
 def _list(ctx: Context) -> int:
     statuses = ctx.client().resources()

@@ -67,6 +67,11 @@ class BrokerEnv:
 
         return ray.get_actor(f"resource:{key}", namespace=self.namespace)
 
+    def metrics_url(self) -> str:
+        url = self.client.status().metrics_url
+        assert url is not None and url.startswith("http://127.0.0.1:")
+        return url
+
     def actor_pid(self, name: str) -> int:
         import ray
 
@@ -76,6 +81,8 @@ class BrokerEnv:
 @pytest.fixture(scope="session")
 def ray_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
     state = StateDir(tmp_path_factory.mktemp("cluster")).ensure()
+    # The actors inherit the head's environment: probe resource actors every second.
+    os.environ.setdefault("MERLIN_HEALTH_INTERVAL_S", "1")
     try:
         bootstrap, _ = start_local(state)
         connect_ray(state, namespace="merlin-tests")

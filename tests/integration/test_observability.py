@@ -1,0 +1,131 @@
+"""Metrics over real HTTP, the journal and the CLI that reads it."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import time
+import urllib.request
+
+import pytest
+import ray
+from prometheus_client.parser import text_string_to_metric_families
+
+pytestmark = pytest.mark.ray
+
+KEY = "firesim_u250"
+
+
+def scrape(url: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    with urllib.request.urlopen(url, timeout=10) as response:
+        text = response.read().decode()
+    samples = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            samples[(sample.name, tuple(sorted(sample.labels.items())))] = sample.value
+    return samples
+
+
+def value(url: str, name: str, **labels: str) -> float | None:
+    return scrape(url).get((name, tuple(sorted(labels.items()))))
+
+
+def eventually(url: str, name: str, expected: float, timeout: float = 20.0, **labels: str) -> None:
+    deadline = time.monotonic() + timeout
+    seen = None
+    while time.monotonic() < deadline:
+        seen = value(url, name, **labels)
+        if seen == expected:
+            return
+        time.sleep(0.1)
+    raise AssertionError(f"{name}{labels} = {seen}, expected {expected}")
+
+
+def test_scrape_follows_reserve_release_expiry_and_maintenance(broker_env):
+    url = broker_env.metrics_url()
+    client = broker_env.client
+    eventually(url, "merlin_broker_resource_up", 1.0, resource=KEY)
+    eventually(url, "merlin_broker_resource_state", 1.0, resource=KEY, state="free")
+
+    alice = client.reserve(KEY, "alice", ttl_s=60)
+    eventually(url, "merlin_broker_resource_leased", 1.0, resource=KEY)
+    eventually(url, "merlin_broker_lease_grants_total", 1.0, resource=KEY)
+    client.release(alice.lease_id)
+    eventually(url, "merlin_broker_resource_leased", 0.0, resource=KEY)
+    assert value(url, "merlin_broker_leased_seconds_total", resource=KEY) > 0.0
+    assert value(url, "merlin_broker_lease_hold_seconds_count", resource=KEY) == 1.0
+
+    client.reserve(KEY, "carol", ttl_s=1.0)
+    eventually(url, "merlin_broker_lease_expirations_total", 1.0, resource=KEY)
+    assert value(url, "merlin_broker_lease_grants_total", resource=KEY) == 2.0
+
+    client.set_maintenance(KEY, True, "fan swap")
+    eventually(url, "merlin_broker_resource_state", 1.0, resource=KEY, state="maintenance")
+    assert value(url, "merlin_broker_maintenance_since_timestamp_seconds", resource=KEY) > 0
+
+
+def test_queue_depth_and_oldest_wait(broker_env):
+    url = broker_env.metrics_url()
+    client = broker_env.client
+    holder = client.reserve(KEY, "alice")
+    broker = ray.get_actor("broker", namespace=broker_env.namespace)
+    waiting = broker.reserve.remote(KEY, "bob", wait=True, timeout_s=60)
+    eventually(url, "merlin_broker_queue_depth", 1.0, resource=KEY)
+    assert value(url, "merlin_broker_queue_oldest_wait_seconds", resource=KEY) >= 0.0
+    client.release(holder.lease_id)
+    ray.get(waiting)
+    eventually(url, "merlin_broker_queue_depth", 0.0, resource=KEY)
+    assert value(url, "merlin_broker_lease_wait_seconds_count", resource=KEY) == 2.0
+
+
+def test_counters_survive_a_resource_actor_kill(broker_env):
+    url = broker_env.metrics_url()
+    client = broker_env.client
+    for _ in range(3):
+        client.release(client.reserve(KEY, "alice").lease_id)
+    eventually(url, "merlin_broker_lease_grants_total", 3.0, resource=KEY)
+    os.kill(broker_env.actor_pid(f"resource:{KEY}"), signal.SIGKILL)
+    client.release(client.reserve(KEY, "alice").lease_id)  # the shim waits for the restart
+    eventually(url, "merlin_broker_lease_grants_total", 4.0, resource=KEY)
+
+
+def test_a_resource_actor_that_stops_answering_is_down(broker_env):
+    url = broker_env.metrics_url()
+    pid = broker_env.actor_pid("resource:spacemit_x60_board_01")
+    eventually(url, "merlin_broker_resource_up", 1.0, resource="spacemit_x60_board_01")
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        eventually(url, "merlin_broker_resource_up", 0.0, resource="spacemit_x60_board_01", timeout=30)
+        status = broker_env.client.status()
+        assert status.down == ("spacemit_x60_board_01",) and not status.healthy
+    finally:
+        os.kill(pid, signal.SIGCONT)
+    eventually(url, "merlin_broker_resource_up", 1.0, resource="spacemit_x60_board_01", timeout=30)
+
+
+def test_exposition_passes_promtool(broker_env):
+    promtool = shutil.which("promtool")
+    if promtool is None:
+        pytest.skip("promtool not installed (Debian package 'prometheus'; .ci/run installs it)")
+    client = broker_env.client
+    client.release(client.reserve(KEY, "alice").lease_id)
+    with urllib.request.urlopen(broker_env.metrics_url(), timeout=10) as response:
+        text = response.read()
+    check = subprocess.run([promtool, "check", "metrics"], input=text, capture_output=True, timeout=60)
+    assert check.returncode == 0, check.stdout.decode() + check.stderr.decode()
+
+
+def test_journal_records_every_change_in_order(broker_env):
+    client = broker_env.client
+    lease = client.reserve(KEY, "alice", note="bitstream test")
+    client.renew(lease.lease_id)
+    client.release(lease.lease_id)
+    events = [json.loads(line) for line in broker_env.state.events_path.read_text().splitlines()]
+    seqs = [event["seq"] for event in events]
+    assert seqs == list(range(1, len(seqs) + 1))
+    mine = [event["event"] for event in events if event.get("resource") == KEY and event.get("holder") == "alice"]
+    assert mine == ["lease.granted", "lease.renewed", "lease.released"]
+    assert lease.lease_id not in broker_env.state.events_path.read_text()
