@@ -37,11 +37,14 @@ demo: setup
 	@echo '--- alice reserves the U250 slot for 10 minutes'
 	$(BIN)/merlin ray resources reserve firesim_u250 --holder alice --ttl 10m --json > build/demo-lease.json
 	@echo '--- bob tries too, without waiting: busy (exit 5)'
-	-$(BIN)/merlin ray resources reserve firesim_u250 --holder bob
+	$(BIN)/merlin ray resources reserve firesim_u250 --holder bob; echo "(exit code $$?: 5 means busy; --wait would queue)"
 	$(BIN)/merlin ray resources list
 	@echo '--- alice releases it'
 	$(BIN)/merlin ray resources release $$($(BIN)/python -c "import json; print(json.load(open('build/demo-lease.json'))['lease_id'])")
 	$(BIN)/merlin broker status
+	@echo '--- the metrics endpoint (what Prometheus scrapes)'
+	$(BIN)/python -c "import urllib.request; text = urllib.request.urlopen('http://127.0.0.1:9477/metrics', timeout=10).read().decode(); print('\n'.join(l for l in text.splitlines() if l.startswith(('merlin_broker_resource_up', 'merlin_broker_lease_grants_total', 'merlin_broker_leased_seconds_total'))))"
+	$(BIN)/merlin ray events --since 10m
 	@echo 'The broker keeps running. Stop it with: make stop'
 
 test: setup tools

@@ -48,6 +48,9 @@ from broker.usage import ResourceSnapshot, UsageCounters
 
 __all__ = ["ResourceActor", "resource_status"]
 
+# Metrics snapshots trail state changes by at most this long (Prometheus scrapes every ~15 s).
+PUSH_DELAY_S = 0.1
+
 def resource_status(book: LeaseBook) -> ResourceStatus:
     """What anyone may see of a book: no lease ids, only public refs."""
     granted = book.granted
@@ -346,26 +349,34 @@ class ResourceActor:
 
     def _make_snapshot(self) -> ResourceSnapshot:
         self._snapshot_seq += 1
-        status = resource_status(self._book)
-        queue = self._book.queue
+        book = self._book
+        granted, maintenance, queue = book.granted, book.maintenance, book.queue
+        if maintenance is not None:
+            state = ResourceState.MAINTENANCE
+        else:
+            state = ResourceState.LEASED if granted is not None else ResourceState.FREE
         return ResourceSnapshot(
             key=self._key,
             pid=os.getpid(),
             seq=self._snapshot_seq,
-            state=status.state.value,
+            state=state.value,
             queue_depth=len(queue),
-            granted_at=status.granted_at,
-            expires_at=status.expires_at,
+            granted_at=granted.granted_at if granted else None,
+            expires_at=granted.expires_at if granted else None,
             oldest_queued_at=min((lease.queued_at for lease in queue), default=None),
-            maintenance_since=status.maintenance_since,
+            maintenance_since=maintenance.since if maintenance else None,
             counters=self._counters.copy(),
         )
 
     def _schedule_push(self) -> None:
-        """Push one snapshot after the current call has answered (coalesces bursts)."""
+        """Push one snapshot shortly after a change; changes in the meantime ride along.
+
+        Off the caller's path (the call has answered by then), and at most one
+        push per PUSH_DELAY_S however busy the key is.
+        """
         if not self._push_pending:
             self._push_pending = True
-            self._loop.call_soon(self._push)
+            self._loop.call_later(PUSH_DELAY_S, self._push)
 
     def _push(self) -> None:
         self._push_pending = False

@@ -19,10 +19,10 @@ __all__ = ["run", "render", "SCENARIOS"]
 def _scenarios() -> dict[str, Callable[..., Result]]:
     from broker.bench import scenarios
 
-    return {"cycle": scenarios.cycle, "handoff": scenarios.handoff}
+    return {"cycle": scenarios.cycle, "handoff": scenarios.handoff, "metrics": scenarios.metrics}
 
 
-SCENARIOS = ("cycle", "handoff")
+SCENARIOS = ("cycle", "handoff", "metrics")
 
 
 def _catalog(keys: list[str]) -> dict[str, Any]:

@@ -18,7 +18,7 @@ from broker.bench.baselines import BareActor, LockActor
 from broker.bench.stats import Result, Target, summarize
 from broker.store import StateDir
 
-__all__ = ["BenchContext", "cycle", "handoff"]
+__all__ = ["BenchContext", "cycle", "handoff", "metrics"]
 
 
 @dataclass
@@ -151,4 +151,66 @@ def handoff(ctx: BenchContext, waiters: int = 8) -> Result:
         Target("handoff p50 <= 2.5 ms", direct.median, 2.5),  # type: ignore[union-attr]
     ]
     result.notes.append(f"{waiters} waiter processes, {rounds} grants each")
+    return result
+
+
+def _extra_broker(ctx: BenchContext, keys: int) -> tuple[str, list[str], Any]:
+    """A second broker with ``keys`` keys in a namespace of its own; returns (namespace, keys, handle)."""
+    from broker.deploy import broker_up
+
+    namespace = f"{ctx.namespace}-{keys}k"
+    names = [f"bench_{keys}k_{index:02d}" for index in range(keys)]
+    state = StateDir(ctx.state.root.parent / namespace).ensure()
+    broker_up(state, namespace, {"resources": {key: {} for key in names}}, metrics_port=0)
+    return namespace, names, ray.get_actor("broker", namespace=namespace)
+
+
+def metrics(ctx: BenchContext) -> Result:
+    """Scrape time at a few and at many keys; what the snapshot push costs a reserve/release cycle."""
+    import urllib.request
+
+    from broker.deploy import broker_down
+
+    result = Result("metrics")
+    for size in (3, ctx.samples(50, 10)):
+        namespace, keys, handle = _extra_broker(ctx, size)
+        url = ray.get(handle.status.remote()).metrics_url
+
+        def scrape() -> None:
+            with urllib.request.urlopen(url, timeout=10) as response:
+                response.read()
+
+        result.figures[f"scrape, {size} keys"] = summarize(_timed(scrape, ctx.samples(300, 40), 10))
+        broker_down(namespace)
+
+    key = ctx.keys[0]
+    resource = ctx.resource(key)
+
+    def direct() -> None:
+        lease = ray.get(resource.reserve.remote("bench", request_id=uuid.uuid4().hex))
+        ray.get(resource.release.remote(lease.lease_id))
+
+    def set_pushing(on: bool) -> None:
+        # A pending flag that never clears suppresses pushes: the cycle without them.
+        ray.get(resource.__ray_call__.remote(lambda actor, on=on: setattr(actor, "_push_pending", not on)))
+
+    def push_cost(actor: Any) -> float:
+        started = time.perf_counter()
+        for _ in range(200):
+            actor._push()
+        return (time.perf_counter() - started) / 200
+
+    count = ctx.samples(600, 100)
+    with_push, without_push = [], []
+    for _ in range(3):
+        set_pushing(True)
+        with_push += _timed(direct, count // 3, 10)
+        set_pushing(False)
+        without_push += _timed(direct, count // 3, 10)
+    set_pushing(True)
+    result.figures["cycle with pushes"] = summarize(with_push)
+    result.figures["cycle without pushes"] = summarize(without_push)
+    result.ratio("with / without", "cycle with pushes", "cycle without pushes")
+    result.figures["one push, in the actor (us)"] = ray.get(resource.__ray_call__.remote(push_cost)) * 1e6
+    result.notes.append("a push is sent after the call has answered; it costs CPU, not the caller's latency")
     return result
