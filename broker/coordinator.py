@@ -26,6 +26,7 @@ import asyncio
 import os
 import secrets
 import time
+from pathlib import Path
 from typing import Any
 
 import ray
@@ -37,7 +38,11 @@ from broker.events import EventSink
 from broker.metrics import DEFAULT_METRICS_HOST, DEFAULT_METRICS_PORT, MetricsBoard, serve_metrics
 from broker.models import (
     BrokerStatus,
+    Holder,
     Lease,
+    Priority,
+    RequestId,
+    checked,
     ResourceState,
     ResourceStatus,
     is_resource_key,
@@ -45,6 +50,8 @@ from broker.models import (
 )
 from broker.placement import actor_options, resource_actor_name
 from broker.resource_actor import RemoteResourceActor
+from broker.run_manager import RunManager
+from broker.runs import RunRecord, new_run_id
 from broker.store import StateDir, atomic_write, read_json
 from broker.usage import ResourceSnapshot
 
@@ -85,6 +92,8 @@ class BrokerActor:
                 self._events.emit("metrics.unavailable", level="error", host=metrics_host, port=metrics_port, error=str(exc))
         if self._state.catalog_path.exists():
             self._adopt(Catalog.model_validate(read_json(self._state.catalog_path)))
+        self._runs = RunManager(self._state, self._events, self._call, self._board.set_runs)
+        self._runs.load()  # re-attaches to every unfinished run
         self._watcher = asyncio.get_running_loop().create_task(self._watch())
         self._events.emit(
             "broker.started",
@@ -198,6 +207,69 @@ class BrokerActor:
         self._known(resource)
         status = await self._call(resource, "set_maintenance", on, reason, by)
         return self._with_catalog(status)
+
+    # ------------------------------------------------------------------ runs
+
+    async def submit(
+        self,
+        bundle_dir_or_bundle: Any,
+        *,
+        holder: str,
+        priority: int = 0,
+        request_id: str | None = None,
+        source: str = "api",
+    ) -> RunRecord:
+        """Queue a bundle (a target dir's absolute path, or the bundle itself) to run on its resource.
+
+        The run waits for the bundle's resource lease, then runs as a Ray Job
+        (the local executor with ``--resume``); the lease is renewed while the
+        job runs and released when it ends. The same ``request_id`` returns
+        the same run.
+        """
+        from targetgen.bundle import ExecutionBundle, load_bundle, parse_bundle, write_bundle
+
+        holder = checked(Holder, holder, "holder")
+        priority = checked(Priority, priority, "priority")
+        request_id = checked(RequestId, request_id, "request_id") if request_id is not None else f"broker-{secrets.token_hex(12)}"
+        source = checked(Holder, source, "source")
+        run_id = None
+        if isinstance(bundle_dir_or_bundle, (str, os.PathLike)):
+            target_dir = Path(bundle_dir_or_bundle)
+            if not target_dir.is_absolute():
+                raise InvalidRequest(f"target dir {str(target_dir)!r} must be an absolute path", "bundle")
+            bundle = load_bundle(target_dir)
+        elif isinstance(bundle_dir_or_bundle, (ExecutionBundle, dict)):
+            data = bundle_dir_or_bundle.model_dump() if isinstance(bundle_dir_or_bundle, ExecutionBundle) else bundle_dir_or_bundle
+            bundle = parse_bundle(data, "bundle")
+            run_id = new_run_id()
+            target_dir = self._state.runs_dir / run_id / "target"
+        else:
+            raise InvalidRequest(
+                f"invalid bundle: expected a target dir path or an execution bundle, got {type(bundle_dir_or_bundle).__name__}",
+                "bundle",
+            )
+        if bundle.resource is not None:
+            self._known(bundle.resource)
+        if run_id is not None:
+            target_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+            write_bundle(target_dir, bundle)
+        record = await self._runs.submit(
+            target_dir, bundle, holder=holder, priority=priority, request_id=request_id, source=source, run_id=run_id
+        )
+        return record.public()
+
+    async def run(self, run_id: str) -> RunRecord:
+        return self._runs.get(run_id).public()
+
+    async def runs(self, active_only: bool = False) -> list[RunRecord]:
+        return [record.public() for record in self._runs.list(bool(active_only))]
+
+    async def cancel(self, run_id: str) -> RunRecord:
+        """Stop a run: leave the queue, or stop its Ray job; its lease is released either way."""
+        return (await self._runs.cancel(run_id)).public()
+
+    async def logs(self, run_id: str) -> str:
+        return await self._runs.logs(run_id)
 
     # ------------------------------------------------------------------ reads
 

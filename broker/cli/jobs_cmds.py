@@ -1,0 +1,241 @@
+"""``merlin ray jobs submit|status|logs|cancel|list`` and ``merlin ray artifacts list|fetch``.
+
+Reads (status, list, artifacts) come from the run records in the state dir,
+so they work without a cluster — including for runs that were ``blocked``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from broker.cli.common import Context, emit_json, json_option, note, table, when
+from broker.client import default_holder
+from broker.errors import InvalidRequest
+from broker.runs import Artifact, RunRecord, check_run_id, safe_artifact_path, scan_artifacts
+from broker.store import read_json
+
+__all__ = ["register_jobs", "register_artifacts", "print_run"]
+
+
+def register_jobs(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
+    jobs = sub.add_parser("jobs", help="bundles run on the hardware in turn").add_subparsers(dest="verb", required=True)
+
+    submit = jobs.add_parser(
+        "submit",
+        parents=[common],
+        help="queue a target dir's bundle; it runs as a Ray job once its resource is leased",
+    )
+    submit.add_argument("target_dir")
+    add_submit_options(submit)
+    submit.set_defaults(run=_submit)
+
+    status = jobs.add_parser("status", parents=[common], help="one run's record")
+    status.add_argument("run_id")
+    json_option(status)
+    status.set_defaults(run=_status)
+
+    listing = jobs.add_parser("list", parents=[common], help="all runs (newest last)")
+    listing.add_argument("--active", action="store_true", help="only queued or running runs")
+    json_option(listing)
+    listing.set_defaults(run=_list)
+
+    logs = jobs.add_parser("logs", parents=[common], help="a run's Ray job output")
+    logs.add_argument("run_id")
+    logs.add_argument("--follow", "-f", action="store_true", help="keep printing until the run ends")
+    logs.set_defaults(run=_logs)
+
+    cancel = jobs.add_parser("cancel", parents=[common], help="leave the queue, or stop the running job")
+    cancel.add_argument("run_id")
+    json_option(cancel)
+    cancel.set_defaults(run=_cancel)
+
+
+def add_submit_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--holder", default=None, help="who the run's lease is for (default: user@host)")
+    parser.add_argument("--priority", type=int, default=0, help="higher runs first (default 0)")
+    parser.add_argument("--request-id", default=None, help="idempotency key: the same id returns the same run")
+    parser.add_argument("--wait", action="store_true", help="wait for the run to end; exit non-zero unless it succeeded")
+    json_option(parser)
+
+
+def register_artifacts(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
+    artifacts = sub.add_parser("artifacts", help="files a run left").add_subparsers(dest="verb", required=True)
+    listing = artifacts.add_parser("list", parents=[common], help="a run's artifacts with size and sha256")
+    listing.add_argument("run_id")
+    json_option(listing)
+    listing.set_defaults(run=_artifacts_list)
+    fetch = artifacts.add_parser("fetch", parents=[common], help="copy a run's artifacts (or one of them)")
+    fetch.add_argument("run_id")
+    fetch.add_argument("path", nargs="?", default=None, help="one artifact, relative to the run's artifact dir")
+    fetch.add_argument("--to", default=None, help="destination dir (default: ./<run_id>)")
+    fetch.set_defaults(run=_artifacts_fetch)
+
+
+# ---------------------------------------------------------------------- records on disk
+
+
+def load_record(ctx: Context, run_id: str) -> RunRecord:
+    path = ctx.state.runs_dir / check_run_id(run_id) / "run_record.json"
+    try:
+        return RunRecord.model_validate(read_json(path))
+    except FileNotFoundError:
+        raise InvalidRequest(f"unknown run id {run_id!r} (no record in {ctx.state.runs_dir})", "run_id") from None
+
+
+def print_run(record: RunRecord) -> None:
+    print(f"{record.run_id}  {record.status.value}  {record.target} on {record.resource or '-'}  holder {record.holder}")
+    if record.message:
+        print(f"  {record.message}")
+    print(f"  queued {when(record.created_at)}; started {when(record.started_at)}; ended {when(record.ended_at)}")
+    if record.fencing_token is not None:
+        print(f"  lease {record.lease_ref} token {record.fencing_token}; Ray job {record.submission_id or '-'}")
+    print(f"  workdir {record.workdir}")
+    for step in record.steps:
+        span = f"{when(step.started_at, relative=False)} .. {when(step.ended_at, relative=False)}"
+        print(f"    {step.id:<18} {step.status:<10} {span}")
+
+
+# ---------------------------------------------------------------------- commands
+
+
+def _submit(ctx: Context) -> int:
+    from executor.engines import submit_ray
+
+    args = ctx.args
+    handle = submit_ray(
+        Path(args.target_dir),
+        holder=default_holder() if args.holder is None else args.holder,
+        priority=args.priority,
+        request_id=args.request_id,
+        source=f"merlin ray jobs submit ({default_holder()})",
+        state_dir=str(ctx.state.root),
+        namespace=ctx.namespace,
+        address=ctx.address,
+    )
+    return finish_submission(ctx, handle)
+
+
+def finish_submission(ctx: Context, handle: Any) -> int:
+    """Print (and with --wait, follow) a submitted run; the exit code says how it went."""
+    from broker.runs import RunStatus
+
+    record = handle.record
+    if record.status is RunStatus.BLOCKED:
+        if ctx.args.json:
+            emit_json(record.public())
+        print(f"merlin: run {record.run_id} blocked: {record.message}", file=sys.stderr)
+        return 10
+    if ctx.args.wait:
+        last = None
+        while not handle.record.finished:
+            handle.status()
+            if handle.record.status != last:
+                last = handle.record.status
+                note(f"{record.run_id}: {last.value} ({handle.record.message})")
+            time.sleep(0.5)
+        record = handle.record
+    if ctx.args.json:
+        emit_json(record.public())
+    else:
+        print_run(record)
+    if ctx.args.wait and record.status is not RunStatus.SUCCEEDED:
+        return 21
+    return 0
+
+
+def _status(ctx: Context) -> int:
+    record = load_record(ctx, ctx.args.run_id)
+    if ctx.args.json:
+        emit_json(record.public())
+    else:
+        print_run(record)
+    return 0
+
+
+def _list(ctx: Context) -> int:
+    records = []
+    for path in sorted(ctx.state.runs_dir.glob("run-*/run_record.json")):
+        try:
+            records.append(RunRecord.model_validate(read_json(path)))
+        except (OSError, ValueError):
+            continue
+    records.sort(key=lambda record: record.created_at)
+    if ctx.args.active:
+        records = [record for record in records if not record.finished]
+    if ctx.args.json:
+        emit_json([record.public() for record in records])
+        return 0
+    rows = [[r.run_id, r.status.value, r.target, r.resource or "-", r.holder, when(r.created_at)] for r in records]
+    print(table(["run", "status", "target", "resource", "holder", "queued"], rows))
+    return 0
+
+
+def _logs(ctx: Context) -> int:
+    run_id = check_run_id(ctx.args.run_id)
+    load_record(ctx, run_id)  # unknown ids fail without a cluster
+    client = ctx.client()
+    shown = 0
+    while True:
+        text = client.call("logs", run_id)
+        sys.stdout.write(text[shown:])
+        sys.stdout.flush()
+        shown = len(text)
+        if not ctx.args.follow or client.call("run", run_id).finished:
+            if ctx.args.follow:  # the last lines written before the end
+                sys.stdout.write(client.call("logs", run_id)[shown:])
+            return 0
+        time.sleep(1.0)
+
+
+def _cancel(ctx: Context) -> int:
+    record = ctx.client().call("cancel", check_run_id(ctx.args.run_id))
+    if ctx.args.json:
+        emit_json(record)
+    else:
+        print_run(record)
+    return 0
+
+
+def _artifacts_of(ctx: Context, record: RunRecord) -> list[Artifact]:
+    path = ctx.state.runs_dir / record.run_id / "artifacts.json"
+    if path.exists():
+        return [Artifact.model_validate(item) for item in json.loads(path.read_text())["artifacts"]]
+    return scan_artifacts(Path(record.artifact_dir))  # still running: what is there now
+
+
+def _artifacts_list(ctx: Context) -> int:
+    record = load_record(ctx, ctx.args.run_id)
+    artifacts = _artifacts_of(ctx, record)
+    if ctx.args.json:
+        emit_json({"run_id": record.run_id, "artifact_dir": record.artifact_dir, "artifacts": artifacts})
+        return 0
+    print(f"{record.run_id}: {len(artifacts)} artifacts in {record.artifact_dir}")
+    print(table(["path", "size", "sha256"], [[a.path, str(a.size), a.sha256[:16]] for a in artifacts]))
+    return 0
+
+
+def _artifacts_fetch(ctx: Context) -> int:
+    record = load_record(ctx, ctx.args.run_id)
+    source_dir = Path(record.artifact_dir)
+    destination = Path(ctx.args.to or record.run_id).resolve()
+    wanted = [ctx.args.path] if ctx.args.path else [artifact.path for artifact in _artifacts_of(ctx, record)]
+    plan = []
+    for relative in wanted:
+        source = safe_artifact_path(source_dir, relative)  # rejects .., absolute paths, escaping symlinks
+        if not source.is_file():
+            raise InvalidRequest(f"run {record.run_id} has no artifact {relative!r}", "path")
+        target = (destination / relative).resolve()
+        if not target.is_relative_to(destination):
+            raise InvalidRequest(f"invalid artifact path {relative!r}: it leads outside {destination}", "path")
+        plan.append((source, target))
+    for source, target in plan:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(source, target, follow_symlinks=True)
+    print(f"fetched {len(plan)} artifacts of {record.run_id} to {destination}")
+    return 0

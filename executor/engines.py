@@ -1,0 +1,93 @@
+"""The two engines behind ``merlin targetgen execute --engine local|ray``.
+
+``local`` runs the bundle in this process (a thread, so the caller holds a
+handle). ``ray`` queues it on the broker, which waits for the lease and runs
+the local executor as a Ray Job. When Ray is missing or no cluster answers,
+the ray engine still writes the run record — status ``blocked``, with the
+command to run — and returns a blocked handle instead of raising.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from broker.errors import BrokerUnavailable
+from broker.runs import RunRecord, RunRequest, RunStatus, executor_command, new_run_id
+from broker.store import StateDir, atomic_write
+from executor.handles import BlockedJobHandle, LocalJobHandle, RayJobHandle
+from executor.local import BrokerFence
+from targetgen.bundle import load_bundle
+
+__all__ = ["submit_local", "submit_ray", "write_blocked_record"]
+
+
+def submit_local(target_dir: Path, *, resume: bool = False) -> LocalJobHandle:
+    load_bundle(Path(target_dir))  # a bad dir or bundle fails here, before a thread starts
+    return LocalJobHandle(Path(target_dir), resume=resume, fence=BrokerFence.from_env())
+
+
+def submit_ray(
+    target_dir: Path,
+    *,
+    holder: str,
+    priority: int = 0,
+    request_id: str | None = None,
+    source: str = "api",
+    state_dir: str | None = None,
+    namespace: str | None = None,
+    address: str | None = None,
+) -> RayJobHandle | BlockedJobHandle:
+    """Queue ``target_dir`` on the broker; blocked (record written) if no cluster answers."""
+    import sys
+    import uuid
+
+    from broker.client import connect
+
+    target_dir = Path(target_dir).resolve()
+    load_bundle(target_dir)  # bad input: nothing queued, nothing written
+    request_id = request_id or uuid.uuid4().hex
+    try:
+        client = connect(address, namespace=namespace, state_dir=state_dir)
+    except BrokerUnavailable as exc:
+        state = StateDir.from_env(state_dir).ensure()
+        record = write_blocked_record(state, target_dir, holder, request_id, source, str(exc), python=sys.executable)
+        return BlockedJobHandle(record)
+    record = client.call(
+        "submit", str(target_dir), holder=holder, priority=priority, request_id=request_id, source=source
+    )
+    return RayJobHandle(client, record)
+
+
+def write_blocked_record(
+    state: StateDir, target_dir: Path, holder: str, request_id: str, source: str, why: str, *, python: str
+) -> RunRecord:
+    """The run record of a submission that could not reach Ray: status blocked, what to run."""
+    bundle = load_bundle(target_dir)
+    run_id = new_run_id()
+    now = time.time()
+    run_dir = state.runs_dir / run_id
+    run_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+    request = RunRequest(
+        run_id=run_id, target_dir=str(target_dir), holder=holder, request_id=request_id, source=source, submitted_at=now
+    )
+    record = RunRecord(
+        run_id=run_id,
+        target=bundle.target,
+        workflow=bundle.workflow,
+        target_class=bundle.target_class,
+        source=source,
+        holder=holder,
+        request_id=request_id,
+        resource=bundle.resource,
+        command=" ".join(executor_command(python, str(target_dir))),
+        workdir=str(target_dir),
+        artifact_dir=str(target_dir / bundle.artifact_dir),
+        status=RunStatus.BLOCKED,
+        message=f"not submitted: {why}",
+        created_at=now,
+        ended_at=now,
+    )
+    atomic_write(run_dir / "run_request.json", request.model_dump_json(indent=2).encode())
+    atomic_write(run_dir / "run_record.json", record.model_dump_json(indent=2).encode())
+    return record

@@ -1,0 +1,324 @@
+"""The local engine: runs a target dir's bundle in this process, one step at a time.
+
+It drives :mod:`executor.state` and does the I/O around it: ``run_state.json``
+after every transition, one log file per step, a process group per step (so
+a timeout or a cancel kills the step and everything it started), and the
+fencing check with the broker before a step that touches hardware.
+
+Exit codes of ``merlin targetgen execute --engine local`` (see ``EXIT_*``):
+0 succeeded, 20 waiting at an operator gate, 21 a step failed, 22 cancelled,
+8 stale fencing token, 3 invalid bundle or target dir.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from broker.errors import InvalidRequest, StaleFencingToken
+from broker.store import atomic_write
+from executor.state import (
+    BundleStatus,
+    Finished,
+    RunState,
+    RunStep,
+    SkipStep,
+    StepStatus,
+    WaitAtGate,
+    approve,
+    move,
+    new_state,
+    next_action,
+    prepare_resume,
+)
+from targetgen.bundle import BUNDLE_FILE, BundleStep, ExecutionBundle, load_bundle
+
+__all__ = [
+    "STATE_FILE",
+    "EXIT_SUCCEEDED",
+    "EXIT_AWAITING_GATE",
+    "EXIT_STEP_FAILED",
+    "EXIT_CANCELLED",
+    "LocalEngine",
+    "BrokerFence",
+    "load_state",
+    "approve_step",
+    "exit_code_for",
+]
+
+STATE_FILE = "run_state.json"
+EXIT_SUCCEEDED = 0
+EXIT_AWAITING_GATE = 20
+EXIT_STEP_FAILED = 21
+EXIT_CANCELLED = 22
+KILL_GRACE_S = 5.0
+
+FenceCheck = Callable[[BundleStep], None]
+
+
+def exit_code_for(state: RunState) -> int:
+    return {
+        BundleStatus.SUCCEEDED: EXIT_SUCCEEDED,
+        BundleStatus.AWAITING_GATE: EXIT_AWAITING_GATE,
+        BundleStatus.CANCELLED: EXIT_CANCELLED,
+    }.get(state.status, EXIT_STEP_FAILED)
+
+
+def _bundle_sha256(target_dir: Path) -> str:
+    return hashlib.sha256((target_dir / BUNDLE_FILE).read_bytes()).hexdigest()
+
+
+def load_state(target_dir: Path) -> RunState | None:
+    try:
+        return RunState.model_validate(json.loads((target_dir / STATE_FILE).read_text()))
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError) as exc:
+        raise InvalidRequest(f"{target_dir / STATE_FILE} is unreadable ({exc}); use --restart", "run_state") from None
+
+
+def _save(target_dir: Path, state: RunState) -> None:
+    atomic_write(target_dir / STATE_FILE, state.model_dump_json(indent=2).encode())
+
+
+@contextmanager
+def _exclusive(target_dir: Path) -> Iterator[None]:
+    """One executor per target dir at a time."""
+    with open(target_dir / ".executor.lock", "a+") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise InvalidRequest(f"another executor is running {target_dir}", "target_dir") from None
+        yield
+
+
+def approve_step(target_dir: Path, step_id: str, by: str, *, skip: bool = False) -> RunState:
+    """Record an operator's approval (or skip) of a gated step; works before the run reaches it."""
+    target_dir = Path(target_dir)
+    bundle = load_bundle(target_dir)
+    with _exclusive(target_dir):
+        sha = _bundle_sha256(target_dir)
+        state = load_state(target_dir)
+        if state is None or state.bundle_sha256 != sha:
+            state = new_state(bundle, sha)
+        state = approve(bundle, state, step_id, by, time.time(), skip=skip)
+        _save(target_dir, state)
+    return state
+
+
+class BrokerFence:
+    """Checks ``MERLIN_LEASE_ID``/``MERLIN_FENCING_TOKEN`` with the broker before a hardware step."""
+
+    def __init__(self, lease_id: str, token: int):
+        self.lease_id = lease_id
+        self.token = token
+        self._client = None
+
+    @classmethod
+    def from_env(cls) -> BrokerFence | None:
+        lease_id, token = os.environ.get("MERLIN_LEASE_ID"), os.environ.get("MERLIN_FENCING_TOKEN")
+        if not lease_id or not token:
+            return None
+        try:
+            return cls(lease_id, int(token))
+        except ValueError:
+            raise InvalidRequest(f"MERLIN_FENCING_TOKEN={token!r} is not an integer", "fencing_token") from None
+
+    def __call__(self, step: BundleStep) -> None:
+        if self._client is None:
+            from broker.client import connect
+
+            self._client = connect()
+        lease = self._client.check_fence(self.lease_id, self.token)
+        if step.resource is not None and lease.resource != step.resource:
+            raise StaleFencingToken(step.resource, self.token, None)
+
+
+class LocalEngine:
+    """Runs one target dir. ``stop`` (a threading.Event) cancels between and during steps."""
+
+    def __init__(
+        self,
+        target_dir: Path,
+        *,
+        fence: FenceCheck | None = None,
+        stop: threading.Event | None = None,
+        clock: Callable[[], float] = time.time,
+        report: Callable[[str], None] = lambda line: None,
+    ):
+        self.target_dir = Path(target_dir).resolve()
+        self.fence = fence
+        self.stop = stop or threading.Event()
+        self.clock = clock
+        self.report = report  # progress lines (the CLI prints them; a Ray job's log keeps them)
+
+    def run(self, *, resume: bool = False, restart: bool = False) -> RunState:
+        """Run until done, failed, cancelled or at a gate; returns the saved state.
+
+        Raises:
+            InvalidRequest: no such dir, a bad bundle, or a run already in progress.
+            StaleFencingToken: a hardware step's lease is no longer current (after saving).
+        """
+        if not self.target_dir.is_dir():
+            raise InvalidRequest(f"target dir {self.target_dir} does not exist", "target_dir")
+        bundle = load_bundle(self.target_dir)
+        with _exclusive(self.target_dir):
+            state = self._initial_state(bundle, resume=resume, restart=restart)
+            return self._drive(bundle, state)
+
+    def _initial_state(self, bundle: ExecutionBundle, *, resume: bool, restart: bool) -> RunState:
+        sha = _bundle_sha256(self.target_dir)
+        now = self.clock()
+        state = None if restart else load_state(self.target_dir)
+        if state is not None and state.bundle_sha256 != sha:
+            if resume:
+                raise InvalidRequest(
+                    f"the bundle in {self.target_dir} changed since its run began; use --restart", "bundle"
+                )
+            state = None
+        if state is not None:
+            started = any(step.status is not StepStatus.PENDING for step in state.steps)
+            if resume:
+                state = prepare_resume(state, now)
+            elif started:
+                raise InvalidRequest(
+                    f"{self.target_dir} already has a run ({state.status.value}): "
+                    "use --resume to continue it or --restart to start over",
+                    "target_dir",
+                )
+        if state is None:
+            state = new_state(bundle, sha)
+        token = os.environ.get("MERLIN_FENCING_TOKEN")
+        return state.model_copy(
+            update={
+                "status": BundleStatus.RUNNING,
+                "started_at": state.started_at or now,
+                "updated_at": now,
+                "fencing_token": int(token) if token and token.isdigit() else state.fencing_token,
+            }
+        )
+
+    def _drive(self, bundle: ExecutionBundle, state: RunState) -> RunState:
+        _save(self.target_dir, state)
+        while True:
+            now = self.clock()
+            if self.stop.is_set():
+                return self._finish(state, BundleStatus.CANCELLED, "cancelled")
+            action = next_action(bundle, state)
+            if isinstance(action, Finished):
+                return self._finish(state, action.status, action.message)
+            if isinstance(action, SkipStep):
+                state = move(state, action.step.id, StepStatus.SKIPPED, now, message="skipped by an operator")
+                self.report(f"step {action.step.id}: skipped (operator decision)")
+            elif isinstance(action, WaitAtGate):
+                step = action.step
+                if state.step(step.id).status is StepStatus.PENDING:
+                    state = move(state, step.id, StepStatus.AWAITING_GATE, now)
+                hint = f"merlin targetgen approve {self.target_dir} {step.id}"
+                prompt = step.gate.prompt if step.gate else ""
+                state = state.model_copy(
+                    update={"status": BundleStatus.AWAITING_GATE, "message": f"waiting at {step.id!r}: {prompt} ({hint})"}
+                )
+                _save(self.target_dir, state)
+                self.report(state.message)
+                return state
+            else:
+                state = self._run_step(action.step, state)
+            _save(self.target_dir, state)
+
+    def _finish(self, state: RunState, status: BundleStatus, message: str) -> RunState:
+        now = self.clock()
+        state = state.model_copy(update={"status": status, "message": message, "ended_at": now, "updated_at": now})
+        _save(self.target_dir, state)
+        self.report(f"bundle {state.target}: {status.value}" + (f" ({message})" if message else ""))
+        return state
+
+    def _run_step(self, step: BundleStep, state: RunState) -> RunState:
+        if step.resource is not None and self.fence is not None:
+            try:
+                self.fence(step)
+            except StaleFencingToken as stale:
+                refused = state.with_step(
+                    state.step(step.id).model_copy(update={"message": f"refused: {stale}"}), self.clock()
+                )
+                self._finish(refused, BundleStatus.FAILED, f"step {step.id!r} refused: {stale}")
+                raise
+        attempt = state.step(step.id).attempts + 1
+        state = move(state, step.id, StepStatus.RUNNING, self.clock(), attempts=attempt, started_at=self.clock(),
+                     ended_at=None, exit_code=None, message="")  # fmt: skip
+        _save(self.target_dir, state)
+        self.report(f"step {step.id}: running (attempt {attempt})")
+        started = time.monotonic()
+        code, message = self._execute(step, attempt)
+        if code == 0:
+            missing = [path for path in step.artifacts if not (self.target_dir / path).exists()]
+            if missing:
+                code, message = None, f"finished but left no {', '.join(missing)}"
+        status = StepStatus.SUCCEEDED if code == 0 else StepStatus.FAILED
+        tail = f" ({message})" if message else ""
+        self.report(f"step {step.id}: {status.value} in {time.monotonic() - started:.1f}s{tail}")
+        return move(state, step.id, status, self.clock(), ended_at=self.clock(), exit_code=code, message=message)
+
+    def _execute(self, step: BundleStep, attempt: int) -> tuple[int | None, str]:
+        """Run the step's process group; returns (exit code, message)."""
+        cwd = (self.target_dir / step.cwd).resolve()
+        if not cwd.is_relative_to(self.target_dir):
+            return None, f"cwd {step.cwd!r} leaves the target dir"
+        cwd.mkdir(parents=True, exist_ok=True)
+        log_path = self.target_dir / "logs" / f"{step.id}.log"
+        log_path.parent.mkdir(exist_ok=True)
+        env = {**os.environ, **step.env, "MERLIN_TARGET_DIR": str(self.target_dir), "MERLIN_STEP_ID": step.id}
+        with open(log_path, "ab") as log:
+            log.write(f"--- attempt {attempt} at {time.strftime('%Y-%m-%dT%H:%M:%S')}: {' '.join(step.argv)}\n".encode())
+            log.flush()
+            try:
+                proc = subprocess.Popen(
+                    list(step.argv), cwd=cwd, env=env, stdout=log, stderr=subprocess.STDOUT,
+                    stdin=subprocess.DEVNULL, start_new_session=True,
+                )  # fmt: skip
+            except OSError as exc:
+                return None, f"cannot start {step.argv[0]!r}: {exc.strerror or exc}"
+            deadline = time.monotonic() + step.timeout_s
+            while True:
+                try:
+                    code = proc.wait(timeout=0.1)
+                    break
+                except subprocess.TimeoutExpired:
+                    pass
+                if self.stop.is_set():
+                    _kill_group(proc)
+                    return proc.returncode, "stopped: the run was cancelled"
+                if time.monotonic() >= deadline:
+                    _kill_group(proc)
+                    log.write(f"--- timed out after {step.timeout_s:g}s; process group killed\n".encode())
+                    return None, f"timed out after {step.timeout_s:g}s"
+        if code != 0:
+            return code, f"exited with code {code} (see {log_path.relative_to(self.target_dir)})"
+        return 0, ""
+
+
+def _kill_group(proc: subprocess.Popen[bytes]) -> None:
+    """SIGTERM the step's whole process group, then SIGKILL what is left."""
+    for sig, grace in ((signal.SIGTERM, KILL_GRACE_S), (signal.SIGKILL, 5.0)):
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            return
+        try:
+            proc.wait(timeout=grace)
+        except subprocess.TimeoutExpired:
+            continue
+        try:  # the leader is gone; make sure its children are too
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        return

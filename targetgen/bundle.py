@@ -1,0 +1,182 @@
+"""The execution bundle: the ordered, self-contained steps of one target's verification run.
+
+A bundle is what an executor runs and what the broker queues. It is written as
+``bundle.json`` in the target dir and says everything a step needs: its
+command (argv, never a shell string), environment, working dir, timeout, the
+resource it must hold, an operator gate, and the artifacts it should leave.
+Paths in a bundle are relative to the target dir, so a bundle never writes
+outside it.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path, PurePosixPath
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from broker.errors import InvalidRequest
+
+__all__ = ["BUNDLE_FILE", "Gate", "BundleStep", "ExecutionBundle", "load_bundle", "write_bundle", "topological_order"]
+
+BUNDLE_FILE = "bundle.json"
+STEP_ID_PATTERN = r"^[a-z0-9][a-z0-9_.-]{0,63}$"
+_ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+
+
+def _relative(path: str, field: str) -> str:
+    pure = PurePosixPath(path)
+    if pure.is_absolute() or ".." in pure.parts or path.strip() == "":
+        raise ValueError(f"{field} {path!r} must be a relative path inside the target dir")
+    return path
+
+
+class Gate(BaseModel):
+    """An operator gate: the step waits until someone approves it."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    prompt: str = Field(min_length=1, max_length=512)
+
+
+class BundleStep(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    id: str = Field(pattern=STEP_ID_PATTERN)
+    rung: str = Field(default="", max_length=64)
+    description: str = Field(default="", max_length=512)
+    argv: tuple[str, ...] = Field(min_length=1)
+    env: dict[str, str] = Field(default_factory=dict)
+    cwd: str = "."
+    timeout_s: float = Field(default=600.0, gt=0, le=7 * 86400)
+    resource: str | None = None  # the catalog key this step must hold a lease on
+    gate: Gate | None = None
+    artifacts: tuple[str, ...] = ()
+    needs: tuple[str, ...] = ()
+
+    @field_validator("argv")
+    @classmethod
+    def _argv(cls, argv: tuple[str, ...]) -> tuple[str, ...]:
+        if not argv[0].strip():
+            raise ValueError("a step needs a command: argv[0] is empty")
+        return argv
+
+    @field_validator("env")
+    @classmethod
+    def _env(cls, env: dict[str, str]) -> dict[str, str]:
+        for name in env:
+            if not _ENV_NAME.match(name):
+                raise ValueError(f"environment variable name {name!r} is not valid")
+        return env
+
+    @field_validator("cwd")
+    @classmethod
+    def _cwd(cls, cwd: str) -> str:
+        return cwd if cwd == "." else _relative(cwd, "cwd")
+
+    @field_validator("artifacts")
+    @classmethod
+    def _artifacts(cls, artifacts: tuple[str, ...]) -> tuple[str, ...]:
+        return tuple(_relative(path, "artifact") for path in artifacts)
+
+
+class ExecutionBundle(BaseModel):
+    """The whole run: steps in an order that respects every ``needs``."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    version: int = 1
+    target: str = Field(pattern=r"^[a-z0-9][a-z0-9_.-]{0,63}$")
+    target_class: str
+    workflow: str = "bringup"
+    resource: str | None = None  # the key the bundle holds for its hardware steps
+    spec_sha256: str = ""
+    artifact_dir: str = "artifacts"
+    steps: tuple[BundleStep, ...] = Field(min_length=1)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> ExecutionBundle:
+        ids = [step.id for step in self.steps]
+        duplicates = sorted({step_id for step_id in ids if ids.count(step_id) > 1})
+        if duplicates:
+            raise ValueError(f"duplicate step ids: {', '.join(duplicates)}")
+        known = set(ids)
+        for step in self.steps:
+            unknown = [need for need in step.needs if need not in known]
+            if unknown:
+                raise ValueError(f"step {step.id!r} needs unknown steps: {', '.join(unknown)}")
+        order = topological_order(self.steps)
+        if [step.id for step in order] != ids:
+            raise ValueError("steps are not in an order that respects their needs")
+        resources = {step.resource for step in self.steps if step.resource}
+        if len(resources) > 1:
+            raise ValueError(f"a bundle holds one resource; its steps name {sorted(resources)}")
+        if resources and self.resource not in resources:
+            raise ValueError(f"bundle resource {self.resource!r} differs from its steps' {resources.pop()!r}")
+        _relative(self.artifact_dir, "artifact_dir")
+        return self
+
+    def step(self, step_id: str) -> BundleStep:
+        for step in self.steps:
+            if step.id == step_id:
+                return step
+        raise InvalidRequest(f"no step {step_id!r} in bundle {self.target!r} (steps: {', '.join(s.id for s in self.steps)})", "step")
+
+
+def topological_order(steps: tuple[BundleStep, ...] | list[BundleStep]) -> list[BundleStep]:
+    """Steps ordered so each follows its ``needs``, keeping the given order where free.
+
+    Raises:
+        ValueError: the needs form a cycle (naming the steps in it).
+    """
+    remaining = list(steps)
+    done: set[str] = set()
+    ordered: list[BundleStep] = []
+    while remaining:
+        ready = next((step for step in remaining if set(step.needs) <= done), None)
+        if ready is None:
+            raise ValueError(f"the needs of steps {', '.join(sorted(s.id for s in remaining))} form a cycle")
+        ordered.append(ready)
+        done.add(ready.id)
+        remaining.remove(ready)
+    return ordered
+
+
+def _invalid(exc: ValidationError, source: str) -> InvalidRequest:
+    err = exc.errors()[0]
+    where = ".".join(str(part) for part in err["loc"]) or "bundle"
+    msg = err["msg"].removeprefix("Value error, ")
+    return InvalidRequest(f"{source}: {where}: {msg}", where)
+
+
+def parse_bundle(data: Any, source: str = "bundle") -> ExecutionBundle:
+    try:
+        return ExecutionBundle.model_validate(data)
+    except ValidationError as exc:
+        raise _invalid(exc, source) from None
+
+
+def load_bundle(target_dir: Path) -> ExecutionBundle:
+    """Read ``bundle.json`` from a target dir; ``InvalidRequest`` names what is wrong."""
+    path = Path(target_dir) / BUNDLE_FILE
+    if not Path(target_dir).is_dir():
+        raise InvalidRequest(f"target dir {target_dir} does not exist", "target_dir")
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise InvalidRequest(
+            f"no {BUNDLE_FILE} in {target_dir}: run `merlin targetgen bundle --from-dir {target_dir}` first", "bundle"
+        ) from None
+    except (OSError, ValueError) as exc:
+        raise InvalidRequest(f"{path}: not valid JSON ({exc})", "bundle") from None
+    return parse_bundle(data, str(path))
+
+
+def write_bundle(target_dir: Path, bundle: ExecutionBundle) -> Path:
+    from broker.store import atomic_write
+
+    path = Path(target_dir) / BUNDLE_FILE
+    atomic_write(path, bundle.model_dump_json(indent=2).encode())
+    return path
