@@ -84,6 +84,7 @@ class BrokerActor:
         self._actors: dict[str, Any] = {}
         self._catalog: Catalog | None = None
         self._board = MetricsBoard()
+        self._pushes_received = 0
         self._metrics_url: str | None = None
         if metrics_port is not None:
             try:
@@ -92,7 +93,7 @@ class BrokerActor:
                 self._events.emit("metrics.unavailable", level="error", host=metrics_host, port=metrics_port, error=str(exc))
         if self._state.catalog_path.exists():
             self._adopt(Catalog.model_validate(read_json(self._state.catalog_path)))
-        self._runs = RunManager(self._state, self._events, self._call, self._board.set_runs)
+        self._runs = RunManager(self._state, self._events, self._call, self._board.set_runs, namespace=namespace)
         self._runs.load()  # re-attaches to every unfinished run
         self._watcher = asyncio.get_running_loop().create_task(self._watch())
         self._events.emit(
@@ -299,6 +300,7 @@ class BrokerActor:
     def push_snapshot(self, snapshot: ResourceSnapshot, started_at: float) -> None:
         """A resource actor reports its state for the metrics endpoint (fire and forget)."""
         if self._catalog is not None and snapshot.key in self._catalog.resources:
+            self._pushes_received += 1
             self._board.put(snapshot, started_at)
 
     async def ping(self) -> dict[str, Any]:
@@ -379,7 +381,7 @@ class BrokerActor:
         handle = self._actors.get(key)
         if handle is None:
             options = actor_options(resource_actor_name(key), self._namespace, self._node_id)
-            handle = RemoteResourceActor.options(**options).remote(key, str(self._state.root))
+            handle = RemoteResourceActor.options(**options).remote(key, str(self._state.root), self._namespace)
             self._actors[key] = handle
         return handle
 

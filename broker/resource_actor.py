@@ -89,8 +89,9 @@ def resource_status(book: LeaseBook) -> ResourceStatus:
 class ResourceActor:
     """Owns one key: its book, its ledger, its waiters and its expiry timer."""
 
-    def __init__(self, key: str, state_dir: str):
+    def __init__(self, key: str, state_dir: str, namespace: str):
         self._key = key
+        self._namespace = namespace  # the actors' own; not the creating job's (the runtime context's)
         self._state = StateDir.from_env(state_dir).ensure()
         self._ledger = ResourceLedger(self._state, key)
         self._events = EventSink(self._state.events_path, source=f"resource:{key}")
@@ -382,7 +383,7 @@ class ResourceActor:
         self._push_pending = False
         try:
             if self._coordinator is None:
-                self._coordinator = ray.get_actor(COORDINATOR_NAME, namespace=ray.get_runtime_context().namespace)
+                self._coordinator = ray.get_actor(COORDINATOR_NAME, namespace=self._namespace)
             self._coordinator.push_snapshot.remote(self._make_snapshot(), self._started_at)
         except Exception:  # noqa: BLE001 - no coordinator now: it pulls snapshots when it is back
             self._coordinator = None

@@ -61,8 +61,10 @@ class RunManager:
         call: Call,
         publish: Callable[[RunStats], None],
         *,
+        namespace: str,
         python: str = sys.executable,
     ):
+        self._namespace = namespace
         self._state = state
         self._events = events
         self._call = call  # the coordinator's retrying call on resource:<key>
@@ -132,7 +134,7 @@ class RunManager:
             command=" ".join(executor_command(self._python, str(target_dir))),
             workdir=str(target_dir),
             artifact_dir=str(target_dir / bundle.artifact_dir),
-            bundle_sha256=bundle.spec_sha256,
+            bundle_sha256=_file_sha256(target_dir / "bundle.json"),
             created_at=now,
             message="waiting for the lease" if bundle.resource else "submitting",
         )
@@ -254,7 +256,7 @@ class RunManager:
         env = {
             "MERLIN_RUN_ID": record.run_id,
             "MERLIN_STATE_DIR": str(self._state.root),
-            "MERLIN_RAY_NAMESPACE": _namespace(),
+            "MERLIN_RAY_NAMESPACE": self._namespace,
         }
         if record.lease_id is not None:
             env["MERLIN_LEASE_ID"] = record.lease_id
@@ -423,6 +425,15 @@ def _step_timings(target_dir: Path) -> tuple[StepTiming, ...]:
     )
 
 
+def _file_sha256(path: Path) -> str:
+    import hashlib
+
+    try:
+        return hashlib.sha256(path.read_bytes()).hexdigest()
+    except OSError:
+        return ""
+
+
 def _dashboard_url() -> str:
     """Where the job API is: from Ray's own record of its dashboard, on the cluster we run in."""
     import os
@@ -437,8 +448,3 @@ def _dashboard_url() -> str:
         raise BrokerUnavailable("the Ray dashboard (job API) is not running", "start the cluster with its dashboard")
     return url if url.startswith("http") else f"http://{url}"
 
-
-def _namespace() -> str:
-    import ray
-
-    return ray.get_runtime_context().namespace

@@ -81,6 +81,19 @@ def test_queue_depth_and_oldest_wait(broker_env):
     assert value(url, "merlin_broker_lease_wait_seconds_count", resource=KEY) == 2.0
 
 
+def test_resource_actors_push_their_snapshots(broker_env):
+    client = broker_env.client
+    broker = ray.get_actor("broker", namespace=broker_env.namespace)
+    before = ray.get(broker.__ray_call__.remote(lambda actor: actor._pushes_received))
+    client.release(client.reserve(KEY, "alice").lease_id)
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        if ray.get(broker.__ray_call__.remote(lambda actor: actor._pushes_received)) > before:
+            return
+        time.sleep(0.05)
+    raise AssertionError("no snapshot was pushed after a reserve and a release")
+
+
 def test_counters_survive_a_resource_actor_kill(broker_env):
     url = broker_env.metrics_url()
     client = broker_env.client

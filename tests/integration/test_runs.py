@@ -1,0 +1,146 @@
+"""Bundles run on the hardware in turn, as real Ray jobs queued on the broker."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from broker.errors import InvalidRequest, UnknownResource
+from broker.models import ResourceState
+from broker.runs import RunStatus
+from targetgen.bundle import ExecutionBundle, write_bundle
+
+pytestmark = pytest.mark.ray
+PY = sys.executable
+
+
+def target(root: Path, name: str, resource: str | None, seconds: float = 1.0, exit_code: int = 0) -> Path:
+    """A target dir whose one hardware step holds the resource for ``seconds`` and leaves an artifact."""
+    directory = root / name
+    directory.mkdir(parents=True)
+    code = (
+        "import os, pathlib, sys, time; time.sleep(%r); p = pathlib.Path('artifacts/out.txt'); "
+        "p.parent.mkdir(exist_ok=True); p.write_text(os.environ.get('MERLIN_FENCING_TOKEN', '-')); sys.exit(%d)"
+    ) % (seconds, exit_code)
+    step = {"id": "hold", "argv": [PY, "-c", code], "resource": resource}
+    bundle = ExecutionBundle.model_validate({"target": name, "target_class": "silicon_board", "resource": resource, "steps": [step]})
+    write_bundle(directory, bundle)
+    return directory
+
+
+def wait_for(client, run_id: str, statuses: set[RunStatus], timeout: float = 120.0):
+    deadline = time.monotonic() + timeout
+    record = client.call("run", run_id)
+    while record.status not in statuses and time.monotonic() < deadline:
+        time.sleep(0.2)
+        record = client.call("run", run_id)
+    assert record.status in statuses, f"{run_id} is {record.status}: {record.message}"
+    return record
+
+
+def finished(client, run_id: str):
+    return wait_for(client, run_id, {RunStatus.SUCCEEDED, RunStatus.FAILED, RunStatus.STOPPED})
+
+
+def span(record) -> tuple[float, float]:
+    (step,) = record.steps
+    return step.started_at, step.ended_at
+
+
+def test_bundles_on_one_key_run_in_turn_and_another_key_runs_alongside(broker_env, tmp_path):
+    client = broker_env.client
+    a = client.call("submit", str(target(tmp_path, "a", "firesim_u250", 2.0)), holder="alice")
+    b = client.call("submit", str(target(tmp_path, "b", "firesim_u250", 2.0)), holder="bob")
+    c = client.call("submit", str(target(tmp_path, "c", "spacemit_x60_board_01", 3.0)), holder="carol")
+    a, b, c = (finished(client, run.run_id) for run in (a, b, c))
+    assert {a.status, b.status, c.status} == {RunStatus.SUCCEEDED}
+    (a0, a1), (b0, b1), (c0, c1) = span(a), span(b), span(c)
+    assert a1 <= b0 or b1 <= a0, "two runs held firesim_u250 at once"
+    overlaps = lambda x0, x1, y0, y1: x0 < y1 and y0 < x1  # noqa: E731
+    assert overlaps(c0, c1, a0, a1) or overlaps(c0, c1, b0, b1), "the other key's run did not run alongside"
+    assert b.fencing_token != a.fencing_token
+    assert (Path(a.workdir) / "artifacts/out.txt").read_text() == str(a.fencing_token)
+    statuses = {status.key: status for status in client.resources()}
+    assert statuses["firesim_u250"].state is ResourceState.FREE and statuses["spacemit_x60_board_01"].holder is None
+    artifacts = json.loads((broker_env.state.runs_dir / a.run_id / "artifacts.json").read_text())["artifacts"]
+    assert artifacts[0]["path"] == "out.txt" and len(artifacts[0]["sha256"]) == 64
+    request = json.loads((broker_env.state.runs_dir / a.run_id / "run_request.json").read_text())
+    assert request["holder"] == "alice" and request["target_dir"] == a.workdir
+    assert "--resume" in a.command and a.command.startswith(PY)
+
+
+def test_cancel_a_queued_run_and_a_running_one(broker_env, tmp_path):
+    client = broker_env.client
+    long = client.call("submit", str(target(tmp_path, "long", "firesim_u250", 60.0)), holder="alice")
+    queued = client.call("submit", str(target(tmp_path, "queued", "firesim_u250", 1.0)), holder="bob")
+    after = client.call("submit", str(target(tmp_path, "after", "firesim_u250", 1.0)), holder="carol")
+    wait_for(client, long.run_id, {RunStatus.RUNNING})
+    assert [entry.holder for entry in client.resources()[0].queue] == ["bob", "carol"]
+
+    stopped = client.call("cancel", queued.run_id)
+    assert stopped.status is RunStatus.STOPPED
+    assert [entry.holder for entry in client.resources()[0].queue] == ["carol"]
+
+    started = time.monotonic()
+    cancelled = client.call("cancel", long.run_id)
+    assert cancelled.status is RunStatus.STOPPED and time.monotonic() - started < 30
+    assert finished(client, after.run_id).status is RunStatus.SUCCEEDED
+    assert client.call("cancel", long.run_id).status is RunStatus.STOPPED  # idempotent
+    assert not (Path(long.workdir) / "artifacts/out.txt").exists()  # stopped before its step finished
+
+
+def test_a_failing_job_fails_the_run_with_its_exit_code_and_frees_the_key(broker_env, tmp_path):
+    client = broker_env.client
+    run = client.call("submit", str(target(tmp_path, "bad", "spacemit_x60_board_01", 0.2, exit_code=3)), holder="ci")
+    record = finished(client, run.run_id)
+    assert record.status is RunStatus.FAILED and record.exit_code == 21  # the executor's "a step failed"
+    assert record.steps[0].exit_code == 3 and "21" in record.message
+    board = next(s for s in client.resources() if s.key == "spacemit_x60_board_01")
+    assert board.state is ResourceState.FREE
+
+
+def test_killing_the_coordinator_mid_run_loses_nothing(broker_env, tmp_path):
+    client = broker_env.client
+    run = client.call("submit", str(target(tmp_path, "survivor", "radiance_sim_lane_a", 6.0)), holder="alice")
+    wait_for(client, run.run_id, {RunStatus.RUNNING})
+    os.kill(broker_env.actor_pid("broker"), signal.SIGKILL)
+    record = finished(client, run.run_id)  # the shim waits for the restarted coordinator
+    assert record.status is RunStatus.SUCCEEDED and record.ended_at and record.steps and record.artifacts == 1
+    lane = next(s for s in client.resources() if s.key == "radiance_sim_lane_a")
+    assert lane.state is ResourceState.FREE
+    events = [json.loads(line) for line in broker_env.state.events_path.read_text().splitlines()]
+    assert any(e["event"] == "run.reattached" and e["run_id"] == run.run_id for e in events)
+
+
+def test_bad_submissions_change_nothing(broker_env, tmp_path):
+    client = broker_env.client
+    with pytest.raises(InvalidRequest, match="does not exist"):
+        client.call("submit", str(tmp_path / "missing"), holder="alice")
+    with pytest.raises(UnknownResource):
+        client.call("submit", str(target(tmp_path, "elsewhere", "not_in_catalog", 0.1)), holder="alice")
+    with pytest.raises(InvalidRequest, match="absolute"):
+        client.call("submit", "relative/dir", holder="alice")
+    with pytest.raises(InvalidRequest, match="run id"):
+        client.call("run", "../../etc")
+    assert list(broker_env.state.runs_dir.iterdir()) == []
+
+
+def test_run_metrics_and_events(broker_env, tmp_path):
+    from tests.integration.test_observability import eventually, value
+
+    client = broker_env.client
+    run = client.call("submit", str(target(tmp_path, "m", "firesim_u250", 0.2)), holder="alice")
+    finished(client, run.run_id)
+    url = broker_env.metrics_url()
+    eventually(url, "merlin_broker_runs_total", 1.0, status="succeeded")
+    assert value(url, "merlin_broker_runs_active") == 0.0
+    assert value(url, "merlin_broker_run_duration_seconds_count") == 1.0
+    names = [json.loads(line)["event"] for line in broker_env.state.events_path.read_text().splitlines()]
+    for event in ("run.queued", "run.started", "run.finished"):
+        assert event in names
