@@ -1,8 +1,10 @@
 """``broker``: the coordinator actor notebooks, the CLI and the shim talk to.
 
 What it owns: the resource catalog (persisted as ``catalog.json`` in the state
-dir), one handle per resource actor, and routing. It holds no lease state:
-every lease call is forwarded to ``resource:<key>``, which owns that key.
+dir), one handle per resource actor, routing, the run queue of execution
+bundles with their records (:mod:`broker.run_manager`), and the metrics
+endpoint (:mod:`broker.metrics`). It holds no lease state: every lease call
+is forwarded to ``resource:<key>``, which owns that key.
 
 Guarantees:
 
@@ -13,7 +15,8 @@ Guarantees:
   ``set_maintenance`` are idempotent.
 * Detached actors do not share fate: if the coordinator dies, resource
   actors keep their leases and timers; Ray restarts the coordinator, which
-  reloads the catalog and finds its actors by name. If a resource actor dies,
+  reloads the catalog, finds its actors by name and re-attaches to every
+  unfinished run from its record. If a resource actor dies,
   only calls for that key wait (bounded) for its restart.
 * An error a caller made is raised as the matching ``broker.errors`` class;
   an actor that does not come back within the retry window is
