@@ -114,6 +114,7 @@ class LeaseBook:
     Args:
         resource: the key.
         max_hold_s: hard cap on how long one grant may last, renewals included.
+        warn_before_s: with a cap, the lease's ``warn_at`` is this long before it.
         claim_s: a request that was queued before a restart has nobody awaiting it
             until its holder retries; if it is granted first, its lease lasts at
             most this long unless renewed, so an absent holder does not block the key.
@@ -126,11 +127,13 @@ class LeaseBook:
         resource: str,
         *,
         max_hold_s: float | None = None,
+        warn_before_s: float = 300.0,
         claim_s: float = 60.0,
         retention_s: float = 24 * 3600.0,
     ):
         self.resource = resource
         self.max_hold_s = max_hold_s
+        self.warn_before_s = warn_before_s
         self.claim_s = claim_s
         self.retention_s = retention_s
         self._counter = 0
@@ -491,7 +494,14 @@ class LeaseBook:
                 "history": lease.history + (LeaseTransition(state=LeaseState.GRANTED, at=now),),
             }
         )
-        granted = granted.model_copy(update={"expires_at": self._expiry(granted, now, granted.ttl_s)})
+        cap = None if self.max_hold_s is None else now + self.max_hold_s
+        granted = granted.model_copy(
+            update={
+                "expires_at": self._expiry(granted, now, granted.ttl_s),
+                "must_end_by": cap,
+                "warn_at": None if cap is None else max(now, cap - self.warn_before_s),
+            }
+        )
         if lease_id in self._unclaimed:
             granted = granted.model_copy(update={"expires_at": min(granted.expires_at, now + self.claim_s)})
         self._granted_id = lease_id

@@ -66,7 +66,9 @@ class BrokerSettings(BaseModel):
 
     claim_s: float = Field(default=60.0, alias="claim", gt=0)
     retention_s: float = Field(default=24 * 3600.0, alias="retention", gt=0)
-    admin_secret_env: str | None = None
+    # sha256 (hex) of the admin secret; when set, revoke, maintenance and `broker down`
+    # need the secret. The catalog holds only the hash (`merlin broker admin-secret` makes one).
+    admin_secret_sha256: str | None = Field(default=None, pattern=r"^[0-9a-f]{64}$")
 
     @field_validator("claim_s", "retention_s", mode="before")
     @classmethod

@@ -35,6 +35,22 @@ def default_holder() -> str:
     return f"{user}@{socket.gethostname()}"
 
 
+def admin_secret_from_env() -> str | None:
+    """The admin secret from ``MERLIN_ADMIN_SECRET`` or the file ``MERLIN_ADMIN_SECRET_FILE`` names."""
+    import os
+
+    if os.environ.get("MERLIN_ADMIN_SECRET"):
+        return os.environ["MERLIN_ADMIN_SECRET"]
+    path = os.environ.get("MERLIN_ADMIN_SECRET_FILE")
+    if path:
+        try:
+            with open(path, encoding="utf-8") as handle:
+                return handle.read().strip()
+        except OSError as exc:
+            raise BrokerUnavailable(f"cannot read the admin secret file {path}: {exc.strerror}") from None
+    return None
+
+
 def connect(
     address: str | None = None,
     *,
@@ -129,8 +145,15 @@ class BrokerClient:
         return self.call("lease", lease_id)
 
     def revoke(
-        self, resource: str, reason: str, *, expected_holder: str | None = None, by: str | None = None
+        self,
+        resource: str,
+        reason: str,
+        *,
+        expected_holder: str | None = None,
+        by: str | None = None,
+        admin_secret: str | None = None,
     ) -> Lease:
+        """Administrative: take ``resource`` from its holder (one request id: a retry revokes once)."""
         return self.call(
             "revoke",
             resource,
@@ -138,10 +161,20 @@ class BrokerClient:
             expected_holder=expected_holder,
             by=by or default_holder(),
             request_id=uuid.uuid4().hex,
+            admin_secret=admin_secret if admin_secret is not None else admin_secret_from_env(),
         )
 
-    def set_maintenance(self, resource: str, on: bool, reason: str = "", *, by: str | None = None) -> ResourceStatus:
-        return self.call("set_maintenance", resource, on, reason, by=by or default_holder())
+    def set_maintenance(
+        self, resource: str, on: bool, reason: str = "", *, by: str | None = None, admin_secret: str | None = None
+    ) -> ResourceStatus:
+        return self.call(
+            "set_maintenance",
+            resource,
+            on,
+            reason,
+            by=by or default_holder(),
+            admin_secret=admin_secret if admin_secret is not None else admin_secret_from_env(),
+        )
 
     def check_fence(self, lease_id: str, fencing_token: int) -> Lease:
         return self.call("check_fence", lease_id, fencing_token)
@@ -170,6 +203,7 @@ class BrokerClient:
         note: str = "",
         heartbeat_s: float | None = None,
         on_lost: Callable[[HeldLease], None] | None = None,
+        on_expiring: Callable[[HeldLease], None] | None = None,
     ) -> HeldLease:
         """Hold ``resource`` for a ``with`` block, renewing every ``heartbeat_s`` (default ttl/3).
 
@@ -177,7 +211,9 @@ class BrokerClient:
         renews in the background, releases on exit, and raises ``LeaseNotHeld``
         on exit if the lease was lost meanwhile (expired, revoked). ``on_lost``
         is called from the heartbeat thread the moment the loss is seen;
-        ``held.check()`` raises at once inside the block.
+        ``held.check()`` raises at once inside the block. If the resource has
+        a maximum hold time, ``on_expiring`` is called once when the lease
+        reaches its ``warn_at`` (renewals cannot pass ``must_end_by``).
         """
         return HeldLease(
             self,
@@ -192,6 +228,7 @@ class BrokerClient:
             ),
             heartbeat_s=heartbeat_s if heartbeat_s is not None else max(0.05, ttl_s / 3.0),
             on_lost=on_lost,
+            on_expiring=on_expiring,
         )
 
     # ------------------------------------------------------------------ plumbing
@@ -265,11 +302,14 @@ class HeldLease:
         *,
         heartbeat_s: float,
         on_lost: Callable[[HeldLease], None] | None,
+        on_expiring: Callable[[HeldLease], None] | None = None,
     ):
         self._client = client
         self._request = request
         self._heartbeat_s = heartbeat_s
         self._on_lost = on_lost
+        self._on_expiring = on_expiring
+        self.expiring = False  # set once the max hold's warning time has passed
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self.lease: Lease | None = None
@@ -319,6 +359,11 @@ class HeldLease:
         while not self._stop.wait(self._heartbeat_s):
             try:
                 self.lease = self._client.call("renew", lease_id, None, answer_within_s=max(self._heartbeat_s, 1.0))
+                warn_at = self.lease.warn_at
+                if warn_at is not None and time.time() >= warn_at and not self.expiring:
+                    self.expiring = True
+                    if self._on_expiring is not None:
+                        self._on_expiring(self)
             except (LeaseNotHeld, LeaseNotFound) as err:
                 self._lose(err)
                 return

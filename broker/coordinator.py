@@ -26,6 +26,8 @@ Guarantees:
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import hmac
 import os
 import secrets
 import time
@@ -36,7 +38,7 @@ import ray
 from ray.exceptions import ActorUnavailableError, GetTimeoutError, RayActorError, RayTaskError
 
 from broker.catalog import Catalog, parse_catalog
-from broker.errors import BrokerError, BrokerUnavailable, InvalidRequest, LeaseNotFound, UnknownResource
+from broker.errors import BrokerError, BrokerUnavailable, InvalidRequest, LeaseNotFound, NotAuthorized, UnknownResource
 from broker.events import EventSink
 from broker.metrics import DEFAULT_METRICS_HOST, DEFAULT_METRICS_PORT, MetricsBoard, serve_metrics
 from broker.models import (
@@ -94,8 +96,9 @@ class BrokerActor:
                 self._metrics_server, self._metrics_url = serve_metrics(self._board, metrics_host, metrics_port)
             except OSError as exc:  # a busy port must not crash-loop the coordinator
                 self._events.emit("metrics.unavailable", level="error", host=metrics_host, port=metrics_port, error=str(exc))
-        if self._state.catalog_path.exists():
-            self._adopt(Catalog.model_validate(read_json(self._state.catalog_path)))
+        catalog = self._load_catalog()
+        if catalog is not None:
+            self._adopt(catalog)
         self._runs = RunManager(self._state, self._events, self._call, self._board.set_runs, namespace=namespace)
         self._runs.load()  # re-attaches to every unfinished run
         self._watcher = asyncio.get_running_loop().create_task(self._watch())
@@ -108,6 +111,22 @@ class BrokerActor:
         )
 
     # ------------------------------------------------------------------ catalog
+
+    def _load_catalog(self) -> Catalog | None:
+        """The persisted catalog; a corrupt one is moved aside (never a crash loop) until `broker up`."""
+        path = self._state.catalog_path
+        if not path.exists():
+            return None
+        try:
+            return Catalog.model_validate(read_json(path))
+        except (OSError, ValueError) as exc:
+            moved = path.with_name(f"{path.name}.corrupt-{int(time.time())}")
+            try:
+                path.replace(moved)
+            except OSError:
+                moved = path
+            self._events.emit("broker.catalog_corrupt", level="error", moved_to=str(moved), error=str(exc)[:200])
+            return None
 
     async def apply_catalog(self, catalog: dict[str, Any]) -> list[str]:
         """Adopt ``catalog`` (the parsed YAML): create new keys' actors, refuse to drop busy keys."""
@@ -194,9 +213,11 @@ class BrokerActor:
         expected_holder: str | None = None,
         by: str = "",
         request_id: str | None = None,
+        admin_secret: str | None = None,
     ) -> Lease:
         """Take ``resource`` from its holder (administrative; recorded with reason and by)."""
         self._known(resource)
+        self._authorize(f"revoke {resource}", by, admin_secret)
         return await self._call(
             resource,
             "revoke",
@@ -206,9 +227,12 @@ class BrokerActor:
             request_id=request_id if request_id is not None else f"broker-{secrets.token_hex(12)}",
         )
 
-    async def set_maintenance(self, resource: str, on: bool, reason: str = "", *, by: str = "") -> ResourceStatus:
+    async def set_maintenance(
+        self, resource: str, on: bool, reason: str = "", *, by: str = "", admin_secret: str | None = None
+    ) -> ResourceStatus:
         """Stop (or resume) new grants on ``resource``; its holder keeps the lease."""
         self._known(resource)
+        self._authorize(f"maintenance {resource}", by, admin_secret)
         status = await self._call(resource, "set_maintenance", on, reason, by)
         return self._with_catalog(status)
 
@@ -300,6 +324,11 @@ class BrokerActor:
             version=VERSION,
         )
 
+    def authorize_down(self, *, by: str = "", admin_secret: str | None = None) -> None:
+        """`merlin broker down` asks first: refused (and journaled) without the admin secret."""
+        self._authorize("broker down", by, admin_secret)
+        self._events.emit("broker.down", by=_shown_by(by))
+
     def push_snapshot(self, snapshot: ResourceSnapshot, started_at: float) -> None:
         """A resource actor reports its state for the metrics endpoint (fire and forget)."""
         if self._catalog is not None and snapshot.key in self._catalog.resources:
@@ -388,6 +417,16 @@ class BrokerActor:
             self._actors[key] = handle
         return handle
 
+    def _authorize(self, act: str, by: Any, admin_secret: Any) -> None:
+        """Check the admin secret when the catalog sets one; a refusal is journaled with who tried."""
+        expected = self._catalog.broker.admin_secret_sha256 if self._catalog else None
+        if expected is None:
+            return
+        given = admin_secret.encode() if isinstance(admin_secret, str) else b""
+        if not hmac.compare_digest(hashlib.sha256(given).hexdigest(), expected):
+            self._events.emit("admin.refused", level="warning", act=act, by=_shown_by(by))
+            raise NotAuthorized(act, _shown_by(by))
+
     def _known(self, resource: Any) -> None:
         if not isinstance(resource, str) or self._catalog is None or resource not in self._catalog.resources:
             known = tuple(self._catalog.resources) if self._catalog else ()
@@ -401,6 +440,10 @@ class BrokerActor:
         if self._catalog is None or key not in self._catalog.resources:
             raise LeaseNotFound(lease_id)
         return key
+
+
+def _shown_by(by: Any) -> str:
+    return by[:128] if isinstance(by, str) and by.isprintable() else "?"
 
 
 RemoteBrokerActor = ray.remote(BrokerActor)

@@ -11,8 +11,9 @@
     │                           holder); exit 7
     ├── StaleFencingToken       a job presented a token that no longer holds the key; exit 8
     ├── WaitTimeout             a waiting reserve ran out of time and left the queue; exit 9
-    └── BrokerUnavailable       no cluster, no broker, an actor that does not answer, or a
-                                state dir that cannot be written; exit 10
+    ├── BrokerUnavailable       no cluster, no broker, an actor that does not answer, or a
+    │                           state dir that cannot be written; exit 10
+    └── NotAuthorized           an administrative act without the catalog's admin secret; exit 11
 
 Every class passes all of its constructor arguments to ``Exception.__init__``
 and formats its message in ``__str__``: Ray pickles an error raised in an
@@ -32,6 +33,7 @@ __all__ = [
     "StaleFencingToken",
     "WaitTimeout",
     "BrokerUnavailable",
+    "NotAuthorized",
     "EXIT_CODES",
 ]
 
@@ -196,6 +198,20 @@ class BrokerUnavailable(BrokerError):
         return f"{self.message}; {self.hint}" if self.hint else self.message
 
 
+class NotAuthorized(BrokerError):
+    """``revoke``, ``set_maintenance`` or ``broker down`` without the admin secret the catalog requires."""
+
+    exit_code = 11
+
+    def __init__(self, act: str, by: str = ""):
+        super().__init__(act, by)
+        self.act = act
+        self.by = by
+
+    def __str__(self) -> str:
+        return f"{self.act} needs the admin secret (MERLIN_ADMIN_SECRET or --admin-secret-file); refused and journaled"
+
+
 EXIT_CODES: dict[str, int] = {
     cls.__name__: cls.exit_code
     for cls in (
@@ -207,5 +223,6 @@ EXIT_CODES: dict[str, int] = {
         StaleFencingToken,
         WaitTimeout,
         BrokerUnavailable,
+        NotAuthorized,
     )
 }

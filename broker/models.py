@@ -147,6 +147,8 @@ class Lease(BaseModel):
     ended_by: str = ""
     end_request_id: str | None = None  # the request_id of the revoke that ended it
     renewals: int = 0
+    must_end_by: float | None = None  # granted_at + the resource's max hold: no renewal goes past it
+    warn_at: float | None = None  # when the holder is warned that must_end_by approaches
     history: tuple[LeaseTransition, ...] = ()
 
     @property

@@ -99,6 +99,7 @@ class ResourceActor:
         self._waiters: dict[str, list[asyncio.Future[Lease]]] = {}
         self._loop = asyncio.get_running_loop()  # async actors construct inside their loop
         self._timer: asyncio.TimerHandle | None = None
+        self._warned: set[str] = set()  # leases told their max hold is near (lease.expiring)
         self._started_at = time.time()
         contents = self._ledger.load()
         for moved_to, error in contents.corrupt:
@@ -115,6 +116,7 @@ class ResourceActor:
             maintenance=contents.meta.maintenance,
             now=time.time(),
             max_hold_s=self._spec.max_hold_s,
+            warn_before_s=self._spec.warn_before_s,
             claim_s=settings.claim_s,
             retention_s=settings.retention_s,
         )
@@ -269,6 +271,7 @@ class ResourceActor:
         """Re-read this key's settings from the catalog the coordinator wrote."""
         self._spec, settings = self._read_catalog()
         self._book.max_hold_s = self._spec.max_hold_s
+        self._book.warn_before_s = self._spec.warn_before_s
         self._book.claim_s = settings.claim_s
         self._book.retention_s = settings.retention_s
 
@@ -410,8 +413,18 @@ class ResourceActor:
             return WaitTimeout(self._key, round(waited, 3), lease.lease_id)
         return LeaseNotHeld(lease.lease_id, lease.state.value, lease.end_reason)
 
+    def _pending_warning(self) -> Lease | None:
+        granted = self._book.granted
+        if granted is None or granted.warn_at is None or granted.lease_id in self._warned:
+            return None
+        return granted
+
     def _arm_timer(self) -> None:
+        """One timer for the next thing due: an expiry, a wait deadline, or a max-hold warning."""
         deadline = self._book.next_deadline()
+        warning = self._pending_warning()
+        if warning is not None:
+            deadline = warning.warn_at if deadline is None else min(deadline, warning.warn_at)  # type: ignore[type-var]
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
@@ -421,6 +434,18 @@ class ResourceActor:
 
     def _on_timer(self) -> None:
         self._timer = None
+        warning = self._pending_warning()
+        if warning is not None and (warning.warn_at or 0.0) <= time.time():
+            self._warned.add(warning.lease_id)
+            self._events.emit(
+                "lease.expiring",
+                level="warning",
+                resource=self._key,
+                holder=warning.holder,
+                lease=warning.ref,
+                must_end_by=warning.must_end_by,
+                seconds_left=round((warning.must_end_by or 0.0) - time.time(), 3),
+            )
         try:
             self._apply(self._book.tick)
         except BrokerUnavailable:
@@ -438,11 +463,15 @@ class ResourceActor:
         return lease
 
     def _read_catalog(self) -> tuple[ResourceSpec, Any]:
+        """This key's settings; defaults if the catalog is missing or unreadable (never a crash loop)."""
         path = self._state.catalog_path
-        if path.exists():
+        try:
             catalog = Catalog.model_validate(read_json(path))
-            spec = catalog.resources.get(self._key, ResourceSpec())
-            return spec, catalog.broker
+            return catalog.resources.get(self._key, ResourceSpec()), catalog.broker
+        except FileNotFoundError:
+            pass
+        except (OSError, ValueError) as exc:
+            self._events.emit("resource.catalog_unreadable", level="error", resource=self._key, error=str(exc)[:200])
         return ResourceSpec(), Catalog(resources={self._key: ResourceSpec()}).broker
 
 

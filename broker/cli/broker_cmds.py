@@ -9,7 +9,8 @@ from pathlib import Path
 import yaml
 
 from broker.catalog import load_catalog
-from broker.cli.common import Context, emit_json, json_option, when
+from broker.cli.common import Context, admin_secret, admin_secret_option, emit_json, json_option, when
+from broker.client import default_holder
 from broker.errors import BrokerUnavailable
 from broker.metrics import DEFAULT_METRICS_HOST, DEFAULT_METRICS_PORT
 
@@ -48,7 +49,17 @@ def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -
         parents=[common],
         help="stop the broker actors; leases and queues stay on disk for the next `up`",
     )
+    down.add_argument("--by", default=None, help="who (default: user@host); journaled")
+    admin_secret_option(down)
     down.set_defaults(run=_down)
+
+    secret = broker.add_parser(
+        "admin-secret",
+        parents=[common],
+        help="make a new admin secret: the file to keep, and the hash to put in the catalog",
+    )
+    secret.add_argument("--to", required=True, help="file to write the secret to (mode 0600)")
+    secret.set_defaults(run=_admin_secret)
 
     status = broker.add_parser("status", parents=[common], help="health, uptime and counts")
     json_option(status)
@@ -82,8 +93,23 @@ def _down(ctx: Context) -> int:
     from broker.deploy import broker_down
 
     ctx.connect_ray()
+    ctx.client().call("authorize_down", by=ctx.args.by or default_holder(), admin_secret=admin_secret(ctx.args))
     killed = broker_down(ctx.namespace)
     print(f"stopped {killed} broker actors in namespace {ctx.namespace!r}; state stays in {ctx.state.root}")
+    return 0
+
+
+def _admin_secret(ctx: Context) -> int:
+    import hashlib
+    import secrets
+
+    from broker.store import atomic_write
+
+    secret = secrets.token_urlsafe(32)
+    atomic_write(Path(ctx.args.to), secret.encode())
+    print(f"wrote a new admin secret to {ctx.args.to} (mode 0600); add to the catalog's `broker:` section:")
+    print(f"  admin_secret_sha256: {hashlib.sha256(secret.encode()).hexdigest()}")
+    print("then `merlin broker up`; admins pass --admin-secret-file or set MERLIN_ADMIN_SECRET")
     return 0
 
 

@@ -16,6 +16,8 @@ from broker.placement import namespace_from_env
 from broker.store import StateDir
 
 __all__ = [
+    "admin_secret",
+    "admin_secret_option",
     "common_options",
     "json_option",
     "Context",
@@ -47,6 +49,28 @@ def common_options() -> argparse.ArgumentParser:
         help="Ray address (default: $RAY_ADDRESS, then the state dir's cluster/bootstrap.json)",
     )
     return parent
+
+
+def admin_secret_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--admin-secret-file",
+        default=None,
+        help="file holding the admin secret, when the catalog requires one (or $MERLIN_ADMIN_SECRET)",
+    )
+
+
+def admin_secret(args: argparse.Namespace) -> str | None:
+    """From --admin-secret-file, else the environment; never from the command line (ps shows it)."""
+    from broker.client import admin_secret_from_env
+    from broker.errors import InvalidRequest
+
+    if args.admin_secret_file:
+        try:
+            with open(args.admin_secret_file, encoding="utf-8") as handle:
+                return handle.read().strip()
+        except OSError as exc:
+            raise InvalidRequest(f"cannot read --admin-secret-file {args.admin_secret_file}: {exc.strerror}", "admin_secret") from None
+    return admin_secret_from_env()
 
 
 def json_option(parser: argparse.ArgumentParser) -> None:

@@ -5,7 +5,17 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from broker.cli.common import Context, duration_arg, emit_json, json_option, note, table, when
+from broker.cli.common import (
+    Context,
+    admin_secret,
+    admin_secret_option,
+    duration_arg,
+    emit_json,
+    json_option,
+    note,
+    table,
+    when,
+)
 from broker.client import default_holder
 from broker.errors import LeaseNotHeld
 from broker.models import Lease, LeaseState, ResourceStatus
@@ -59,6 +69,7 @@ def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -
     revoke.add_argument("--reason", required=True, help="why; recorded in the journal")
     revoke.add_argument("--expected-holder", default=None, help="only if this is the holder (compare-and-swap)")
     revoke.add_argument("--by", default=None, help="who is revoking (default: user@host)")
+    admin_secret_option(revoke)
     json_option(revoke)
     revoke.set_defaults(run=_revoke)
 
@@ -69,6 +80,7 @@ def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -
     maintenance.add_argument("mode", choices=["on", "off"])
     maintenance.add_argument("--reason", default="", help="shown to people who try to reserve it")
     maintenance.add_argument("--by", default=None, help="who (default: user@host)")
+    admin_secret_option(maintenance)
     json_option(maintenance)
     maintenance.set_defaults(run=_maintenance)
 
@@ -166,7 +178,9 @@ def _show(ctx: Context) -> int:
 
 def _revoke(ctx: Context) -> int:
     args = ctx.args
-    lease = ctx.client().revoke(args.resource, args.reason, expected_holder=args.expected_holder, by=args.by)
+    lease = ctx.client().revoke(
+        args.resource, args.reason, expected_holder=args.expected_holder, by=args.by, admin_secret=admin_secret(args)
+    )
     if args.json:
         emit_json(lease.public())
     else:
@@ -176,7 +190,9 @@ def _revoke(ctx: Context) -> int:
 
 def _maintenance(ctx: Context) -> int:
     args = ctx.args
-    status = ctx.client().set_maintenance(args.resource, args.mode == "on", args.reason, by=args.by)
+    status = ctx.client().set_maintenance(
+        args.resource, args.mode == "on", args.reason, by=args.by, admin_secret=admin_secret(args)
+    )
     if args.json:
         emit_json(status)
     else:

@@ -15,6 +15,7 @@ from broker.errors import (
     LeaseNotFound,
     LeaseNotHeld,
     ResourceBusy,
+    NotAuthorized,
     StaleFencingToken,
     UnknownResource,
     WaitTimeout,
@@ -30,6 +31,7 @@ SAMPLES = [
     StaleFencingToken("firesim_u250", 3, 4),
     WaitTimeout("firesim_u250", 30.0, "firesim_u250." + "1" * 32),
     BrokerUnavailable("no broker runs in namespace 'merlin'", "run `merlin broker up`"),
+    NotAuthorized("revoke firesim_u250", "mallory"),
 ]
 
 
@@ -39,7 +41,8 @@ def test_the_contract_names_exist_and_share_one_root():
     for name in names:
         cls = getattr(errors, name)
         assert issubclass(cls, BrokerError)
-    assert sorted(errors.__all__) == sorted(names + ["EXIT_CODES"])
+    # the contract's names, plus NotAuthorized (admin secret, issue 5)
+    assert sorted(errors.__all__) == sorted(names + ["NotAuthorized", "EXIT_CODES"])
 
 
 @pytest.mark.parametrize("error", SAMPLES, ids=lambda e: type(e).__name__)
@@ -52,7 +55,7 @@ def test_every_error_round_trips_through_pickle(error):
 
 def test_exit_codes_are_distinct_and_documented():
     codes = list(EXIT_CODES.values())
-    assert len(set(codes)) == len(codes) == 8
+    assert len(set(codes)) == len(codes) == 9
     assert all(code not in (0, 1, 2) for code in codes)
 
 
