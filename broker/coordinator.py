@@ -84,7 +84,7 @@ class BrokerActor:
         self._state = StateDir.from_env(state_dir).ensure()
         self._namespace = namespace
         self._started_at = time.time()
-        self._events = EventSink(self._state.events_path, source="broker")
+        self._events = EventSink(self._state.events_path, "broker", self._state.logs_dir)
         self._node_id = ray.get_runtime_context().get_node_id()
         self._actors: dict[str, Any] = {}
         self._catalog: Catalog | None = None

@@ -94,7 +94,7 @@ class ResourceActor:
         self._namespace = namespace  # the actors' own; not the creating job's (the runtime context's)
         self._state = StateDir.from_env(state_dir).ensure()
         self._ledger = ResourceLedger(self._state, key)
-        self._events = EventSink(self._state.events_path, source=f"resource:{key}")
+        self._events = EventSink(self._state.events_path, f"resource:{key}", self._state.logs_dir)
         self._spec, settings = self._read_catalog()
         self._waiters: dict[str, list[asyncio.Future[Lease]]] = {}
         self._loop = asyncio.get_running_loop()  # async actors construct inside their loop

@@ -85,6 +85,10 @@ class StateDir:
         return self.root / "runs"
 
     @property
+    def logs_dir(self) -> Path:
+        return self.root / "logs"
+
+    @property
     def events_path(self) -> Path:
         return self.root / "events.jsonl"
 

@@ -292,5 +292,5 @@ def test_state_files_are_private(broker_env):
         mode = path.stat().st_mode & 0o777
         if path.is_dir():
             assert mode == 0o700, path
-        elif path.parent.name in ("leases", "resources", "runs") or path.name in ("events.jsonl", "catalog.json"):
+        elif path.parent.name in ("leases", "resources", "runs", "logs") or path.name in ("events.jsonl", "catalog.json"):
             assert mode == 0o600, path

@@ -113,3 +113,28 @@ def test_pure_core_imports_no_ray():
     )
     out = subprocess.run([sys.executable, "-c", "import json; " + code], capture_output=True, text=True, check=True)
     assert json.loads(out.stdout) == []
+
+
+def test_event_sink_logs_json_lines_to_its_own_file_and_journals_the_same_event(tmp_path):
+    from broker.events import EventSink
+
+    sink = EventSink(tmp_path / "events.jsonl", "resource:firesim_u250", tmp_path / "logs")
+    sink.emit("lease.granted", resource="firesim_u250", holder="alice", lease="abc123", run_id=None)
+    log_path = tmp_path / "logs" / "resource-firesim_u250.log"
+    logged = json.loads(log_path.read_text().splitlines()[-1])
+    assert logged["event"] == "lease.granted" and logged["holder"] == "alice" and logged["level"] == "info"
+    assert "run_id" not in logged  # None fields are left out
+    (journaled,) = list(read_journal(tmp_path / "events.jsonl"))
+    assert journaled["event"] == "lease.granted" and journaled["source"] == "resource:firesim_u250"
+    assert stat.S_IMODE(log_path.stat().st_mode) == 0o600
+
+
+def test_event_sink_without_a_log_dir_uses_structlog(tmp_path):
+    from structlog.testing import capture_logs
+
+    from broker.events import EventSink
+
+    sink = EventSink(tmp_path / "events.jsonl", "broker")
+    with capture_logs() as logs:
+        sink.emit("run.started", run_id="run-1", resource="k")
+    assert logs[0]["event"] == "run.started" and logs[0]["run_id"] == "run-1"
