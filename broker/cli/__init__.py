@@ -22,7 +22,16 @@ _EXIT_HELP = "exit codes: 0 ok, 1 internal error, 2 usage, " + ", ".join(
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from broker.cli import bench_cmds, broker_cmds, cluster_cmds, events_cmds, jobs_cmds, resource_cmds, targetgen_cmds
+    from broker.cli import (
+        bench_cmds,
+        broker_cmds,
+        chaos_cmds,
+        cluster_cmds,
+        events_cmds,
+        jobs_cmds,
+        resource_cmds,
+        targetgen_cmds,
+    )
     from broker.cli.common import common_options
 
     common = common_options()
@@ -31,10 +40,11 @@ def build_parser() -> argparse.ArgumentParser:
         description="Merlin hardware broker: leases on scarce lab hardware, on Ray.",
         epilog=_EXIT_HELP,
     )
-    top = parser.add_subparsers(dest="area", required=True, metavar="{broker,ray,targetgen,bench}")
+    top = parser.add_subparsers(dest="area", required=True, metavar="{broker,ray,targetgen,bench,chaos}")
     broker_cmds.register(top, common)
     targetgen_cmds.register(top, common)
     bench_cmds.register(top, common)
+    chaos_cmds.register(top, common)
     ray_parser = top.add_parser("ray", help="the Ray control plane: cluster, resources, jobs, artifacts, events")
     ray_sub = ray_parser.add_subparsers(dest="group", required=True)
     cluster_cmds.register(ray_sub, common)

@@ -1,0 +1,26 @@
+"""The chaos suite's short mode, as CI runs it: clients + kill -9s, then zero violations."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+pytestmark = pytest.mark.ray
+
+
+def test_short_chaos_run_keeps_every_promise(tmp_path):
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_", "MERLIN_"))}
+    env["MERLIN_STATE_DIR"] = str(tmp_path / "unused")  # the run makes its own cluster and state dir
+    out = subprocess.run(
+        [sys.executable, "-m", "broker.chaos", "--short", "--json"],
+        env=env, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    result = json.loads(out.stdout)
+    assert out.returncode == 0, result["violations"][:10]
+    assert result["violations"] == []
+    assert result["kills"] >= 3 and result["kills_by_target"]["coordinator"] >= 1 or result["kills"] >= 5
+    assert result["operations"] >= 50 and result["grants"] >= 10
