@@ -298,6 +298,22 @@ def _refresh_imported_ray(env: dict[str, str]) -> None:
     AuthenticationTokenLoader.instance().reset_cache()
 
 
+def _route_ray_messages_to_stderr() -> None:
+    """Ray prints cluster messages ("(raylet) A worker died ...") on the driver's stdout, even with
+    ``log_to_driver=False``; a CLI's stdout is data (``--json``), so send them to stderr."""
+    import ray._private.worker as ray_worker
+
+    original = ray_worker.print_to_stdstream
+    if getattr(original, "_merlin_stderr", False):
+        return
+
+    def to_stderr(data: dict[str, Any], ignore_prefix: bool) -> None:
+        original({**data, "is_err": True}, ignore_prefix)
+
+    to_stderr._merlin_stderr = True  # type: ignore[attr-defined]
+    ray_worker.print_to_stdstream = to_stderr
+
+
 def connect_ray(state: StateDir, *, address: str | None = None, namespace: str) -> Bootstrap | None:
     """Connect this process to the cluster as a driver, or raise ``BrokerUnavailable`` quickly.
 
@@ -333,6 +349,7 @@ def connect_ray(state: StateDir, *, address: str | None = None, namespace: str) 
         _refresh_imported_ray(env)
     if ":" in target and not target.startswith(("ray://", "auto")) and not _probe(target):
         raise BrokerUnavailable(f"no Ray cluster answers at {target}", "run `merlin ray cluster start-local`")
+    _route_ray_messages_to_stderr()
     try:
         ray.init(address=target, namespace=namespace, logging_level="ERROR", log_to_driver=False)
     except Exception as exc:  # ray raises many types here (auth, version, connection)
