@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib.metadata
+import json
 import os
 import secrets
 import signal
@@ -146,6 +147,7 @@ def start_local(
     num_cpus: int | None = None,
     auth: bool = True,
     object_store_mb: int = 256,
+    resources: dict[str, float] | None = None,
 ) -> tuple[Bootstrap, bool]:
     """Start a Ray head for this state dir, or return the one already running.
 
@@ -202,6 +204,8 @@ def start_local(
     ]  # fmt: skip
     if num_cpus is not None:
         argv.append(f"--num-cpus={num_cpus}")
+    if resources:
+        argv.append(f"--resources={json.dumps(resources)}")
     log_path = state.cluster_dir / "ray-start.log"
     with open(log_path, "wb") as log:
         proc = subprocess.Popen(

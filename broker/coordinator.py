@@ -28,6 +28,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import hmac
+import json
 import os
 import secrets
 import time
@@ -40,7 +41,8 @@ from ray.exceptions import ActorUnavailableError, GetTimeoutError, RayActorError
 from broker.catalog import Catalog, parse_catalog
 from broker.errors import BrokerError, BrokerUnavailable, InvalidRequest, LeaseNotFound, NotAuthorized, UnknownResource
 from broker.events import EventSink
-from broker.metrics import DEFAULT_METRICS_HOST, DEFAULT_METRICS_PORT, MetricsBoard, serve_metrics
+from broker.http_api import serve
+from broker.metrics import DEFAULT_METRICS_HOST, DEFAULT_METRICS_PORT, MetricsBoard
 from broker.models import (
     BrokerStatus,
     Holder,
@@ -91,11 +93,20 @@ class BrokerActor:
         self._board = MetricsBoard()
         self._pushes_received = 0
         self._metrics_url: str | None = None
+        self._loop = asyncio.get_running_loop()
+        self._api_url: str | None = None
         if metrics_port is not None:
             try:
-                self._metrics_server, self._metrics_url = serve_metrics(self._board, metrics_host, metrics_port)
+                self._http, base = serve(
+                    self._board,
+                    {"resources": self._read_resources, "status": self._read_status},
+                    metrics_host,
+                    metrics_port,
+                )
+                self._metrics_url, self._api_url = f"{base}/metrics", f"{base}/api/v1"
             except OSError as exc:  # a busy port must not crash-loop the coordinator
                 self._events.emit("metrics.unavailable", level="error", host=metrics_host, port=metrics_port, error=str(exc))
+        self._record_endpoints()
         catalog = self._load_catalog()
         if catalog is not None:
             self._adopt(catalog)
@@ -344,6 +355,28 @@ class BrokerActor:
         }
 
     # ------------------------------------------------------------------ plumbing
+
+    def _read_resources(self) -> list[dict[str, Any]]:
+        """For the HTTP read API (its own thread): the same answer as resources()."""
+        statuses = asyncio.run_coroutine_threadsafe(self.resources(), self._loop).result(timeout=10)
+        return [status.model_dump(mode="json") for status in statuses]
+
+    def _read_status(self) -> dict[str, Any]:
+        return asyncio.run_coroutine_threadsafe(self.status(), self._loop).result(timeout=10).model_dump(mode="json")
+
+    def _record_endpoints(self) -> None:
+        """``broker.json``: where this coordinator listens, so the CLI can read without Ray."""
+        record = {
+            "namespace": self._namespace,
+            "pid": os.getpid(),
+            "started_at": self._started_at,
+            "metrics_url": self._metrics_url,
+            "api_url": self._api_url,
+        }
+        try:
+            atomic_write(self._state.broker_record_path, json.dumps(record, indent=2).encode())
+        except OSError as exc:
+            self._events.emit("broker.record_failed", level="error", error=str(exc))
 
     def _adopt(self, catalog: Catalog) -> None:
         self._catalog = catalog

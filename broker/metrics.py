@@ -3,8 +3,8 @@
 A scrape makes no remote call. Resource actors push a
 :class:`~broker.usage.ResourceSnapshot` when their state changes (and the
 coordinator pulls one every few seconds as a fallback); the coordinator's run
-manager reports run counts. The HTTP server is prometheus-client's, in a
-thread of the coordinator, bound to 127.0.0.1 unless configured otherwise.
+manager reports run counts. :mod:`broker.http_api` serves it, in a thread of
+the coordinator, bound to 127.0.0.1 unless configured otherwise.
 
 Labels are bounded: ``resource`` (catalog keys), ``state`` and ``status``
 (enums). Never a lease id or a holder.
@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
-from prometheus_client.registry import Collector, CollectorRegistry
+from prometheus_client.registry import Collector
 
 from broker.models import ResourceState
 from broker.usage import Histogram, ResourceSnapshot
@@ -32,7 +32,6 @@ __all__ = [
     "RunStats",
     "MetricsBoard",
     "BrokerCollector",
-    "serve_metrics",
 ]
 
 DEFAULT_METRICS_HOST = "127.0.0.1"
@@ -188,15 +187,3 @@ class BrokerCollector(Collector):
         duration = HistogramMetricFamily("merlin_broker_run_duration_seconds", "Wall time of finished runs.")
         duration.add_metric([], runs.duration.cumulative(), sum_value=runs.duration.total)
         yield duration
-
-
-def serve_metrics(board: MetricsBoard, host: str, port: int) -> tuple[Any, str]:
-    """Start the HTTP endpoint in a daemon thread; returns the server and its URL."""
-    from prometheus_client import start_http_server
-
-    registry = CollectorRegistry(auto_describe=False)
-    registry.register(BrokerCollector(board))
-    server, _thread = start_http_server(port, addr=host, registry=registry)
-    bound_port = server.server_port
-    shown = f"[{host}]" if ":" in host else host
-    return server, f"http://{shown}:{bound_port}/metrics"

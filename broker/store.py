@@ -93,6 +93,10 @@ class StateDir:
         return self.root / "events.jsonl"
 
     @property
+    def broker_record_path(self) -> Path:
+        return self.root / "broker.json"
+
+    @property
     def catalog_path(self) -> Path:
         return self.root / "catalog.json"
 

@@ -17,12 +17,22 @@ __all__ = ["run", "render", "SCENARIOS"]
 
 
 def _scenarios() -> dict[str, Callable[..., Result]]:
-    from broker.bench import scenarios
+    from broker.bench import dispatch, latency, recovery, scale
 
-    return {"cycle": scenarios.cycle, "handoff": scenarios.handoff, "metrics": scenarios.metrics}
+    return {
+        "cycle": latency.cycle,
+        "handoff": latency.handoff,
+        "throughput": scale.throughput,
+        "footprint": scale.footprint,
+        "recovery": recovery.recovery,
+        "holder-death": recovery.holder_death,
+        "dispatch": dispatch.dispatch,
+        "cli": dispatch.cli,
+        "metrics": scale.metrics,
+    }
 
 
-SCENARIOS = ("cycle", "handoff", "metrics")
+SCENARIOS = ("cycle", "handoff", "throughput", "footprint", "recovery", "holder-death", "dispatch", "cli", "metrics")
 
 
 def _catalog(keys: list[str]) -> dict[str, Any]:
@@ -37,7 +47,7 @@ def run(
     progress: Callable[[str], None] = lambda line: print(line, file=sys.stderr, flush=True),
 ) -> list[Result]:
     """Run the scenarios; starts (and stops) a loopback cluster of its own unless ``address`` is given."""
-    from broker.bench.scenarios import BenchContext
+    from broker.bench.common import BenchContext
     from broker.cluster import connect_ray, start_local, stop_local
     from broker.deploy import broker_down, broker_up
     from broker.store import StateDir
@@ -47,7 +57,8 @@ def run(
     own_cluster = address is None
     if own_cluster:
         progress("starting a loopback Ray cluster for the benchmark ...")
-        start_local(state)
+        # Custom resources for the Ray-gating baseline of the throughput scenario.
+        start_local(state, resources={f"bench_gate_{index:02d}": 1 for index in range(16)})
     namespace = f"bench-{uuid.uuid4().hex[:8]}"
     connect_ray(state, address=address, namespace=namespace)
     keys = ["bench_key_00"]

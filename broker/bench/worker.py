@@ -1,8 +1,16 @@
 """A benchmark client process: ``python -m broker.bench.worker '<json spec>'``.
 
-Separate processes, because waiting clients in a lab are separate processes
-(notebooks, CI jobs), and one Python process cannot drive 8 Ray clients at
-once. Prints one JSON line: ``{"grants": [[t_grant, t_release], ...]}``.
+Separate processes, because the clients of a lab broker are separate
+processes (notebooks, CI jobs), and one Python process cannot drive many Ray
+clients at once. Modes:
+
+* ``handoff``: acquire (waiting) and release ``rounds`` times; prints
+  ``{"grants": [[t_grant, t_release], ...]}``.
+* ``cycles``: reserve (no wait) + release on its own key until ``until``;
+  prints ``{"cycles": n}``.
+* ``gated``: run zero-CPU tasks that each need one unit of a custom
+  resource, one after another, until ``until`` (Ray's own gating);
+  prints ``{"cycles": n}``.
 """
 
 from __future__ import annotations
@@ -20,16 +28,37 @@ def _acquire_release(spec: dict[str, Any]) -> tuple[Any, Any]:
     target = spec["target"]
     namespace = spec["namespace"]
     holder = f"bench-{uuid.uuid4().hex[:6]}"
+    wait = spec.get("mode", "handoff") == "handoff"
     if target == "lock":
         lock = ray.get_actor(spec["actor"], namespace=namespace)
         return (lambda: ray.get(lock.acquire.remote())), (lambda _: ray.get(lock.release.remote()))
     if target == "direct":
         actor = ray.get_actor(f"resource:{spec['key']}", namespace=namespace)
-        reserve = lambda: ray.get(actor.reserve.remote(holder, wait=True, request_id=uuid.uuid4().hex))  # noqa: E731
+        reserve = lambda: ray.get(actor.reserve.remote(holder, wait=wait, request_id=uuid.uuid4().hex))  # noqa: E731
         return reserve, (lambda lease: ray.get(actor.release.remote(lease.lease_id)))
     broker = ray.get_actor("broker", namespace=namespace)
-    reserve = lambda: ray.get(broker.reserve.remote(spec["key"], holder, wait=True, request_id=uuid.uuid4().hex))  # noqa: E731
+    reserve = lambda: ray.get(broker.reserve.remote(spec["key"], holder, wait=wait, request_id=uuid.uuid4().hex))  # noqa: E731
     return reserve, (lambda lease: ray.get(broker.release.remote(lease.lease_id)))
+
+
+def _gated(spec: dict[str, Any]) -> int:
+    import ray
+
+    @ray.remote(num_cpus=0, resources={spec["gate"]: 1})
+    def use_the_board() -> None:
+        return None
+
+    ray.get(use_the_board.remote())  # warm: a worker process exists
+    _start_together(spec)
+    count = 0
+    while time.time() < spec["until"]:
+        ray.get(use_the_board.remote())
+        count += 1
+    return count
+
+
+def _start_together(spec: dict[str, Any]) -> None:
+    time.sleep(max(0.0, spec["start_at"] - time.time()))
 
 
 def main(raw: str) -> None:
@@ -38,16 +67,26 @@ def main(raw: str) -> None:
 
     spec = json.loads(raw)
     connect_ray(StateDir.from_env(spec["state_dir"]), namespace=spec["namespace"])
+    mode = spec.get("mode", "handoff")
+    if mode == "gated":
+        print(json.dumps({"cycles": _gated(spec)}), flush=True)
+        return
     acquire, release = _acquire_release(spec)
+    if mode == "cycles":
+        release(acquire())  # warm
+        _start_together(spec)
+        count = 0
+        while time.time() < spec["until"]:
+            release(acquire())
+            count += 1
+        print(json.dumps({"cycles": count}), flush=True)
+        return
     grants: list[tuple[float, float]] = []
-    time.sleep(max(0.0, spec["start_at"] - time.time()))  # all workers start together
+    _start_together(spec)
     deadline = time.time() + spec.get("max_s", 120.0)
     while len(grants) < spec["rounds"] and time.time() < deadline:
         token = acquire()
         granted = time.time()
-        hold = spec.get("hold_s", 0.0)
-        if hold:
-            time.sleep(hold)
         released = time.time()
         release(token)
         grants.append((granted, released))

@@ -114,7 +114,10 @@ def _admin_secret(ctx: Context) -> int:
 
 
 def _status(ctx: Context) -> int:
-    status = ctx.client().status()
+    from broker.models import BrokerStatus
+
+    fast = ctx.read_api("status")
+    status = BrokerStatus.model_validate(fast) if fast is not None else ctx.client().status()
     if ctx.args.json:
         emit_json(status)
     else:

@@ -94,6 +94,26 @@ class Context:
             self._client = connect(self.address, namespace=self.namespace, state_dir=str(self.state.root))
         return self._client
 
+    def read_api(self, what: str) -> Any | None:
+        """The coordinator's read-only HTTP API, without importing Ray; None if it cannot answer.
+
+        Used by reads (``resources list``, ``broker status``): importing Ray alone
+        costs ~0.4 s, connecting another ~0.5 s. Falls back to Ray when the
+        state dir names no live coordinator of this namespace.
+        """
+        if self.address:
+            return None
+        import urllib.request
+
+        try:
+            record = json.loads(self.state.broker_record_path.read_text())
+            if record.get("namespace") != self.namespace or not record.get("api_url"):
+                return None
+            with urllib.request.urlopen(f"{record['api_url']}/{what}", timeout=3) as response:
+                return json.loads(response.read())
+        except (OSError, ValueError):
+            return None
+
     def connect_ray(self) -> Any:
         from broker.cluster import connect_ray
 

@@ -90,7 +90,11 @@ def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -
 
 
 def _list(ctx: Context) -> int:
-    statuses = ctx.client().resources()
+    fast = ctx.read_api("resources")
+    if fast is not None:
+        statuses = [ResourceStatus.model_validate(item) for item in fast]
+    else:
+        statuses = ctx.client().resources()
     if ctx.args.json:
         emit_json(statuses)
         return 0

@@ -7,6 +7,7 @@ import os
 import shutil
 import signal
 import subprocess
+import sys
 import time
 import urllib.request
 
@@ -142,3 +143,38 @@ def test_journal_records_every_change_in_order(broker_env):
     mine = [event["event"] for event in events if event.get("resource") == KEY and event.get("holder") == "alice"]
     assert mine == ["lease.granted", "lease.renewed", "lease.released"]
     assert lease.lease_id not in broker_env.state.events_path.read_text()
+
+
+def test_read_api_answers_like_resources_and_never_shows_a_lease_id(broker_env):
+    import urllib.error
+
+    lease = broker_env.client.reserve(KEY, "alice")
+    record = json.loads(broker_env.state.broker_record_path.read_text())
+    assert record["namespace"] == broker_env.namespace and record["api_url"].startswith("http://127.0.0.1:")
+    with urllib.request.urlopen(f"{record['api_url']}/resources", timeout=10) as response:
+        listed = json.loads(response.read())
+    assert [item["key"] for item in listed] == [status.key for status in broker_env.client.resources()]
+    assert listed[0]["holder"] == "alice" and lease.lease_id not in json.dumps(listed)
+    request = urllib.request.Request(f"{record['api_url']}/resources", data=b"{}", method="POST")
+    with pytest.raises(urllib.error.HTTPError) as refused:
+        urllib.request.urlopen(request, timeout=10)
+    assert refused.value.code == 405
+    with pytest.raises(urllib.error.HTTPError) as missing:
+        urllib.request.urlopen(f"{record['api_url']}/leases/{lease.lease_id}", timeout=10)
+    assert missing.value.code == 404
+
+
+READ_WITHOUT_RAY = """
+import json, sys
+from broker.cli import main
+code = main(["ray", "resources", "list", "--json"])
+print(json.dumps({"code": code, "ray_imported": "ray" in sys.modules}), file=sys.stderr)
+"""
+
+
+def test_cli_reads_resources_without_importing_ray(broker_env):
+    broker_env.client.reserve(KEY, "alice")
+    out = subprocess.run([sys.executable, "-c", READ_WITHOUT_RAY], env=broker_env.env(), capture_output=True, text=True, timeout=60)
+    verdict = json.loads(out.stderr.strip().splitlines()[-1])
+    assert verdict == {"code": 0, "ray_imported": False}, out.stderr
+    assert json.loads(out.stdout)[0]["holder"] == "alice"

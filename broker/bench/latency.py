@@ -1,0 +1,84 @@
+"""Latency: the uncontended reserve+release cycle, and the handoff to the next waiter."""
+
+from __future__ import annotations
+
+import uuid
+
+import ray
+
+from broker.bench.baselines import BareActor, LockActor
+from broker.bench.common import BenchContext, interleaved, run_workers
+from broker.bench.stats import Result, Target, summarize
+
+__all__ = ["cycle", "handoff"]
+
+
+def cycle(ctx: BenchContext) -> Result:
+    """Uncontended reserve+release: via `broker`, directly on `resource:<key>`, beside Ray floors."""
+    key = ctx.keys[0]
+    broker, resource = ctx.broker(), ctx.resource(key)
+    bare = BareActor.options(namespace=ctx.namespace).remote()
+    lock = LockActor.options(namespace=ctx.namespace).remote()
+    ray.get([bare.ping.remote(), lock.ping.remote()])
+
+    def via_broker() -> None:
+        lease = ray.get(broker.reserve.remote(key, "bench", request_id=uuid.uuid4().hex))
+        ray.get(broker.release.remote(lease.lease_id))
+
+    def direct() -> None:
+        lease = ray.get(resource.reserve.remote("bench", request_id=uuid.uuid4().hex))
+        ray.get(resource.release.remote(lease.lease_id))
+
+    def lock_cycle() -> None:
+        ray.get(lock.acquire.remote())
+        ray.get(lock.release.remote())
+
+    samples = interleaved(
+        {
+            "bare actor round trip": lambda: ray.get(bare.ping.remote()),
+            "minimal lock cycle": lock_cycle,
+            "direct cycle": direct,
+            "broker cycle": via_broker,
+        },
+        ctx.samples(1000, 150),
+    )
+    result = Result("cycle")
+    for name, values in samples.items():
+        result.figures[name] = summarize(values)
+    direct_ratio = result.ratio("direct / lock", "direct cycle", "minimal lock cycle")
+    broker_ratio = result.ratio("broker / lock", "broker cycle", "minimal lock cycle")
+    result.targets += [
+        Target("direct cycle <= 1.5x minimal lock cycle", direct_ratio, 1.5),
+        Target("broker cycle <= 2.5x minimal lock cycle", broker_ratio, 2.5),
+    ]
+    ray.kill(bare)
+    ray.kill(lock)
+    return result
+
+
+def _handoffs(grants: list[tuple[float, float]]) -> list[float]:
+    """Release of one holder to the grant seen by the next: the gap between consecutive grants."""
+    return [max(0.0, nxt[0] - prev[1]) for prev, nxt in zip(grants, grants[1:])]
+
+
+def handoff(ctx: BenchContext, waiters: int = 8) -> Result:
+    """Release to the next waiter's grant, ``waiters`` client processes contending for one key."""
+    rounds = ctx.samples(60, 12)
+    lock = LockActor.options(name="bench-lock", namespace=ctx.namespace).remote()
+    ray.get(lock.ping.remote())
+    result = Result("handoff")
+    for name, target in (("minimal lock handoff", "lock"), ("direct handoff", "direct"), ("broker handoff", "broker")):
+        spec = {"mode": "handoff", "target": target, "key": ctx.keys[0], "actor": "bench-lock", "rounds": rounds}
+        answers = run_workers(ctx, [spec] * waiters)
+        grants = sorted(tuple(pair) for answer in answers for pair in answer.get("grants", []))
+        result.figures[name] = summarize(_handoffs(grants))
+    ray.kill(lock)
+    direct_ratio = result.ratio("direct / lock", "direct handoff", "minimal lock handoff")
+    result.ratio("broker / lock", "broker handoff", "minimal lock handoff")
+    direct = result.figures["direct handoff"]
+    result.targets += [
+        Target("handoff p50 <= 1.5x minimal lock handoff", direct_ratio, 1.5),
+        Target("handoff p50 <= 2.5 ms", direct.median, 2.5),  # type: ignore[union-attr]
+    ]
+    result.notes.append(f"{waiters} waiter processes, {rounds} grants each")
+    return result

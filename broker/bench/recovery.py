@@ -1,0 +1,113 @@
+"""Recovery: a resource actor's kill -9 to serving again with its leases intact; a holder's death to
+the next grant. Beside Ray's own restart of a bare actor, measured in the same run."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from typing import Any
+
+import ray
+
+from broker.bench.common import BenchContext
+from broker.bench.stats import Result, Target, summarize
+
+__all__ = ["recovery", "holder_death"]
+
+
+@ray.remote(num_cpus=0, max_restarts=-1)
+class RestartingActor:
+    """Ray's floor: an actor with nothing to reload."""
+
+    def ping(self) -> int:
+        return os.getpid()
+
+
+def _until(fn: Any, timeout_s: float = 60.0) -> float:
+    """Call ``fn`` until it stops raising; returns when it first answered (perf_counter)."""
+    deadline = time.perf_counter() + timeout_s
+    while True:
+        try:
+            fn()
+            return time.perf_counter()
+        except Exception:  # noqa: BLE001 - restarting
+            if time.perf_counter() > deadline:
+                raise
+            time.sleep(0.005)
+
+
+def recovery(ctx: BenchContext) -> Result:
+    key = ctx.keys[0]
+    broker = ctx.broker()
+    lease = ray.get(broker.reserve.remote(key, "bench-holder", ttl_s=600, request_id=uuid.uuid4().hex))
+    waiter = broker.reserve.remote(key, "bench-waiter", wait=True, timeout_s=600, request_id=uuid.uuid4().hex)
+    time.sleep(0.5)
+    ours, theirs = [], []
+    bare = RestartingActor.options(namespace=ctx.namespace).remote()
+    for _ in range(ctx.samples(8, 3)):
+        resource = ctx.resource(key)
+        pid = ray.get(resource.ping.remote())["pid"]
+
+        def intact() -> None:
+            got = ray.get(resource.lease.remote(lease.lease_id), timeout=5)
+            queued = ray.get(resource.status.remote(), timeout=5).queue
+            if got.fencing_token != lease.fencing_token or got.state != lease.state or len(queued) != 1:
+                raise AssertionError("state not back")
+
+        started = time.perf_counter()
+        os.kill(pid, signal.SIGKILL)
+        ours.append(_until(intact) - started)
+        pid = ray.get(bare.ping.remote())
+        started = time.perf_counter()
+        os.kill(pid, signal.SIGKILL)
+        theirs.append(_until(lambda: ray.get(bare.ping.remote(), timeout=5)) - started)
+    ray.get(broker.release.remote(lease.lease_id))
+    granted = ray.get(waiter, timeout=60)
+    ray.get(broker.release.remote(granted.lease_id))
+    ray.kill(bare, no_restart=True)
+    result = Result("recovery")
+    result.figures["resource actor kill -9 -> serving with its leases"] = summarize(ours)
+    result.figures["Ray restarts a bare actor"] = summarize(theirs)
+    ratio = result.ratio("ours / Ray's", "resource actor kill -9 -> serving with its leases", "Ray restarts a bare actor")
+    result.targets.append(Target("recovery <= 2x Ray's own actor restart", ratio, 2.0))
+    result.notes.append("ours = until lease(id) answers with the same token and the waiter is still queued")
+    return result
+
+
+HOLDER = """
+import sys, time, broker
+client = broker.connect()
+with client.lease(sys.argv[1], "bench-doomed", ttl_s=float(sys.argv[2]), heartbeat_s=float(sys.argv[2]) / 4) as held:
+    print("held", flush=True)
+    time.sleep(600)
+"""
+
+
+def holder_death(ctx: BenchContext) -> Result:
+    """A process holding a lease (heartbeats) is SIGKILLed: how long until the next waiter has it."""
+    key = ctx.keys[0]
+    broker = ctx.broker()
+    ttl = 2.0
+    env = {**os.environ, "MERLIN_STATE_DIR": str(ctx.state.root), "MERLIN_RAY_NAMESPACE": ctx.namespace}
+    samples = []
+    for _ in range(ctx.samples(5, 2)):
+        proc = subprocess.Popen([sys.executable, "-c", HOLDER, key, str(ttl)], env=env, stdout=subprocess.PIPE, text=True)
+        if not proc.stdout.readline().startswith("held"):
+            raise RuntimeError("the holder process did not get its lease")
+        waiter = broker.reserve.remote(key, "bench-next", wait=True, timeout_s=60, request_id=uuid.uuid4().hex)
+        time.sleep(ttl * 1.5)  # heartbeats have renewed it by now
+        killed = time.time()
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        lease = ray.get(waiter, timeout=60)
+        samples.append(lease.granted_at - killed)
+        ray.get(broker.release.remote(lease.lease_id))
+    result = Result("holder death")
+    result.figures["SIGKILL of the holder -> next grant"] = summarize(samples, scale=1.0, unit="s")
+    result.figures["lease TTL (s)"] = ttl
+    result.notes.append(f"heartbeat every {ttl / 4:g}s; the gap is the TTL left since the last heartbeat")
+    return result

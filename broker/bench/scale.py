@@ -1,0 +1,138 @@
+"""Scale: throughput across keys, footprint per key, scrape time and the cost of metrics pushes."""
+
+from __future__ import annotations
+
+import statistics
+import time
+import uuid
+from typing import Any
+
+import ray
+
+from broker.bench.common import BenchContext, extra_broker, run_workers, timed
+from broker.bench.stats import Result, Target, summarize
+
+__all__ = ["metrics", "throughput", "footprint"]
+
+
+def metrics(ctx: BenchContext) -> Result:
+    """Scrape time at a few and at many keys; what the snapshot push costs a reserve/release cycle."""
+    import urllib.request
+
+    from broker.deploy import broker_down
+
+    result = Result("metrics")
+    for size in (3, ctx.samples(50, 10)):
+        namespace, keys, handle = extra_broker(ctx, size)
+        url = ray.get(handle.status.remote()).metrics_url
+
+        def scrape() -> None:
+            with urllib.request.urlopen(url, timeout=10) as response:
+                response.read()
+
+        result.figures[f"scrape, {size} keys"] = summarize(timed(scrape, ctx.samples(300, 40), 10))
+        broker_down(namespace)
+
+    key = ctx.keys[0]
+    resource = ctx.resource(key)
+
+    def direct() -> None:
+        lease = ray.get(resource.reserve.remote("bench", request_id=uuid.uuid4().hex))
+        ray.get(resource.release.remote(lease.lease_id))
+
+    def set_pushing(on: bool) -> None:
+        # A pending flag that never clears suppresses pushes: the cycle without them.
+        ray.get(resource.__ray_call__.remote(lambda actor, on=on: setattr(actor, "_push_pending", not on)))
+
+    def push_cost(actor: Any) -> float:
+        started = time.perf_counter()
+        for _ in range(200):
+            actor._push()
+        return (time.perf_counter() - started) / 200
+
+    count = ctx.samples(600, 100)
+    with_push, without_push = [], []
+    for _ in range(3):
+        set_pushing(True)
+        with_push += timed(direct, count // 3, 10)
+        set_pushing(False)
+        without_push += timed(direct, count // 3, 10)
+    set_pushing(True)
+    result.figures["cycle with pushes"] = summarize(with_push)
+    result.figures["cycle without pushes"] = summarize(without_push)
+    result.ratio("with / without", "cycle with pushes", "cycle without pushes")
+    result.figures["one push, in the actor (us)"] = ray.get(resource.__ray_call__.remote(push_cost)) * 1e6
+    result.notes.append("a push is sent after the call has answered; it costs CPU, not the caller's latency")
+    return result
+
+
+def _uss_mb(pid: int) -> float:
+    """Unique set size: the memory only this process holds (what killing it frees)."""
+    total_kb = 0
+    with open(f"/proc/{pid}/smaps_rollup") as handle:
+        for line in handle:
+            if line.startswith(("Private_Clean:", "Private_Dirty:", "Private_Hugetlb:")):
+                total_kb += int(line.split()[1])
+    return total_kb / 1024.0
+
+
+def throughput(ctx: BenchContext) -> Result:
+    """Lease cycles per second with 1, 4 and 16 keys and as many client processes; Ray's gating beside."""
+    from broker.deploy import broker_down
+
+    result = Result("throughput")
+    duration = ctx.samples(10.0, 3.0)
+    rates: dict[int, float] = {}
+    for keys in (1, 4, 16):
+        namespace, names, _handle = extra_broker(ctx, keys)
+        specs = [{"mode": "cycles", "target": "broker", "key": key, "duration_s": duration} for key in names]
+        answers = run_workers(ctx, specs, namespace=namespace)
+        rates[keys] = sum(answer.get("cycles", 0) for answer in answers) / duration
+        result.figures[f"broker, {keys} keys (cycles/s)"] = rates[keys]
+        broker_down(namespace)
+        gates = [{"mode": "gated", "gate": f"bench_gate_{index:02d}", "duration_s": duration} for index in range(keys)]
+        if ray.cluster_resources().get("bench_gate_00"):
+            answers = run_workers(ctx, gates)
+            result.figures[f"Ray resource gating, {keys} keys (tasks/s)"] = (
+                sum(answer.get("cycles", 0) for answer in answers) / duration
+            )
+    scaling = rates[16] / rates[1] if rates[1] else float("nan")
+    result.figures["16 keys / 1 key"] = scaling
+    result.targets.append(Target("throughput at 16 keys >= 1.5x at 1 key", scaling, 1.5, at_least=True))
+    result.notes.append(f"one client process per key, reserve+release through `broker` for {duration:g}s")
+    return result
+
+
+def footprint(ctx: BenchContext) -> Result:
+    """Memory (USS) per resource actor and actor start time at 10 and 50 keys, beside a bare idle actor."""
+    from broker.bench.baselines import BareActor
+    from broker.deploy import broker_down
+
+    result = Result("footprint")
+    bare_uss, bare_start = [], []
+    for _ in range(ctx.samples(5, 2)):
+        started = time.perf_counter()
+        actor = BareActor.options(namespace=ctx.namespace).remote()
+        pid = ray.get(actor.ping.remote())
+        bare_start.append(time.perf_counter() - started)
+        time.sleep(0.5)
+        bare_uss.append(_uss_mb(pid))
+        ray.kill(actor)
+    result.figures["bare idle actor USS (MB)"] = statistics.median(bare_uss)
+    result.figures["bare actor start"] = summarize(bare_start)
+    for size in (ctx.samples(10, 5), ctx.samples(50, 10)):
+        started = time.perf_counter()
+        namespace, names, _handle = extra_broker(ctx, size)  # returns when every actor answers
+        wall = time.perf_counter() - started
+        pids = [ray.get(ray.get_actor(f"resource:{key}", namespace=namespace).ping.remote())["pid"] for key in names]
+        time.sleep(0.5)
+        uss = statistics.median(_uss_mb(pid) for pid in pids)
+        result.figures[f"resource actor USS at {size} keys (MB)"] = uss
+        result.figures[f"broker up with {size} keys (s)"] = wall
+        result.figures[f"start time per key at {size} keys (s)"] = wall / size
+        broker_down(namespace)
+    ratio = result.figures[f"resource actor USS at {ctx.samples(50, 10)} keys (MB)"] / result.figures["bare idle actor USS (MB)"]  # type: ignore[operator]
+    result.figures["USS per key / bare actor"] = ratio
+    result.targets.append(Target("memory per key <= 1.2x a bare idle actor's USS", ratio, 1.2))
+    result.notes.append("USS = Private_Clean + Private_Dirty from /proc/<pid>/smaps_rollup")
+    return result
