@@ -93,17 +93,21 @@ class ResourceActor:
         self._key = key
         self._namespace = namespace  # the actors' own; not the creating job's (the runtime context's)
         self._state = StateDir.from_env(state_dir).ensure()
-        self._ledger = ResourceLedger(self._state, key)
+        self._loop = asyncio.get_running_loop()  # async actors construct inside their loop
+        self._ledger = ResourceLedger(self._state, key, defer=self._after_answer)
         self._events = EventSink(self._state.events_path, f"resource:{key}", self._state.logs_dir)
         self._spec, settings = self._read_catalog()
         self._waiters: dict[str, list[asyncio.Future[Lease]]] = {}
-        self._loop = asyncio.get_running_loop()  # async actors construct inside their loop
         self._timer: asyncio.TimerHandle | None = None
         self._warned: set[str] = set()  # leases told their max hold is near (lease.expiring)
         self._started_at = time.time()
         contents = self._ledger.load()
         for moved_to, error in contents.corrupt:
             self._events.emit("ledger.corrupt_record", level="error", resource=key, moved_to=str(moved_to), error=error)
+        try:
+            self._ledger.checkpoint(contents)  # the files catch up with the log; the log starts empty
+        except OSError as exc:  # read-only disk: the log stays and is replayed again next start
+            self._events.emit("ledger.checkpoint_failed", level="error", resource=key, error=str(exc))
         self._counters = UsageCounters.from_leases(contents.leases)
         self._snapshot_seq = 0
         self._push_pending = False
@@ -350,6 +354,17 @@ class ResourceActor:
             if lease.granted_at is not None and lease.ended_at is not None:
                 fields["hold_s"] = round(lease.ended_at - lease.granted_at, 6)
         self._events.emit(change.event, **fields)
+
+    def _after_answer(self, work: Any) -> None:
+        """Run ``work`` (the ledger's file updates) once the current call has answered."""
+
+        def run() -> None:
+            try:
+                work()
+            except OSError as exc:
+                self._events.emit("ledger.files_behind", level="error", resource=self._key, error=str(exc))
+
+        self._loop.call_soon(run)
 
     def _make_snapshot(self) -> ResourceSnapshot:
         self._snapshot_seq += 1

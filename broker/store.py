@@ -4,14 +4,17 @@ Layout (DESIGN.md, a contract)::
 
     cluster/bootstrap.json            how the local cluster was started
     resources/<key>.json              fencing floor, maintenance flag
+    resources/<key>.wal               the key's write-ahead log (emptied at each checkpoint)
     resources/leases/<lease_id>.json  one record per lease, its whole history
     runs/<run_id>/...                 run records
     events.jsonl                      the audit journal
 
-Every write is temp file + fsync + rename + fsync of the directory, so a
-record is either the old one or the new one, and it is on disk before the
-caller hears back. Files are 0600 and directories 0700: lease records hold
-capabilities.
+A key's changes are durable when their line in its write-ahead log is
+fdatasynced, before the caller hears back; record files are replaced by
+temp file + rename (whole, never torn) and synced at checkpoints. Other
+files (catalog, run records, bootstrap) are temp file + fsync + rename +
+fsync of the directory. Files are 0600 and directories 0700: lease records
+hold capabilities.
 """
 
 from __future__ import annotations
@@ -20,7 +23,8 @@ import json
 import os
 import re
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
+from typing import Any
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -112,13 +116,14 @@ class StateDir:
         return self
 
 
-def write_files(items: Iterable[tuple[Path, bytes]]) -> None:
-    """Atomically replace each file; all are durable when this returns.
+def write_files(items: Iterable[tuple[Path, bytes]], *, durable: bool = True) -> None:
+    """Atomically replace each file; with ``durable``, all are on disk when this returns.
 
-    Temp files are written and fsynced first, then renamed, then each parent
+    Temp files are written (and fsynced) first, then renamed, then each parent
     directory is fsynced once. On error the temp files are removed and the
     exception propagates (a rename already done stays: each file is still
-    either old or new, never torn).
+    either old or new, never torn). ``durable=False`` is for files whose
+    durability comes from elsewhere (the ledger's log).
     """
     staged: list[tuple[Path, Path]] = []
     try:
@@ -130,7 +135,8 @@ def write_files(items: Iterable[tuple[Path, bytes]]) -> None:
                 view = memoryview(data)
                 while view:
                     view = view[os.write(fd, view) :]
-                os.fsync(fd)
+                if durable:
+                    os.fsync(fd)
             finally:
                 os.close(fd)
         for tmp, path in staged:
@@ -142,6 +148,8 @@ def write_files(items: Iterable[tuple[Path, bytes]]) -> None:
             except FileNotFoundError:
                 pass
         raise
+    if not durable:
+        return
     for directory in {path.parent for _, path in staged}:
         fd = os.open(directory, os.O_RDONLY)
         try:
@@ -185,18 +193,39 @@ class LedgerContents:
     meta: ResourceMeta
     leases: list[Lease]
     corrupt: list[tuple[Path, str]] = field(default_factory=list)  # (moved-to path, error)
+    replayed: set[str] = field(default_factory=set)  # lease ids the log changed
+    meta_replayed: bool = False
 
 
 class ResourceLedger:
-    """One key's records: its meta file and its lease files (``<key>.<hex>.json``)."""
+    """One key's records: a write-ahead log, its lease files (``<key>.<hex>.json``) and its meta file.
 
-    def __init__(self, state: StateDir, key: str):
+    A change is durable when its line in ``resources/<key>.wal`` is written
+    and fdatasynced — one small append and one sync, where rewriting each
+    record durably costs a file fsync, a rename and a directory fsync per
+    file (0.42 ms each measured here; the log append: ~0.1 ms). The lease and
+    meta files are then replaced atomically without a sync, so they are
+    always whole and, after any process crash, current; after a power loss
+    the log brings them back. On load the log is replayed over the files,
+    the files are rewritten durably, and the log starts empty; it is also
+    checkpointed (``os.sync`` + truncate) every ``CHECKPOINT_RECORDS`` lines.
+    """
+
+    CHECKPOINT_RECORDS = 4096
+
+    def __init__(self, state: StateDir, key: str, defer: Callable[[Callable[[], None]], Any] | None = None):
+        """``defer`` (the actor's ``loop.call_soon``) moves the file updates after the answer."""
         self.state = state
         self.key = key
+        self._defer = defer
+        self._pending: dict[Path, bytes] = {}  # file updates not yet written (the log has them)
         self._lease_name = re.compile(rf"^{re.escape(key)}\.[0-9a-f]{{32}}\.json$")
+        self.wal_path = state.resources_dir / f"{key}.wal"
+        self._wal_fd: int | None = None
+        self._wal_records = 0
 
     def load(self) -> LedgerContents:
-        """Read every record of this key; corrupt ones are moved to ``corrupt/`` and reported."""
+        """Read every record of this key, replay the log over them; corrupt files go to ``corrupt/``."""
         self.state.ensure()
         corrupt: list[tuple[Path, str]] = []
         meta = ResourceMeta(key=self.key)
@@ -206,7 +235,7 @@ class ResourceLedger:
                 meta = ResourceMeta.model_validate(read_json(meta_path))
             except (OSError, ValueError, ValidationError) as exc:
                 corrupt.append((self._move_aside(meta_path), _short_error(exc)))
-        leases: list[Lease] = []
+        leases: dict[str, Lease] = {}
         with os.scandir(self.state.leases_dir) as entries:
             names = [entry.name for entry in entries if self._lease_name.match(entry.name)]
         for name in names:
@@ -220,22 +249,115 @@ class ResourceLedger:
             except (OSError, ValueError, ValidationError) as exc:
                 corrupt.append((self._move_aside(path), _short_error(exc)))
                 continue
-            leases.append(lease)
-        return LedgerContents(meta=meta, leases=leases, corrupt=corrupt)
+            leases[lease.lease_id] = lease
+        replayed, replayed_meta = self._replay(leases)
+        return LedgerContents(
+            meta=replayed_meta or meta,
+            leases=list(leases.values()),
+            corrupt=corrupt,
+            replayed=replayed,
+            meta_replayed=replayed_meta is not None,
+        )
+
+    def checkpoint(self, contents: LedgerContents) -> None:
+        """Make the files hold what the log says, durably; then empty the log."""
+        replayed = [lease for lease in contents.leases if lease.lease_id in contents.replayed]
+        items = [(self.state.lease_path(lease.lease_id), lease.model_dump_json().encode()) for lease in replayed]
+        if contents.meta_replayed:
+            items.append((self.state.resource_meta_path(self.key), contents.meta.model_dump_json(indent=2).encode()))
+        if items:
+            write_files(items)
+        self._truncate_log()
 
     def read_lease(self, lease_id: str) -> Lease | None:
         """A lease record from disk (for leases the book no longer keeps in memory)."""
+        path = self.state.lease_path(lease_id)
         try:
-            return Lease.model_validate(read_json(self.state.lease_path(lease_id)))
+            if path in self._pending:
+                return Lease.model_validate_json(self._pending[path])
+            return Lease.model_validate(read_json(path))
         except (OSError, ValueError, ValidationError):
             return None
 
     def write(self, leases: Iterable[Lease], meta: ResourceMeta | None = None) -> None:
-        items = [(self.state.lease_path(lease.lease_id), lease.model_dump_json().encode()) for lease in leases]
+        """Make one command's changes durable (the log), then update the files.
+
+        Raises:
+            OSError: the log could not be written; nothing is durable, the caller rolls back.
+        """
+        documents = [(lease.lease_id, lease.model_dump_json()) for lease in leases]
+        if not documents and meta is None:
+            return
+        meta_json = meta.model_dump_json() if meta is not None else None
+        line = '{"leases":[' + ",".join(doc for _, doc in documents) + "]"
+        line += f',"meta":{meta_json}}}\n' if meta_json is not None else "}\n"
+        fd = self._log()
+        data = memoryview(line.encode())
+        while data:
+            data = data[os.write(fd, data) :]
+        os.fdatasync(fd)
+        # Durable now. The files are views of the log: whole (atomic rename), synced at checkpoints.
+        first = not self._pending
+        for lease_id, doc in documents:
+            self._pending[self.state.lease_path(lease_id)] = doc.encode()
         if meta is not None:
-            items.append((self.state.resource_meta_path(self.key), meta.model_dump_json(indent=2).encode()))
-        if items:
-            write_files(items)
+            self._pending[self.state.resource_meta_path(self.key)] = meta.model_dump_json(indent=2).encode()
+        if self._defer is None:
+            self.flush()
+        elif first:
+            self._defer(self.flush)
+        self._wal_records += 1
+        if self._wal_records >= self.CHECKPOINT_RECORDS:
+            self.flush()
+            os.sync()  # every file written since the last checkpoint is on disk
+            self._truncate_log()
+
+    def flush(self) -> None:
+        """Write the pending file updates (not synced: the log holds them until a checkpoint)."""
+        pending, self._pending = self._pending, {}
+        if not pending:
+            return
+        try:
+            write_files(pending.items(), durable=False)
+        except OSError:
+            # The log has every change; a later load replays it. Keep them for the next try.
+            self._pending = {**pending, **self._pending}
+            raise
+
+    def _log(self) -> int:
+        if self._wal_fd is None:
+            self._wal_fd = os.open(self.wal_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, FILE_MODE)
+        return self._wal_fd
+
+    def _truncate_log(self) -> None:
+        fd = self._log()
+        os.ftruncate(fd, 0)
+        os.fsync(fd)
+        self._wal_records = 0
+
+    def _replay(self, leases: dict[str, Lease]) -> tuple[set[str], ResourceMeta | None]:
+        """Apply the log's complete lines in order; a torn last line was never acknowledged."""
+        replayed: set[str] = set()
+        meta: ResourceMeta | None = None
+        try:
+            raw = self.wal_path.read_bytes()
+        except FileNotFoundError:
+            return replayed, meta
+        for line in raw.split(b"\n"):
+            if not line:
+                continue
+            try:
+                record = json.loads(line)
+                changed = [Lease.model_validate(item) for item in record["leases"]]
+                new_meta = ResourceMeta.model_validate(record["meta"]) if record.get("meta") else None
+            except (ValueError, KeyError, TypeError, ValidationError):
+                break  # the torn tail of a write that was never acknowledged
+            for lease in changed:
+                if lease.resource == self.key:
+                    leases[lease.lease_id] = lease
+                    replayed.add(lease.lease_id)
+            meta = new_meta or meta
+        return replayed, meta
 
     def _move_aside(self, path: Path) -> Path:
         self.state.corrupt_dir.mkdir(mode=DIR_MODE, parents=True, exist_ok=True)

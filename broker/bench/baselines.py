@@ -8,7 +8,7 @@ from collections import deque
 
 import ray
 
-__all__ = ["BareActor", "LockActor"]
+__all__ = ["BareActor", "LockActor", "ProxyActor"]
 
 
 @ray.remote(num_cpus=0)
@@ -48,3 +48,14 @@ class LockActor:
 
     async def ping(self) -> int:
         return os.getpid()
+
+
+@ray.remote(num_cpus=0)
+class ProxyActor:
+    """An async actor that forwards each call to another actor: Ray's cost of one forwarding hop."""
+
+    def __init__(self, target: "ray.actor.ActorHandle") -> None:
+        self._target = target
+
+    async def ping(self) -> int:
+        return await self._target.ping.remote()

@@ -6,7 +6,7 @@ import uuid
 
 import ray
 
-from broker.bench.baselines import BareActor, LockActor
+from broker.bench.baselines import BareActor, LockActor, ProxyActor
 from broker.bench.common import BenchContext, interleaved, run_workers
 from broker.bench.stats import Result, Target, summarize
 
@@ -19,7 +19,8 @@ def cycle(ctx: BenchContext) -> Result:
     broker, resource = ctx.broker(), ctx.resource(key)
     bare = BareActor.options(namespace=ctx.namespace).remote()
     lock = LockActor.options(namespace=ctx.namespace).remote()
-    ray.get([bare.ping.remote(), lock.ping.remote()])
+    proxy = ProxyActor.options(namespace=ctx.namespace).remote(bare)
+    ray.get([bare.ping.remote(), lock.ping.remote(), proxy.ping.remote()])
 
     def via_broker() -> None:
         lease = ray.get(broker.reserve.remote(key, "bench", request_id=uuid.uuid4().hex))
@@ -36,6 +37,7 @@ def cycle(ctx: BenchContext) -> Result:
     samples = interleaved(
         {
             "bare actor round trip": lambda: ray.get(bare.ping.remote()),
+            "forwarded round trip (async proxy actor)": lambda: ray.get(proxy.ping.remote()),
             "minimal lock cycle": lock_cycle,
             "direct cycle": direct,
             "broker cycle": via_broker,
@@ -51,8 +53,10 @@ def cycle(ctx: BenchContext) -> Result:
         Target("direct cycle <= 1.5x minimal lock cycle", direct_ratio, 1.5),
         Target("broker cycle <= 2.5x minimal lock cycle", broker_ratio, 2.5),
     ]
+    result.notes.append("`broker` forwards each call to resource:<key>: two forwarded round trips per cycle")
     ray.kill(bare)
     ray.kill(lock)
+    ray.kill(proxy)
     return result
 
 

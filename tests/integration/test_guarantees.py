@@ -76,14 +76,15 @@ def test_max_hold_warns_then_reclaims(ray_cluster, tmp_path):
 
 @contextmanager
 def unwritable(directory: Path) -> Iterator[None]:
-    """Make ``directory`` refuse new entries, for root too (chattr +i), else by mode."""
+    """Make ``directory`` and everything in it refuse writes, for root too (chattr -R +i), else by mode."""
     if os.geteuid() == 0:
-        made = subprocess.run(["chattr", "+i", str(directory)], capture_output=True)
+        made = subprocess.run(["chattr", "-R", "+i", str(directory)], capture_output=True)
         if made.returncode != 0:
             pytest.skip(f"cannot make {directory} immutable here: {made.stderr.decode().strip()}")
-        undo = ["chattr", "-i", str(directory)]
+        undo = ["chattr", "-R", "-i", str(directory)]
     else:
-        directory.chmod(0o500)
+        for path in [directory, *directory.rglob("*")]:
+            path.chmod(0o500 if path.is_dir() else 0o400)
         undo = None
     try:
         probe = directory / ".probe"
@@ -98,13 +99,14 @@ def unwritable(directory: Path) -> Iterator[None]:
         if undo:
             subprocess.run(undo, check=True)
         else:
-            directory.chmod(0o700)
+            for path in [directory, *directory.rglob("*")]:
+                path.chmod(0o700 if path.is_dir() else 0o600)
 
 
 def test_an_unwritable_state_dir_fails_writes_cleanly_and_keeps_serving_reads(broker_env):
     client = broker_env.client
     held = client.reserve("spacemit_x60_board_01", "alice")
-    with unwritable(broker_env.state.leases_dir):
+    with unwritable(broker_env.state.resources_dir):  # the ledger: logs, meta and lease files
         with pytest.raises(BrokerUnavailable, match="cannot write the state dir"):
             client.reserve(KEY, "bob")
         with pytest.raises(BrokerUnavailable, match="nothing was changed"):
@@ -121,18 +123,21 @@ def test_corrupt_records_are_moved_aside_without_a_crash_loop(broker_env):
     client = broker_env.client
     first = client.reserve(KEY, "alice")
     client.release(first.lease_id)
-    second = client.reserve(KEY, "bob")
-    broker_env.state.lease_path(second.lease_id).write_text('{"lease_id": "trunc')
+    os.kill(broker_env.actor_pid(f"resource:{KEY}"), signal.SIGKILL)  # restart: a checkpoint empties the log
+    second = client.reserve(KEY, "bob", wait=True, timeout_s=30)
+    broker_env.state.lease_path(first.lease_id).write_text('{"lease_id": "trunc')  # a torn, checkpointed record
     (broker_env.state.leases_dir / f"{KEY}.{'ab' * 16}.json").write_bytes(b"\x00\xffgarbage")
+    broker_env.state.lease_path(second.lease_id).write_text("{}")  # still in the log: healed from it
     os.kill(broker_env.actor_pid(f"resource:{KEY}"), signal.SIGKILL)
-    status = client.resources()[0]  # answers again: no crash loop
-    assert status.key == KEY
+    assert client.get_lease(second.lease_id).holder == "bob"  # answers again (the shim waits): no crash loop
+    status = client.resources()[0]
+    assert (status.holder, status.fencing_token) == ("bob", second.fencing_token)
     events = [e for e in journal(broker_env) if e["event"] == "ledger.corrupt_record"]
-    assert len(events) == 2 and all(Path(e["moved_to"]).parent == broker_env.state.corrupt_dir for e in events)
-    later = client.reserve("radiance_sim_lane_a", "carol")
-    assert later.state is LeaseState.GRANTED
-    again = client.reserve(KEY, "dave", wait=True, timeout_s=10)
-    assert again.fencing_token > second.fencing_token  # the lost record's token is never reused
+    assert len(events) == 3 and all(Path(e["moved_to"]).parent == broker_env.state.corrupt_dir for e in events)
+    assert json.loads(broker_env.state.lease_path(second.lease_id).read_text())["holder"] == "bob"
+    client.release(second.lease_id)
+    again = client.reserve(KEY, "dave")
+    assert again.fencing_token > second.fencing_token  # a lost record's token is never reused
 
 
 def test_many_clients_racing_for_a_free_key_exactly_one_wins(broker_env):

@@ -13,7 +13,7 @@ import pytest
 
 from broker.book import LeaseBook
 from broker.events import Journal, read_journal
-from broker.models import ReserveRequest
+from broker.models import Lease, ReserveRequest
 from broker.store import ResourceLedger, ResourceMeta, StateDir, write_files
 
 KEY = "spacemit_x60_board_01"
@@ -138,3 +138,38 @@ def test_event_sink_without_a_log_dir_uses_structlog(tmp_path):
     with capture_logs() as logs:
         sink.emit("run.started", run_id="run-1", resource="k")
     assert logs[0]["event"] == "run.started" and logs[0]["run_id"] == "run-1"
+
+
+def test_the_log_is_the_authority_until_a_checkpoint(tmp_path):
+    state = StateDir(tmp_path).ensure()
+    ledger = ResourceLedger(state, KEY)
+    book = LeaseBook(KEY)
+    granted = _granted_lease(book, "alice", 100.0)
+    ledger.write(granted.changed_leases)
+    released = book.release(granted.result.lease_id, 101.0)
+    ledger.write(released.changed_leases)
+    state.lease_path(granted.result.lease_id).write_text("{}")  # the view is damaged
+    with open(ledger.wal_path, "ab") as handle:
+        handle.write(b'{"leases":[{"lease_id": "torn')  # a write that was never acknowledged
+    contents = ResourceLedger(state, KEY).load()
+    (lease,) = contents.leases
+    assert lease.state.value == "released" and lease.lease_id in contents.replayed
+    assert len(contents.corrupt) == 1  # the damaged view, moved aside
+    fresh = ResourceLedger(state, KEY)
+    fresh.checkpoint(contents)
+    assert ledger.wal_path.read_bytes() == b""
+    assert json.loads(state.lease_path(lease.lease_id).read_text())["state"] == "released"
+    assert [l.state.value for l in ResourceLedger(state, KEY).load().leases] == ["released"]
+
+
+def test_deferred_file_updates_are_readable_before_they_are_written(tmp_path):
+    state = StateDir(tmp_path).ensure()
+    deferred: list = []
+    ledger = ResourceLedger(state, KEY, defer=deferred.append)
+    outcome = _granted_lease(LeaseBook(KEY), "alice", 100.0)
+    ledger.write(outcome.changed_leases)
+    assert not state.lease_path(outcome.result.lease_id).exists()
+    assert ledger.read_lease(outcome.result.lease_id) == outcome.result
+    (flush,) = deferred
+    flush()
+    assert Lease.model_validate_json(state.lease_path(outcome.result.lease_id).read_text()) == outcome.result
