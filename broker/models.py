@@ -11,22 +11,13 @@ from __future__ import annotations
 import hashlib
 import math
 import re
-import sys
 from collections.abc import Mapping
 from typing import Annotated, Any
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StrictBool, StrictInt, TypeAdapter, ValidationError
 
+from broker.compat import StrEnum
 from broker.errors import InvalidRequest, LeaseNotHeld
-
-if sys.version_info >= (3, 11):
-    from enum import StrEnum
-else:  # pragma: no cover - Python 3.10
-    from enum import Enum
-
-    class StrEnum(str, Enum):
-        def __str__(self) -> str:
-            return str(self.value)
 
 __all__ = [
     "RESOURCE_KEY_PATTERN",

@@ -29,12 +29,10 @@ from broker.models import Lease, LeaseState, lease_ref
 from broker.runs import (
     TERMINAL_RUN_STATUSES,
     RunRecord,
-    RunRequest,
     RunStatus,
     StepTiming,
     check_run_id,
-    executor_command,
-    new_run_id,
+    new_run,
     run_status_from_job,
     scan_artifacts,
 )
@@ -110,34 +108,18 @@ class RunManager:
         existing = self._by_request.get((holder, request_id))
         if existing is not None:
             return self._records[existing]
-        run_id = run_id or new_run_id()
-        now = time.time()
-        request = RunRequest(
-            run_id=run_id,
-            target_dir=str(target_dir),
+        request, record = new_run(
+            target_dir,
+            bundle,
             holder=holder,
             priority=priority,
             request_id=request_id,
             source=source,
-            submitted_at=now,
-        )
-        record = RunRecord(
+            python=self._python,
             run_id=run_id,
-            target=bundle.target,
-            workflow=bundle.workflow,
-            target_class=bundle.target_class,
-            source=source,
-            holder=holder,
-            priority=priority,
-            request_id=request_id,
-            resource=bundle.resource,
-            command=" ".join(executor_command(self._python, str(target_dir))),
-            workdir=str(target_dir),
-            artifact_dir=str(target_dir / bundle.artifact_dir),
             bundle_sha256=_file_sha256(target_dir / "bundle.json"),
-            created_at=now,
-            message="waiting for the lease" if bundle.resource else "submitting",
         )
+        run_id = record.run_id
         run_dir = self._run_dir(run_id)
         run_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         atomic_write(run_dir / "run_request.json", request.model_dump_json(indent=2).encode())

@@ -13,24 +13,14 @@ import hashlib
 import os
 import re
 import secrets
-import sys
 import time
 from pathlib import Path
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from broker.compat import StrEnum
 from broker.errors import InvalidRequest
-
-if sys.version_info >= (3, 11):
-    from enum import StrEnum
-else:  # pragma: no cover - Python 3.10
-    from enum import Enum
-
-    class StrEnum(str, Enum):
-        def __str__(self) -> str:
-            return str(self.value)
-
 
 __all__ = [
     "RunStatus",
@@ -39,6 +29,7 @@ __all__ = [
     "RunRecord",
     "StepTiming",
     "Artifact",
+    "new_run",
     "new_run_id",
     "check_run_id",
     "executor_command",
@@ -138,6 +129,51 @@ class RunRecord(BaseModel):
     def public(self) -> RunRecord:
         """The record as any caller may see it: the lease id is the holder's capability."""
         return self.model_copy(update={"lease_id": None})
+
+
+def new_run(
+    target_dir: Path,
+    bundle: Any,
+    *,
+    holder: str,
+    priority: int,
+    request_id: str,
+    source: str,
+    python: str,
+    run_id: str | None = None,
+    now: float | None = None,
+    bundle_sha256: str = "",
+) -> tuple[RunRequest, RunRecord]:
+    """The request and the first record of a run of ``bundle`` (an ExecutionBundle) from ``target_dir``."""
+    now = time.time() if now is None else now
+    run_id = run_id or new_run_id(now)
+    request = RunRequest(
+        run_id=run_id,
+        target_dir=str(target_dir),
+        holder=holder,
+        priority=priority,
+        request_id=request_id,
+        source=source,
+        submitted_at=now,
+    )
+    record = RunRecord(
+        run_id=run_id,
+        target=bundle.target,
+        workflow=bundle.workflow,
+        target_class=bundle.target_class,
+        source=source,
+        holder=holder,
+        priority=priority,
+        request_id=request_id,
+        resource=bundle.resource,
+        command=" ".join(executor_command(python, str(target_dir))),
+        workdir=str(target_dir),
+        artifact_dir=str(target_dir / bundle.artifact_dir),
+        bundle_sha256=bundle_sha256,
+        created_at=now,
+        message="waiting for the lease" if bundle.resource else "submitting",
+    )
+    return request, record
 
 
 def new_run_id(now: float | None = None) -> str:

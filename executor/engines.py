@@ -9,11 +9,10 @@ command to run — and returns a blocked handle instead of raising.
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
 from broker.errors import BrokerUnavailable
-from broker.runs import RunRecord, RunRequest, RunStatus, executor_command, new_run_id
+from broker.runs import RunRecord, RunStatus, new_run
 from broker.store import StateDir, atomic_write
 from executor.handles import BlockedJobHandle, LocalJobHandle, RayJobHandle
 from executor.local import BrokerFence
@@ -64,30 +63,14 @@ def write_blocked_record(
 ) -> RunRecord:
     """The run record of a submission that could not reach Ray: status blocked, what to run."""
     bundle = load_bundle(target_dir)
-    run_id = new_run_id()
-    now = time.time()
-    run_dir = state.runs_dir / run_id
+    request, record = new_run(
+        target_dir, bundle, holder=holder, priority=0, request_id=request_id, source=source, python=python
+    )
+    record = record.model_copy(
+        update={"status": RunStatus.BLOCKED, "message": f"not submitted: {why}", "ended_at": record.created_at}
+    )
+    run_dir = state.runs_dir / record.run_id
     run_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
-    request = RunRequest(
-        run_id=run_id, target_dir=str(target_dir), holder=holder, request_id=request_id, source=source, submitted_at=now
-    )
-    record = RunRecord(
-        run_id=run_id,
-        target=bundle.target,
-        workflow=bundle.workflow,
-        target_class=bundle.target_class,
-        source=source,
-        holder=holder,
-        request_id=request_id,
-        resource=bundle.resource,
-        command=" ".join(executor_command(python, str(target_dir))),
-        workdir=str(target_dir),
-        artifact_dir=str(target_dir / bundle.artifact_dir),
-        status=RunStatus.BLOCKED,
-        message=f"not submitted: {why}",
-        created_at=now,
-        ended_at=now,
-    )
     atomic_write(run_dir / "run_request.json", request.model_dump_json(indent=2).encode())
     atomic_write(run_dir / "run_record.json", record.model_dump_json(indent=2).encode())
     return record

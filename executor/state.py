@@ -7,24 +7,14 @@ state that ``--resume`` continues from.
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Mapping
 from dataclasses import dataclass
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from broker.compat import StrEnum
 from broker.errors import InvalidRequest
 from targetgen.bundle import BundleStep, ExecutionBundle
-
-if sys.version_info >= (3, 11):
-    from enum import StrEnum
-else:  # pragma: no cover - Python 3.10
-    from enum import Enum
-
-    class StrEnum(str, Enum):
-        def __str__(self) -> str:
-            return str(self.value)
-
 
 __all__ = [
     "StepStatus",

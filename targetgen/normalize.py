@@ -13,21 +13,11 @@ facts of two classes (or of none) is refused rather than guessed.
 from __future__ import annotations
 
 import re
-import sys
 import unicodedata
 from typing import TYPE_CHECKING
 
+from broker.compat import StrEnum
 from broker.errors import InvalidRequest
-
-if sys.version_info >= (3, 11):
-    from enum import StrEnum
-else:  # pragma: no cover - Python 3.10
-    from enum import Enum
-
-    class StrEnum(str, Enum):
-        def __str__(self) -> str:
-            return str(self.value)
-
 
 if TYPE_CHECKING:
     from targetgen.spec import TargetSpec
