@@ -8,6 +8,8 @@ renewing it from a background thread, and raises if the lease was lost.
 
 from __future__ import annotations
 
+import contextlib
+
 import getpass
 import socket
 import threading
@@ -129,10 +131,8 @@ class BrokerClient:
             return self.call("reserve", resource, holder, progress=progress, **kwargs)
         except KeyboardInterrupt:
             if wait:  # leave the queue rather than be granted a lease nobody will use
-                try:
+                with contextlib.suppress(BrokerError):
                     self.call("withdraw", resource, holder, request_id, answer_within_s=5.0)
-                except BrokerError:
-                    pass
             raise
 
     def release(self, lease_id: str) -> Lease:

@@ -12,6 +12,8 @@ environment; ``stop`` kills only the processes it started.
 
 from __future__ import annotations
 
+import contextlib
+
 import hashlib
 import importlib.metadata
 import json
@@ -243,10 +245,8 @@ def _kill_group(pgid: int, grace_s: float = STOP_GRACE_S) -> list[int]:
     pids = _group_pids(pgid)
     for sig in (signal.SIGTERM, signal.SIGKILL):
         for pid in pids:
-            try:
+            with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, sig)
-            except ProcessLookupError:
-                pass
         deadline = time.monotonic() + (grace_s if sig == signal.SIGTERM else 5.0)
         while time.monotonic() < deadline:
             pids = [pid for pid in pids if _exists(pid)]

@@ -15,6 +15,8 @@ in the same step.
 
 from __future__ import annotations
 
+import contextlib
+
 import asyncio
 import os
 import secrets
@@ -179,10 +181,8 @@ class ResourceActor:
             # another call for the same request is still waiting.
             self._forget_waiter(lease.lease_id, future)
             if not self._waiters.get(lease.lease_id):
-                try:
+                with contextlib.suppress(LeaseNotHeld, LeaseNotFound, BrokerUnavailable):  # granted or gone already
                     self._apply(lambda now: self._book.cancel(lease.lease_id, now, "waiter went away"))
-                except (LeaseNotHeld, LeaseNotFound, BrokerUnavailable):
-                    pass
             raise
 
     async def release(self, lease_id: str) -> Lease:
@@ -484,7 +484,7 @@ class ResourceActor:
             catalog = Catalog.model_validate(read_json(path))
             return catalog.resources.get(self._key, ResourceSpec()), catalog.broker
         except FileNotFoundError:
-            pass
+            return ResourceSpec(), Catalog(resources={self._key: ResourceSpec()}).broker
         except (OSError, ValueError) as exc:
             self._events.emit("resource.catalog_unreadable", level="error", resource=self._key, error=str(exc)[:200])
         return ResourceSpec(), Catalog(resources={self._key: ResourceSpec()}).broker

@@ -19,6 +19,8 @@ hold capabilities.
 
 from __future__ import annotations
 
+import contextlib
+
 import json
 import os
 import re
@@ -143,10 +145,8 @@ def write_files(items: Iterable[tuple[Path, bytes]], *, durable: bool = True) ->
             os.replace(tmp, path)
     except BaseException:
         for tmp, _ in staged:
-            try:
+            with contextlib.suppress(FileNotFoundError):
                 os.unlink(tmp)
-            except FileNotFoundError:
-                pass
         raise
     if not durable:
         return

@@ -12,6 +12,8 @@ Exit codes of ``merlin targetgen execute --engine local`` (see ``EXIT_*``):
 
 from __future__ import annotations
 
+import contextlib
+
 import fcntl
 import hashlib
 import json
@@ -289,11 +291,9 @@ class LocalEngine:
                 return None, f"cannot start {step.argv[0]!r}: {exc.strerror or exc}"
             deadline = time.monotonic() + step.timeout_s
             while True:
-                try:
+                with contextlib.suppress(subprocess.TimeoutExpired):
                     code = proc.wait(timeout=0.1)
                     break
-                except subprocess.TimeoutExpired:
-                    pass
                 if self.stop.is_set():
                     _kill_group(proc)
                     return proc.returncode, "stopped: the run was cancelled"
@@ -317,8 +317,6 @@ def _kill_group(proc: subprocess.Popen[bytes]) -> None:
             proc.wait(timeout=grace)
         except subprocess.TimeoutExpired:
             continue
-        try:  # the leader is gone; make sure its children are too
+        with contextlib.suppress(ProcessLookupError):  # the leader is gone; make sure its children are too
             os.killpg(proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
         return

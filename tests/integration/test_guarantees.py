@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import hashlib
 import json
 import os
@@ -88,12 +90,10 @@ def unwritable(directory: Path) -> Iterator[None]:
         undo = None
     try:
         probe = directory / ".probe"
-        try:
+        with contextlib.suppress(OSError):  # the write must fail: that is the fault under test
             probe.write_text("x")
             probe.unlink()
             pytest.skip("could not make the state dir unwritable on this machine")
-        except OSError:
-            pass
         yield
     finally:
         if undo:

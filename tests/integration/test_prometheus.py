@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import json
 import socket
 import subprocess
@@ -70,11 +72,9 @@ def test_a_real_prometheus_scrapes_the_broker(broker_env, tmp_path: Path):
         result: list = []
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline and not result:
-            try:
+            with contextlib.suppress(OSError):  # not listening yet
                 with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/v1/query?{query}", timeout=5) as response:
                     result = json.loads(response.read())["data"]["result"]
-            except OSError:
-                pass
             time.sleep(0.5)
         assert result, (tmp_path / "prometheus.log").read_text()[-2000:]
         assert result[0]["value"][1] == "1"
