@@ -192,14 +192,13 @@ class LeaseBook:
         for lease in sorted(ended, key=lambda item: item.ended_at or 0.0):
             book._ended.append(lease.lease_id)
         granted.sort(key=lambda item: item.fencing_token or 0)
+        if granted:
+            book._granted_id = granted[-1].lease_id
         with book._transaction(now) as outcome:
             for extra in granted[:-1]:
                 book._end(extra, LeaseState.EXPIRED, now, "superseded by a later grant on recovery", outcome)
-            if granted:
-                book._granted_id = granted[-1].lease_id
             book._advance(now, outcome)
-        book._undo = None
-        return book, outcome
+        return book, outcome  # rollback() undoes the fixes if they cannot be written
 
     # ------------------------------------------------------------------ queries
 

@@ -128,7 +128,11 @@ class ResourceActor:
         )
         try:
             self._ledger.write(fixes.changed_leases)
-        except OSError as exc:  # read-only disk: serve reads; the fixes are recomputed next start
+        except OSError as exc:
+            # Read-only disk: nothing that is not on disk may be told to anyone. Serve what
+            # was loaded; the timer retries the expiries while the disk refuses.
+            self._book.rollback()
+            fixes = Outcome()
             self._events.emit("ledger.write_failed", level="error", resource=key, error=str(exc))
         self._deliver(fixes)
         self._events.emit(

@@ -345,3 +345,14 @@ def test_request_for_another_key_is_refused():
     request = ReserveRequest(resource="other", holder="a", request_id="r")
     with pytest.raises(InvalidRequest):
         book.reserve(request, new_id(), 100.0)
+
+
+def test_the_fixes_of_a_restore_can_be_rolled_back():
+    book = LeaseBook(KEY)
+    alice = ask(book, "alice", 100.0, ttl_s=10).result
+    bob = ask(book, "bob", 101.0, wait=True).result
+    records = [book.get(alice.lease_id), book.get(bob.lease_id)]
+    restored, fixes = LeaseBook.restore(KEY, records, now=200.0)
+    assert [c.event for c in fixes.changes] == ["lease.expired", "lease.granted"]
+    restored.rollback()  # the ledger refused the fixes: serve what was loaded
+    assert restored.granted.lease_id == alice.lease_id and restored.queue[0].lease_id == bob.lease_id
