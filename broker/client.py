@@ -249,7 +249,7 @@ class BrokerClient:
         import ray
         from ray.exceptions import ActorUnavailableError, GetTimeoutError, RayActorError, RayTaskError
 
-        deadline = time.monotonic() + self.retry_s
+        deadline: float | None = None  # the retry window opens at the first failure (a wait may be long)
         delay = 0.05
         while True:
             handle = self._broker()
@@ -269,6 +269,7 @@ class BrokerClient:
                 raise BrokerUnavailable(f"the broker did not answer {method} within {answer_within_s:g}s") from None
             except (RayActorError, ActorUnavailableError):
                 self._handle = None
+                deadline = deadline or time.monotonic() + self.retry_s
                 if time.monotonic() >= deadline:
                     raise BrokerUnavailable(
                         f"the broker did not come back within {self.retry_s:g}s", "check `merlin broker status`"

@@ -417,7 +417,7 @@ class BrokerActor:
 
     async def _call(self, key: str, method: str, *args: Any, **kwargs: Any) -> Any:
         """Call ``resource:<key>``; retry (same arguments) while it restarts, up to ACTOR_RETRY_S."""
-        deadline = time.monotonic() + ACTOR_RETRY_S
+        deadline: float | None = None  # the retry window opens at the first failure (a wait may be long)
         delay = 0.05
         while True:
             handle = self._actor(key)
@@ -434,6 +434,7 @@ class BrokerActor:
             except (RayActorError, ActorUnavailableError) as err:
                 if isinstance(err, RayActorError) and not isinstance(err, ActorUnavailableError):
                     self._actors.pop(key, None)  # re-resolve: a killed actor may be a new one by now
+                deadline = deadline or time.monotonic() + ACTOR_RETRY_S
                 if time.monotonic() >= deadline:
                     raise BrokerUnavailable(
                         f"resource:{key} did not answer within {ACTOR_RETRY_S:g}s",

@@ -69,6 +69,9 @@ def main(argv: list[str] | None = None) -> int:
         args = build_parser().parse_args(argv)
         code = args.run(Context(args))
     except BrokerError as err:
+        cause = getattr(err, "cause", None)  # a RayTaskError(...) from a direct Ray call: its cause is ours
+        if isinstance(cause, BrokerError):
+            err = cause
         print(f"merlin: {type(err).__name__}: {err}", file=sys.stderr)
         return err.exit_code
     except KeyboardInterrupt:
