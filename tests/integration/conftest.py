@@ -83,6 +83,7 @@ def ray_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
     state = StateDir(tmp_path_factory.mktemp("cluster")).ensure()
     # The actors inherit the head's environment: probe resource actors every second.
     os.environ.setdefault("MERLIN_HEALTH_INTERVAL_S", "1")
+    os.environ.setdefault("MERLIN_ACTOR_RETRY_S", "8")  # short, so a test can wait past it
     try:
         bootstrap, _ = start_local(state)
         connect_ray(state, namespace="merlin-tests")

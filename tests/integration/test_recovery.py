@@ -154,3 +154,17 @@ def test_cluster_stop_and_start_restores_leases_and_queue(tmp_path):
         assert bob["expires_at"] - bob["granted_at"] > 500  # he came back: his full TTL, not the claim window
     finally:
         merlin("ray", "cluster", "stop")
+
+
+def test_a_long_waiter_survives_a_restart_after_the_retry_window(broker_env):
+    """The coordinator's retry window (8 s in tests) opens when the actor dies, not when the wait began."""
+    client = broker_env.client
+    alice = client.reserve("firesim_u250", "alice")
+    got: dict[str, object] = {}
+    waiter = threading.Thread(target=lambda: got.update(lease=client.reserve("firesim_u250", "bob", wait=True, timeout_s=120)))
+    waiter.start()
+    time.sleep(10.0)  # longer than the retry window
+    _kill_and_wait_for_new_pid(broker_env, "resource:firesim_u250")
+    client.release(alice.lease_id)
+    waiter.join(60)
+    assert got["lease"].state is LeaseState.GRANTED and got["lease"].holder == "bob"
