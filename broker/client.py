@@ -19,7 +19,7 @@ from collections.abc import Callable
 from typing import Any
 
 from broker.errors import BrokerError, BrokerUnavailable, LeaseNotFound, LeaseNotHeld
-from broker.models import BrokerStatus, Lease, LeaseState, ResourceStatus
+from broker.models import BrokerStatus, Lease, LeaseState, ResourceStatus, ResourceTable
 from broker.placement import COORDINATOR_NAME, namespace_from_env
 from broker.store import StateDir
 
@@ -182,8 +182,9 @@ class BrokerClient:
     def queue_position(self, resource: str, holder: str, request_id: str) -> int | None:
         return self.call("queue_position", resource, holder, request_id)
 
-    def resources(self) -> list[ResourceStatus]:
-        return self.call("resources")
+    def resources(self) -> ResourceTable:
+        """Every resource's status; renders as a table in a notebook."""
+        return ResourceTable(self.call("resources"))
 
     def status(self) -> BrokerStatus:
         return self.call("status")

@@ -33,6 +33,7 @@ __all__ = [
     "QueueEntry",
     "ResourceStatus",
     "BrokerStatus",
+    "ResourceTable",
     "ReserveRequest",
     "validated",
     "checked",
@@ -193,6 +194,35 @@ class ResourceStatus(BaseModel):
     labels: dict[str, str] = Field(default_factory=dict)
     properties: dict[str, Any] = Field(default_factory=dict)
     description: str = ""
+
+
+class ResourceTable(list):  # type: ignore[type-arg]
+    """What ``client.resources()`` returns: a plain list that renders as a table in Jupyter."""
+
+    def _repr_html_(self) -> str:
+        import html
+        import time
+
+        def cell(value: object) -> str:
+            return f"<td>{html.escape(str(value))}</td>"
+
+        rows = []
+        for status in self:
+            expires = "-"
+            if status.expires_at is not None:
+                expires = f"in {max(0, int(status.expires_at - time.time()))}s"
+            queue = ", ".join(entry.holder for entry in status.queue) or "-"
+            labels = ", ".join(f"{k}={v}" for k, v in status.labels.items())
+            rows.append(
+                "<tr>"
+                + "".join(
+                    cell(v)
+                    for v in (status.key, status.state.value, status.holder or "-", status.fencing_token or "-", expires, queue, labels)
+                )
+                + "</tr>"
+            )
+        head = "".join(f"<th>{name}</th>" for name in ("resource", "state", "holder", "token", "expires", "queue", "labels"))
+        return f"<table><thead><tr>{head}</tr></thead><tbody>{''.join(rows)}</tbody></table>"
 
 
 class BrokerStatus(BaseModel):

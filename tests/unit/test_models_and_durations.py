@@ -74,3 +74,16 @@ def test_lease_ids_route_to_their_key_and_refs_hide_them():
     for bad in ["", "firesim_u250", "firesim_u250.xyz", "../etc/passwd", "a." + "0" * 31, None, 42]:
         with pytest.raises(InvalidRequest):
             resource_of_lease_id(bad)
+
+
+def test_resource_tables_render_in_a_notebook_and_escape_what_they_show():
+    from broker.models import QueueEntry, ResourceState, ResourceStatus, ResourceTable
+
+    table = ResourceTable([
+        ResourceStatus(key="firesim_u250", state=ResourceState.LEASED, holder="<alice>", fencing_token=3,
+                       queue=(QueueEntry(position=1, holder="bob", priority=0, queued_at=1.0, ref="abc"),),
+                       labels={"kind": "fpga"}),
+    ])  # fmt: skip
+    html = table._repr_html_()
+    assert "<table>" in html and "firesim_u250" in html and "&lt;alice&gt;" in html and "bob" in html
+    assert isinstance(table, list) and table[0].key == "firesim_u250"
