@@ -64,6 +64,8 @@ def run(
     keys = ["bench_key_00"]
     broker_up(state, namespace, _catalog(keys))
     ctx = BenchContext(state=state, namespace=namespace, keys=keys, quick=quick)
+    # A fresh head keeps starting its dashboard modules for a while: let it settle.
+    time.sleep(ctx.samples(15.0, 2.0))
     results: list[Result] = []
     try:
         for name, scenario in _scenarios().items():
