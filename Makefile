@@ -20,12 +20,13 @@ setup: $(VENV)/.installed
 # promtool and prometheus (Debian package) for the metrics tests; installed when we may (root + apt).
 tools:
 	@command -v promtool >/dev/null 2>&1 || { \
-	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	  if [ "$$(id -u)" = 0 ]; then SUDO=; else SUDO="sudo -n"; fi; \
+	  if command -v apt-get >/dev/null 2>&1 && { [ -z "$$SUDO" ] || sudo -n true 2>/dev/null; }; then \
 	    echo "installing Debian's prometheus package (promtool, prometheus) for the metrics tests"; \
 	    export DEBIAN_FRONTEND=noninteractive; \
-	    apt-get install -y -qq --no-install-recommends prometheus >/dev/null 2>&1 || \
-	      { apt-get update -qq >/dev/null 2>&1 && apt-get install -y -qq --no-install-recommends prometheus >/dev/null; }; \
-	    (systemctl disable --now prometheus || service prometheus stop) >/dev/null 2>&1 || true; \
+	    $$SUDO apt-get install -y -qq --no-install-recommends prometheus >/dev/null 2>&1 || \
+	      { $$SUDO apt-get update -qq >/dev/null 2>&1 && $$SUDO apt-get install -y -qq --no-install-recommends prometheus >/dev/null; }; \
+	    ($$SUDO systemctl disable --now prometheus || $$SUDO service prometheus stop) >/dev/null 2>&1 || true; \
 	  else \
 	    echo "note: promtool/prometheus are not installed; their tests are skipped (apt-get install prometheus)"; \
 	  fi; }
