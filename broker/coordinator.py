@@ -112,7 +112,7 @@ class BrokerActor:
             self._adopt(catalog)
         self._runs = RunManager(self._state, self._events, self._call, self._board.set_runs, namespace=namespace)
         self._runs.load()  # re-attaches to every unfinished run
-        self._watcher = asyncio.get_running_loop().create_task(self._watch())
+        self._watcher = self._loop.create_task(self._watch())
         self._events.emit(
             "broker.started",
             pid=os.getpid(),

@@ -32,7 +32,6 @@ from executor.state import (
     BundleStatus,
     Finished,
     RunState,
-    RunStep,
     SkipStep,
     StepStatus,
     WaitAtGate,

@@ -25,7 +25,7 @@ from targetgen.bundle import BundleStep, Gate
 from targetgen.graph import check_steps
 from targetgen.ladders import DEFAULT_LADDERS, NEW_RUNG_TIMEOUT_S, DefaultRung
 from targetgen.normalize import TARGET_NAME_PATTERN, TargetClass, classify
-from targetgen.spec import Platform, RungSpec, TargetSpec
+from targetgen.spec import Platform, TargetSpec
 from targetgen.standins import ACTIONS
 
 __all__ = ["PYTHON_PLACEHOLDER", "Rung", "SupportPlan", "support_plan", "resolve_resource"]
