@@ -21,6 +21,7 @@ import ray
 
 from broker.errors import BrokerUnavailable, LeaseNotHeld, NotAuthorized, ResourceBusy
 from broker.models import LeaseState, ResourceState
+from tests.conftest import unavailable
 from tests.integration.conftest import TEST_CATALOG, make_broker
 
 pytestmark = pytest.mark.ray
@@ -82,7 +83,7 @@ def unwritable(directory: Path) -> Iterator[None]:
     if os.geteuid() == 0:
         made = subprocess.run(["chattr", "-R", "+i", str(directory)], capture_output=True)
         if made.returncode != 0:
-            pytest.skip(f"cannot make {directory} immutable here: {made.stderr.decode().strip()}")
+            unavailable(f"cannot make {directory} immutable here: {made.stderr.decode().strip()}")
         undo = ["chattr", "-R", "-i", str(directory)]
     else:
         for path in [directory, *directory.rglob("*")]:
@@ -93,7 +94,7 @@ def unwritable(directory: Path) -> Iterator[None]:
         with contextlib.suppress(OSError):  # the write must fail: that is the fault under test
             probe.write_text("x")
             probe.unlink()
-            pytest.skip("could not make the state dir unwritable on this machine")
+            unavailable("could not make the state dir unwritable on this machine")
         yield
     finally:
         if undo:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -14,6 +13,8 @@ import urllib.request
 import pytest
 import ray
 from prometheus_client.parser import text_string_to_metric_families
+
+from tests.conftest import require_tool
 
 pytestmark = pytest.mark.ray
 
@@ -121,9 +122,7 @@ def test_a_resource_actor_that_stops_answering_is_down(broker_env):
 
 
 def test_exposition_passes_promtool(broker_env):
-    promtool = shutil.which("promtool")
-    if promtool is None:
-        pytest.skip("promtool not installed (Debian package 'prometheus'; .ci/run installs it)")
+    promtool = require_tool("promtool")
     client = broker_env.client
     client.release(client.reserve(KEY, "alice").lease_id)
     with urllib.request.urlopen(broker_env.metrics_url(), timeout=10) as response:
