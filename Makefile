@@ -28,7 +28,7 @@ tools:
 	      { $$SUDO apt-get update -qq >/dev/null 2>&1 && $$SUDO apt-get install -y -qq --no-install-recommends prometheus >/dev/null; }; \
 	    ($$SUDO systemctl disable --now prometheus || $$SUDO service prometheus stop) >/dev/null 2>&1 || true; \
 	  else \
-	    echo "note: promtool/prometheus are not installed; their tests are skipped (apt-get install prometheus)"; \
+	    echo "note: promtool/prometheus are not installed: their tests will fail (apt-get install prometheus, or MERLIN_REQUIRE_TOOLS=0 to skip them)"; \
 	  fi; }
 
 demo: setup
