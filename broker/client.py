@@ -9,7 +9,6 @@ renewing it from a background thread, and raises if the lease was lost.
 from __future__ import annotations
 
 import contextlib
-
 import getpass
 import socket
 import threading
@@ -18,10 +17,10 @@ import uuid
 from collections.abc import Callable
 from typing import Any
 
+from broker.disk.store import StateDir
 from broker.errors import BrokerError, BrokerUnavailable, LeaseNotFound, LeaseNotHeld
 from broker.models import BrokerStatus, Lease, LeaseState, ResourceStatus, ResourceTable
-from broker.placement import COORDINATOR_NAME, namespace_from_env
-from broker.store import StateDir
+from broker.seam.placement import COORDINATOR_NAME, namespace_from_env
 
 __all__ = ["connect", "BrokerClient", "HeldLease", "default_holder"]
 
@@ -72,7 +71,7 @@ def connect(
         BrokerUnavailable: no cluster answers, or no broker runs in it (the
             message names the command to run). Never hangs.
     """
-    from broker.cluster import connect_ray
+    from broker.seam.cluster import connect_ray
 
     namespace = namespace or namespace_from_env()
     connect_ray(StateDir.from_env(state_dir), address=address, namespace=namespace)
@@ -111,9 +110,7 @@ class BrokerClient:
         """
         holder = default_holder() if holder is None else holder
         request_id = uuid.uuid4().hex if request_id is None else request_id
-        kwargs = dict(
-            ttl_s=ttl_s, wait=wait, timeout_s=timeout_s, priority=priority, request_id=request_id, note=note
-        )
+        kwargs = dict(ttl_s=ttl_s, wait=wait, timeout_s=timeout_s, priority=priority, request_id=request_id, note=note)
         progress = None
         if on_position is not None and wait:
             last: list[int | None] = [-1]

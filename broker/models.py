@@ -16,7 +16,7 @@ from typing import Annotated, Any
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StrictBool, StrictInt, TypeAdapter, ValidationError
 
-from broker.compat import StrEnum
+from broker.core.compat import StrEnum
 from broker.errors import InvalidRequest, LeaseNotHeld
 
 __all__ = [
@@ -217,11 +217,21 @@ class ResourceTable(list):  # type: ignore[type-arg]
                 "<tr>"
                 + "".join(
                     cell(v)
-                    for v in (status.key, status.state.value, status.holder or "-", status.fencing_token or "-", expires, queue, labels)
+                    for v in (
+                        status.key,
+                        status.state.value,
+                        status.holder or "-",
+                        status.fencing_token or "-",
+                        expires,
+                        queue,
+                        labels,
+                    )
                 )
                 + "</tr>"
             )
-        head = "".join(f"<th>{name}</th>" for name in ("resource", "state", "holder", "token", "expires", "queue", "labels"))
+        head = "".join(
+            f"<th>{name}</th>" for name in ("resource", "state", "holder", "token", "expires", "queue", "labels")
+        )
         return f"<table><thead><tr>{head}</tr></thead><tbody>{''.join(rows)}</tbody></table>"
 
 

@@ -11,9 +11,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from broker.core.runs import RunRecord, RunStatus, new_run
+from broker.disk.store import StateDir, atomic_write
 from broker.errors import BrokerUnavailable
-from broker.runs import RunRecord, RunStatus, new_run
-from broker.store import StateDir, atomic_write
 from executor.handles import BlockedJobHandle, LocalJobHandle, RayJobHandle
 from executor.local import BrokerFence
 from targetgen.bundle import load_bundle

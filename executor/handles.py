@@ -14,8 +14,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
+from broker.core.runs import TERMINAL_RUN_STATUSES, RunRecord, RunStatus
 from broker.errors import BrokerError
-from broker.runs import TERMINAL_RUN_STATUSES, RunRecord, RunStatus
 from executor.state import BundleStatus, RunState
 
 __all__ = [

@@ -13,7 +13,6 @@ Exit codes of ``merlin targetgen execute --engine local`` (see ``EXIT_*``):
 from __future__ import annotations
 
 import contextlib
-
 import fcntl
 import hashlib
 import json
@@ -26,8 +25,8 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from broker.disk.store import atomic_write
 from broker.errors import InvalidRequest, StaleFencingToken
-from broker.store import atomic_write
 from executor.state import (
     BundleStatus,
     Finished,
@@ -227,7 +226,10 @@ class LocalEngine:
                 hint = f"merlin targetgen approve {self.target_dir} {step.id}"
                 prompt = step.gate.prompt if step.gate else ""
                 state = state.model_copy(
-                    update={"status": BundleStatus.AWAITING_GATE, "message": f"waiting at {step.id!r}: {prompt} ({hint})"}
+                    update={
+                        "status": BundleStatus.AWAITING_GATE,
+                        "message": f"waiting at {step.id!r}: {prompt} ({hint})",
+                    }
                 )
                 _save(self.target_dir, state)
                 self.report(state.message)
@@ -279,7 +281,9 @@ class LocalEngine:
         log_path.parent.mkdir(exist_ok=True)
         env = {**os.environ, **step.env, "MERLIN_TARGET_DIR": str(self.target_dir), "MERLIN_STEP_ID": step.id}
         with open(log_path, "ab") as log:
-            log.write(f"--- attempt {attempt} at {time.strftime('%Y-%m-%dT%H:%M:%S')}: {' '.join(step.argv)}\n".encode())
+            log.write(
+                f"--- attempt {attempt} at {time.strftime('%Y-%m-%dT%H:%M:%S')}: {' '.join(step.argv)}\n".encode()
+            )
             log.flush()
             try:
                 proc = subprocess.Popen(

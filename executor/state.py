@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from broker.compat import StrEnum
+from broker.core.compat import StrEnum
 from broker.errors import InvalidRequest
 from targetgen.bundle import BundleStep, ExecutionBundle
 
@@ -128,9 +128,7 @@ def move(state: RunState, step_id: str, target: StepStatus, now: float, **fields
     """Move one step through the transition table; ``InvalidRequest`` names an illegal move."""
     current = state.step(step_id)
     if target not in STEP_TRANSITIONS[current.status]:
-        raise InvalidRequest(
-            f"step {step_id!r} cannot go from {current.status.value} to {target.value}", "step"
-        )
+        raise InvalidRequest(f"step {step_id!r} cannot go from {current.status.value} to {target.value}", "step")
     return state.with_step(current.model_copy(update={"status": target, **fields}), now)
 
 
@@ -179,11 +177,15 @@ def prepare_resume(state: RunState, now: float) -> RunState:
     """Before resuming: re-run a step a crash interrupted, retry a failed one."""
     for step in state.steps:
         if step.status in (StepStatus.RUNNING, StepStatus.FAILED):
-            state = move(state, step.id, StepStatus.PENDING, now, message=f"retrying after: {step.message or step.status.value}")
+            state = move(
+                state, step.id, StepStatus.PENDING, now, message=f"retrying after: {step.message or step.status.value}"
+            )
     return state.model_copy(update={"status": BundleStatus.PENDING, "message": "", "ended_at": None})
 
 
-def approve(bundle: ExecutionBundle, state: RunState, step_id: str, by: str, now: float, *, skip: bool = False) -> RunState:
+def approve(
+    bundle: ExecutionBundle, state: RunState, step_id: str, by: str, now: float, *, skip: bool = False
+) -> RunState:
     """Record an operator's decision on a gated step (before or while the run waits there)."""
     step = bundle.step(step_id)
     current = state.step(step_id)

@@ -122,7 +122,9 @@ class ExecutionBundle(BaseModel):
         for step in self.steps:
             if step.id == step_id:
                 return step
-        raise InvalidRequest(f"no step {step_id!r} in bundle {self.target!r} (steps: {', '.join(s.id for s in self.steps)})", "step")
+        raise InvalidRequest(
+            f"no step {step_id!r} in bundle {self.target!r} (steps: {', '.join(s.id for s in self.steps)})", "step"
+        )
 
 
 def topological_order(steps: tuple[BundleStep, ...] | list[BundleStep]) -> list[BundleStep]:
@@ -175,7 +177,7 @@ def load_bundle(target_dir: Path) -> ExecutionBundle:
 
 
 def write_bundle(target_dir: Path, bundle: ExecutionBundle) -> Path:
-    from broker.store import atomic_write
+    from broker.disk.store import atomic_write
 
     path = Path(target_dir) / BUNDLE_FILE
     atomic_write(path, bundle.model_dump_json(indent=2).encode())

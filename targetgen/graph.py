@@ -55,9 +55,7 @@ def check_steps(steps: Sequence[BundleStep], source: str) -> None:
     for step in steps:
         if step.id in seen:
             rungs = f"rung {step.rung}" if seen[step.id] == step.rung else f"rungs {seen[step.id]} and {step.rung}"
-            raise InvalidRequest(
-                f"{source}: duplicate step id {step.id!r} in {rungs}: give each step its own id", "id"
-            )
+            raise InvalidRequest(f"{source}: duplicate step id {step.id!r} in {rungs}: give each step its own id", "id")
         seen[step.id] = step.rung
     for step in steps:
         unknown = [need for need in step.needs if need not in seen]

@@ -16,7 +16,7 @@ import re
 import unicodedata
 from typing import TYPE_CHECKING
 
-from broker.compat import StrEnum
+from broker.core.compat import StrEnum
 from broker.errors import InvalidRequest
 
 if TYPE_CHECKING:

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from broker.catalog import Catalog
+from broker.core.catalog import Catalog
 from broker.errors import InvalidRequest
 from targetgen.bundle import BundleStep, Gate
 from targetgen.graph import check_steps

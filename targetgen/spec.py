@@ -64,7 +64,7 @@ from pydantic import (
     model_validator,
 )
 
-from broker.durations import parse_duration
+from broker.core.durations import parse_duration
 from broker.errors import InvalidRequest
 from broker.models import RESOURCE_KEY_PATTERN
 from targetgen.bundle import STEP_ID_PATTERN
@@ -364,7 +364,7 @@ def load_spec(path: str | Path) -> TargetSpec:
     except OSError as exc:
         raise InvalidRequest(f"cannot read spec {path}: {exc.strerror}", "spec") from None
     try:
-        data = yaml.load(raw.decode("utf-8"), Loader=_UniqueKeyLoader)  # noqa: S506 - a SafeLoader subclass
+        data = yaml.load(raw.decode("utf-8"), Loader=_UniqueKeyLoader)
     except UnicodeDecodeError:
         raise InvalidRequest(f"{path}: not UTF-8 text", "spec") from None
     except yaml.YAMLError as exc:

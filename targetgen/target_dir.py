@@ -22,8 +22,8 @@ from pathlib import Path
 
 from pydantic import ValidationError
 
+from broker.disk.store import atomic_write
 from broker.errors import InvalidRequest
-from broker.store import atomic_write
 from targetgen.plan import SupportPlan
 from targetgen.spec import TargetSpec, load_spec
 

@@ -80,11 +80,14 @@ def main(argv: list[str] | None = None) -> int:
     except BrokenPipeError:  # `merlin ... | head`: the reader left; not an error
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
-    except Exception as err:  # noqa: BLE001 - the CLI's promise: one line, no traceback
+    except Exception as err:
         if os.environ.get("MERLIN_DEBUG"):
             raise
         text = str(err).strip().splitlines()[0][:300] if str(err).strip() else ""
-        print(f"merlin: internal error: {type(err).__name__}: {text} (MERLIN_DEBUG=1 shows the traceback)", file=sys.stderr)
+        print(
+            f"merlin: internal error: {type(err).__name__}: {text} (MERLIN_DEBUG=1 shows the traceback)",
+            file=sys.stderr,
+        )
         return 1
     sys.stdout.flush()
     return int(code or 0)

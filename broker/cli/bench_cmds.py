@@ -10,7 +10,7 @@ __all__ = ["register"]
 
 
 def register(top: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
-    from broker.bench.runner import SCENARIOS
+    from broker.devtools.bench.runner import SCENARIOS
 
     bench = top.add_parser(
         "bench",
@@ -26,7 +26,7 @@ def register(top: argparse._SubParsersAction, common: argparse.ArgumentParser) -
 
 
 def _bench(ctx: Context) -> int:
-    from broker.bench.runner import as_json, render, run
+    from broker.devtools.bench.runner import as_json, render, run
 
     results = run(quick=ctx.args.quick, address=ctx.address, only=ctx.args.only)
     if ctx.args.json:

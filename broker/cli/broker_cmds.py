@@ -8,11 +8,11 @@ from pathlib import Path
 
 import yaml
 
-from broker.catalog import load_catalog
 from broker.cli.common import Context, admin_secret, admin_secret_option, emit_json, json_option, when
 from broker.client import default_holder
+from broker.core.catalog import load_catalog
 from broker.errors import BrokerUnavailable
-from broker.metrics import DEFAULT_METRICS_HOST, DEFAULT_METRICS_PORT
+from broker.http.metrics import DEFAULT_METRICS_HOST, DEFAULT_METRICS_PORT
 
 __all__ = ["register"]
 
@@ -67,7 +67,7 @@ def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -
 
 
 def _up(ctx: Context) -> int:
-    from broker.deploy import broker_up
+    from broker.actors.deploy import broker_up
 
     catalog_path = Path(ctx.args.catalog)
     catalog = load_catalog(catalog_path)  # fail on a bad catalog before touching the cluster
@@ -90,7 +90,7 @@ def _up(ctx: Context) -> int:
 
 
 def _down(ctx: Context) -> int:
-    from broker.deploy import broker_down
+    from broker.actors.deploy import broker_down
 
     ctx.connect_ray()
     ctx.client().call("authorize_down", by=ctx.args.by or default_holder(), admin_secret=admin_secret(ctx.args))
@@ -103,7 +103,7 @@ def _admin_secret(ctx: Context) -> int:
     import hashlib
     import secrets
 
-    from broker.store import atomic_write
+    from broker.disk.store import atomic_write
 
     secret = secrets.token_urlsafe(32)
     atomic_write(Path(ctx.args.to), secret.encode())

@@ -28,7 +28,7 @@ def register(top: argparse._SubParsersAction, common: argparse.ArgumentParser) -
 def _chaos(ctx: Context) -> int:
     from dataclasses import replace
 
-    from broker.chaos.runner import LONG, SHORT, run_chaos
+    from broker.devtools.chaos.runner import LONG, SHORT, run_chaos
 
     settings = LONG if ctx.args.long else SHORT
     settings = replace(settings, seed=ctx.args.seed)

@@ -6,8 +6,8 @@ import argparse
 import shlex
 
 from broker.cli.common import Context, emit_json, json_option, note, when
-from broker.cluster import cluster_alive, read_bootstrap, start_local, stop_local
 from broker.errors import BrokerUnavailable
+from broker.seam.cluster import cluster_alive, read_bootstrap, start_local, stop_local
 
 __all__ = ["register"]
 
@@ -53,7 +53,9 @@ def _start(ctx: Context) -> int:
         emit_json({"started": started, **bootstrap.model_dump(mode="json")})
         return 0
     verb = "started" if started else "already running"
-    print(f"Ray head {verb} at {bootstrap.gcs_address} (dashboard {bootstrap.dashboard_url}, auth {bootstrap.auth_mode})")
+    print(
+        f"Ray head {verb} at {bootstrap.gcs_address} (dashboard {bootstrap.dashboard_url}, auth {bootstrap.auth_mode})"
+    )
     print(f"recorded in {ctx.state.bootstrap_path}")
     if started:
         note("next: merlin broker up")

@@ -11,9 +11,9 @@ from typing import Any
 
 from pydantic import BaseModel
 
-from broker.durations import format_duration, parse_duration
-from broker.placement import namespace_from_env
-from broker.store import StateDir
+from broker.core.durations import format_duration, parse_duration
+from broker.disk.store import StateDir
+from broker.seam.placement import namespace_from_env
 
 __all__ = [
     "admin_secret",
@@ -69,7 +69,9 @@ def admin_secret(args: argparse.Namespace) -> str | None:
             with open(args.admin_secret_file, encoding="utf-8") as handle:
                 return handle.read().strip()
         except OSError as exc:
-            raise InvalidRequest(f"cannot read --admin-secret-file {args.admin_secret_file}: {exc.strerror}", "admin_secret") from None
+            raise InvalidRequest(
+                f"cannot read --admin-secret-file {args.admin_secret_file}: {exc.strerror}", "admin_secret"
+            ) from None
     return admin_secret_from_env()
 
 
@@ -115,7 +117,7 @@ class Context:
             return None
 
     def connect_ray(self) -> Any:
-        from broker.cluster import connect_ray
+        from broker.seam.cluster import connect_ray
 
         return connect_ray(self.state, address=self.address, namespace=self.namespace)
 

@@ -8,10 +8,10 @@ import time
 from typing import Any
 
 from broker.cli.common import Context, duration_arg, emit_json, json_option, table, when
-from broker.durations import format_duration
+from broker.core.durations import format_duration
+from broker.core.history import select_events, summarize_usage
+from broker.disk.journal import read_journal
 from broker.errors import InvalidRequest
-from broker.events import read_journal
-from broker.history import select_events, summarize_usage
 from broker.models import is_resource_key
 
 __all__ = ["register_events", "register_history"]

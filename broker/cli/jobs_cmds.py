@@ -16,9 +16,9 @@ from typing import Any
 
 from broker.cli.common import Context, emit_json, json_option, note, table, when
 from broker.client import default_holder
+from broker.core.runs import Artifact, RunRecord, check_run_id, safe_artifact_path, scan_artifacts
+from broker.disk.store import read_json
 from broker.errors import InvalidRequest
-from broker.runs import Artifact, RunRecord, check_run_id, safe_artifact_path, scan_artifacts
-from broker.store import read_json
 
 __all__ = ["register_jobs", "register_artifacts", "print_run"]
 
@@ -60,7 +60,9 @@ def add_submit_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--holder", default=None, help="who the run's lease is for (default: user@host)")
     parser.add_argument("--priority", type=int, default=0, help="higher runs first (default 0)")
     parser.add_argument("--request-id", default=None, help="idempotency key: the same id returns the same run")
-    parser.add_argument("--wait", action="store_true", help="wait for the run to end; exit non-zero unless it succeeded")
+    parser.add_argument(
+        "--wait", action="store_true", help="wait for the run to end; exit non-zero unless it succeeded"
+    )
     json_option(parser)
 
 
@@ -89,7 +91,9 @@ def load_record(ctx: Context, run_id: str) -> RunRecord:
 
 
 def print_run(record: RunRecord) -> None:
-    print(f"{record.run_id}  {record.status.value}  {record.target} on {record.resource or '-'}  holder {record.holder}")
+    print(
+        f"{record.run_id}  {record.status.value}  {record.target} on {record.resource or '-'}  holder {record.holder}"
+    )
     if record.message:
         print(f"  {record.message}")
     print(f"  queued {when(record.created_at)}; started {when(record.started_at)}; ended {when(record.ended_at)}")
@@ -123,7 +127,7 @@ def _submit(ctx: Context) -> int:
 
 def finish_submission(ctx: Context, handle: Any) -> int:
     """Print (and with --wait, follow) a submitted run; the exit code says how it went."""
-    from broker.runs import RunStatus
+    from broker.core.runs import RunStatus
 
     record = handle.record
     if record.status is RunStatus.BLOCKED:

@@ -39,9 +39,13 @@ def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -
     )
     reserve.add_argument("resource", help="resource key, e.g. firesim_u250")
     reserve.add_argument("--holder", default=None, help="who holds it (default: user@host)")
-    reserve.add_argument("--ttl", type=duration_arg("ttl"), default=3600.0, help="lease time, e.g. 90s, 10m, 2h (default 1h)")
+    reserve.add_argument(
+        "--ttl", type=duration_arg("ttl"), default=3600.0, help="lease time, e.g. 90s, 10m, 2h (default 1h)"
+    )
     reserve.add_argument("--wait", action="store_true", help="queue if busy and wait for the grant")
-    reserve.add_argument("--timeout", type=duration_arg("timeout"), default=None, help="with --wait: give up after this long")
+    reserve.add_argument(
+        "--timeout", type=duration_arg("timeout"), default=None, help="with --wait: give up after this long"
+    )
     reserve.add_argument("--priority", type=int, default=0, help="higher is served first (default 0)")
     reserve.add_argument("--note", default="", help="why you need it (shown to others)")
     reserve.add_argument("--request-id", default=None, help="idempotency key: the same id returns the same lease")
@@ -55,7 +59,9 @@ def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -
 
     renew = resources.add_parser("renew", parents=[common], help="extend a lease you hold")
     renew.add_argument("lease_id")
-    renew.add_argument("--ttl", type=duration_arg("ttl"), default=None, help="new time from now (default: the lease's TTL)")
+    renew.add_argument(
+        "--ttl", type=duration_arg("ttl"), default=None, help="new time from now (default: the lease's TTL)"
+    )
     json_option(renew)
     renew.set_defaults(run=_renew)
 

@@ -63,12 +63,14 @@ def _target_options(parser: argparse.ArgumentParser) -> None:
     where.add_argument("--from-dir", dest="from_dir", default=None, help="a target dir holding target.yaml")
     where.add_argument("--spec", default=None, help="a spec file; copied into --dir (default build/targets/<name>)")
     parser.add_argument("--dir", default=None, help="with --spec: the target dir to create")
-    parser.add_argument("--catalog", default=None, help="resource catalog (default: the broker's, else configs/resources.yaml)")
+    parser.add_argument(
+        "--catalog", default=None, help="resource catalog (default: the broker's, else configs/resources.yaml)"
+    )
 
 
 def _catalog(ctx: Context) -> Any:
-    from broker.catalog import Catalog, load_catalog
-    from broker.store import read_json
+    from broker.core.catalog import Catalog, load_catalog
+    from broker.disk.store import read_json
 
     if ctx.args.catalog:
         return load_catalog(ctx.args.catalog)
@@ -108,7 +110,9 @@ def _plan(ctx: Context) -> int:
     if ctx.args.json:
         emit_json(plan)
         return 0
-    print(f"{plan.target} ({plan.target_class.value}) on {plan.resource or 'no hardware'}: {len(plan.rungs)} rungs -> {path}")
+    print(
+        f"{plan.target} ({plan.target_class.value}) on {plan.resource or 'no hardware'}: {len(plan.rungs)} rungs -> {path}"
+    )
     rows = [
         [rung.name, rung.resource or "-", ", ".join(step.id for step in rung.steps), "; ".join(rung.gates) or "-"]
         for rung in plan.rungs

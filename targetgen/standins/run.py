@@ -15,8 +15,8 @@ import math
 import os
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path, PurePosixPath
-from typing import Callable
 
 from targetgen.standins import ACTIONS, EXIT_INJECTED_FAILURE, EXIT_MISSING_INPUT, EXIT_USAGE, StandinAction
 

@@ -16,8 +16,8 @@ from typing import Any
 import pytest
 
 from broker.client import BrokerClient
-from broker.cluster import Bootstrap, connect_ray, start_local, stop_local
-from broker.store import StateDir
+from broker.disk.store import StateDir
+from broker.seam.cluster import Bootstrap, connect_ray, start_local, stop_local
 
 ROOT = Path(__file__).resolve().parents[2]
 TEST_CATALOG: dict[str, Any] = {
@@ -96,7 +96,7 @@ def ray_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
 
 
 def make_broker(cluster: Cluster, root: Path, catalog: dict[str, Any] | None = None) -> BrokerEnv:
-    from broker.deploy import broker_up
+    from broker.actors.deploy import broker_up
 
     namespace = f"t-{uuid.uuid4().hex[:10]}"
     state = StateDir(root).ensure()
@@ -107,7 +107,7 @@ def make_broker(cluster: Cluster, root: Path, catalog: dict[str, Any] | None = N
 
 @pytest.fixture
 def broker_env(ray_cluster: Cluster, tmp_path: Path) -> Iterator[BrokerEnv]:
-    from broker.deploy import broker_down
+    from broker.actors.deploy import broker_down
 
     env = make_broker(ray_cluster, tmp_path / "state")
     yield env

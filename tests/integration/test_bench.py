@@ -10,7 +10,7 @@ import sys
 
 import pytest
 
-from broker.bench.runner import SCENARIOS
+from broker.devtools.bench.runner import SCENARIOS
 
 pytestmark = pytest.mark.ray
 

@@ -16,7 +16,7 @@ def test_short_chaos_run_keeps_every_promise(tmp_path):
     env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_", "MERLIN_"))}
     env["MERLIN_STATE_DIR"] = str(tmp_path / "unused")  # the run makes its own cluster and state dir
     out = subprocess.run(
-        [sys.executable, "-m", "broker.chaos", "--short", "--json"],
+        [sys.executable, "-m", "broker.devtools.chaos", "--short", "--json"],
         env=env, capture_output=True, text=True, timeout=600,
     )  # fmt: skip
     result = json.loads(out.stdout)

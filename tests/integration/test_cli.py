@@ -13,7 +13,9 @@ pytestmark = pytest.mark.ray
 
 
 def test_reserve_list_release_with_json(broker_env):
-    reserved = broker_env.cli("ray", "resources", "reserve", "firesim_u250", "--holder", "ci-nightly", "--ttl", "10m", "--json")
+    reserved = broker_env.cli(
+        "ray", "resources", "reserve", "firesim_u250", "--holder", "ci-nightly", "--ttl", "10m", "--json"
+    )
     assert reserved.returncode == 0, reserved.stderr
     lease = json.loads(reserved.stdout)
     assert lease["holder"] == "ci-nightly" and lease["state"] == "granted"
@@ -75,7 +77,9 @@ def test_reserve_wait_shows_its_place_in_the_queue(broker_env):
 
 def test_wait_timeout_exit_code(broker_env):
     broker_env.client.reserve("radiance_sim_lane_a", "alice")
-    out = broker_env.cli("ray", "resources", "reserve", "radiance_sim_lane_a", "--holder", "ci", "--wait", "--timeout", "1s")
+    out = broker_env.cli(
+        "ray", "resources", "reserve", "radiance_sim_lane_a", "--holder", "ci", "--wait", "--timeout", "1s"
+    )
     assert out.returncode == 9 and "timed out" in out.stderr
 
 

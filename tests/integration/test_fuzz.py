@@ -24,7 +24,16 @@ BAD = {
     "priority": [1.5, 10**9, -(10**9), "1", True, None],
     "request_id": ["", "has space", "r" * 300, 5, "ü", "a/../b\n"],
     "note": ["n" * 5000, 5, HUGE],
-    "lease_id": ["", "nope", "firesim_u250." + "z" * 32, None, 12, "../../etc/passwd", "firesim_u250." + "0" * 31, HUGE],
+    "lease_id": [
+        "",
+        "nope",
+        "firesim_u250." + "z" * 32,
+        None,
+        12,
+        "../../etc/passwd",
+        "firesim_u250." + "0" * 31,
+        HUGE,
+    ],
     "on": ["on", 1, None, "true"],
     "reason": ["\x00", "r" * 1000, 5, None],
     "fencing_token": ["1", 1.5, None, True],
@@ -89,7 +98,11 @@ def _state_files(env) -> dict[str, bytes]:
 
 
 def _lease_events(env) -> list[str]:
-    return [line for line in env.state.events_path.read_text().splitlines() if '"event":"lease.' in line or '"event":"run.' in line]
+    return [
+        line
+        for line in env.state.events_path.read_text().splitlines()
+        if '"event":"lease.' in line or '"event":"run.' in line
+    ]
 
 
 _BEFORE: dict[str, tuple[dict[str, bytes], list[str]]] = {}
@@ -117,7 +130,7 @@ def test_missing_and_extra_arguments_are_refused_before_the_actor(broker_env):
     for call in (
         lambda: broker.reserve.remote("firesim_u250"),
         lambda: broker.reserve.remote("firesim_u250", "alice", colour="red"),
-        lambda: broker.release.remote(),
+        lambda: broker.release.remote(),  # noqa: PLW0108 - the call must happen inside pytest.raises
         lambda: broker.revoke.remote("firesim_u250", "why", "positional-holder"),
     ):
         with pytest.raises(TypeError):

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-
 import hashlib
 import json
 import os
@@ -42,7 +41,9 @@ with client.lease(sys.argv[1], "doomed-holder", ttl_s=2.0, heartbeat_s=0.3) as h
 
 
 def test_a_killed_holder_loses_its_lease_at_its_ttl_and_the_next_waiter_gets_it(broker_env):
-    proc = subprocess.Popen([sys.executable, "-c", HOLDER, KEY], env=broker_env.env(), stdout=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", HOLDER, KEY], env=broker_env.env(), stdout=subprocess.PIPE, text=True
+    )
     line = proc.stdout.readline()
     assert line.startswith("held"), line
     lease_id = line.split()[1]
@@ -59,17 +60,19 @@ def test_a_killed_holder_loses_its_lease_at_its_ttl_and_the_next_waiter_gets_it(
 
 
 def test_max_hold_warns_then_reclaims(ray_cluster, tmp_path):
-    from broker.deploy import broker_down
+    from broker.actors.deploy import broker_down
 
     catalog = json.loads(json.dumps(TEST_CATALOG))
     catalog["resources"][KEY].update({"max_hold": "3s", "warn_before": "2s"})
     env = make_broker(ray_cluster, tmp_path / "state", catalog)
     try:
         warned = threading.Event()
-        with pytest.raises(LeaseNotHeld):
-            with env.client.lease(KEY, "greedy", ttl_s=1.0, heartbeat_s=0.2, on_expiring=lambda _: warned.set()) as held:
-                assert held.lease.must_end_by - held.lease.granted_at == pytest.approx(3.0)
-                time.sleep(5.0)  # renewals cannot pass must_end_by
+        with (
+            pytest.raises(LeaseNotHeld),
+            env.client.lease(KEY, "greedy", ttl_s=1.0, heartbeat_s=0.2, on_expiring=lambda _: warned.set()) as held,
+        ):
+            assert held.lease.must_end_by - held.lease.granted_at == pytest.approx(3.0)
+            time.sleep(5.0)  # renewals cannot pass must_end_by
         assert warned.is_set()
         names = [e["event"] for e in journal(env) if e.get("holder") == "greedy"]
         assert names.index("lease.expiring") < names.index("lease.expired")
@@ -202,7 +205,7 @@ def test_release_racing_expiry_and_renew_racing_revoke_never_give_two_holders(br
 
 
 def test_admin_acts_need_the_secret_and_are_journaled(ray_cluster, tmp_path):
-    from broker.deploy import broker_down
+    from broker.actors.deploy import broker_down
 
     secret = "s3cret-for-tests"
     catalog = json.loads(json.dumps(TEST_CATALOG))
@@ -268,7 +271,7 @@ def _listening_sockets() -> dict[str, list[str]]:
 
 
 def test_every_listener_of_the_cluster_and_broker_is_on_loopback(broker_env, ray_cluster):
-    from broker.cluster import _group_pids
+    from broker.seam.cluster import _group_pids
 
     pids = set(_group_pids(ray_cluster.bootstrap.pgid)) | {broker_env.actor_pid("broker")}
     sockets = _listening_sockets()
@@ -298,5 +301,8 @@ def test_state_files_are_private(broker_env):
         mode = path.stat().st_mode & 0o777
         if path.is_dir():
             assert mode == 0o700, path
-        elif path.parent.name in ("leases", "resources", "runs", "logs") or path.name in ("events.jsonl", "catalog.json"):
+        elif path.parent.name in ("leases", "resources", "runs", "logs") or path.name in (
+            "events.jsonl",
+            "catalog.json",
+        ):
             assert mode == 0o600, path

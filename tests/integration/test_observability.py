@@ -173,7 +173,9 @@ print(json.dumps({"code": code, "ray_imported": "ray" in sys.modules}), file=sys
 
 def test_cli_reads_resources_without_importing_ray(broker_env):
     broker_env.client.reserve(KEY, "alice")
-    out = subprocess.run([sys.executable, "-c", READ_WITHOUT_RAY], env=broker_env.env(), capture_output=True, text=True, timeout=60)
+    out = subprocess.run(
+        [sys.executable, "-c", READ_WITHOUT_RAY], env=broker_env.env(), capture_output=True, text=True, timeout=60
+    )
     verdict = json.loads(out.stderr.strip().splitlines()[-1])
     assert verdict == {"code": 0, "ray_imported": False}, out.stderr
     assert json.loads(out.stdout)[0]["holder"] == "alice"

@@ -25,7 +25,7 @@ def _kill_and_wait_for_new_pid(env, name: str) -> tuple[int, int]:
     while time.monotonic() < deadline:
         try:
             new = env.actor_pid(name)
-        except Exception:  # noqa: BLE001 - restarting: RayActorError / ActorUnavailableError
+        except Exception:
             time.sleep(0.1)
             continue
         if new != old:
@@ -72,7 +72,7 @@ def test_kill_9_of_the_coordinator_loses_nothing(broker_env):
 
 
 def test_detached_actors_outlive_the_driver_that_made_them(ray_cluster, tmp_path):
-    from broker.deploy import broker_down
+    from broker.actors.deploy import broker_down
     from tests.integration.conftest import TEST_CATALOG, make_broker
 
     env = make_broker(ray_cluster, tmp_path / "seed")  # only to get a namespace and a state dir
@@ -161,7 +161,9 @@ def test_a_long_waiter_survives_a_restart_after_the_retry_window(broker_env):
     client = broker_env.client
     alice = client.reserve("firesim_u250", "alice")
     got: dict[str, object] = {}
-    waiter = threading.Thread(target=lambda: got.update(lease=client.reserve("firesim_u250", "bob", wait=True, timeout_s=120)))
+    waiter = threading.Thread(
+        target=lambda: got.update(lease=client.reserve("firesim_u250", "bob", wait=True, timeout_s=120))
+    )
     waiter.start()
     time.sleep(10.0)  # longer than the retry window
     _kill_and_wait_for_new_pid(broker_env, "resource:firesim_u250")

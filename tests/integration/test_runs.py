@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pytest
 
+from broker.core.runs import RunStatus
 from broker.errors import InvalidRequest, UnknownResource
 from broker.models import ResourceState
-from broker.runs import RunStatus
 from targetgen.bundle import ExecutionBundle, write_bundle
 
 pytestmark = pytest.mark.ray
@@ -25,11 +25,13 @@ def target(root: Path, name: str, resource: str | None, seconds: float = 1.0, ex
     directory = root / name
     directory.mkdir(parents=True)
     code = (
-        "import os, pathlib, sys, time; time.sleep(%r); p = pathlib.Path('artifacts/out.txt'); "
-        "p.parent.mkdir(exist_ok=True); p.write_text(os.environ.get('MERLIN_FENCING_TOKEN', '-')); sys.exit(%d)"
-    ) % (seconds, exit_code)
+        f"import os, pathlib, sys, time; time.sleep({seconds!r}); p = pathlib.Path('artifacts/out.txt'); "
+        f"p.parent.mkdir(exist_ok=True); p.write_text(os.environ.get('MERLIN_FENCING_TOKEN', '-')); sys.exit({exit_code:d})"
+    )
     step = {"id": "hold", "argv": [PY, "-c", code], "resource": resource}
-    bundle = ExecutionBundle.model_validate({"target": name, "target_class": "silicon_board", "resource": resource, "steps": [step]})
+    bundle = ExecutionBundle.model_validate(
+        {"target": name, "target_class": "silicon_board", "resource": resource, "steps": [step]}
+    )
     write_bundle(directory, bundle)
     return directory
 

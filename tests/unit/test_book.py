@@ -6,7 +6,7 @@ import itertools
 
 import pytest
 
-from broker.book import WAIT_TIMED_OUT, LeaseBook
+from broker.core.book import WAIT_TIMED_OUT, LeaseBook
 from broker.errors import InvalidRequest, LeaseNotFound, LeaseNotHeld, ResourceBusy, StaleFencingToken
 from broker.models import LeaseState, ReserveRequest
 

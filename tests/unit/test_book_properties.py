@@ -12,7 +12,7 @@ from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
 
-from broker.book import LeaseBook, Maintenance, Outcome
+from broker.core.book import LeaseBook, Maintenance, Outcome
 from broker.errors import BrokerError
 from broker.models import Lease, LeaseState, ReserveRequest
 

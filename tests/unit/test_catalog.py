@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from broker.catalog import load_catalog, parse_catalog
+from broker.core.catalog import load_catalog, parse_catalog
 from broker.errors import InvalidRequest
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from broker.chaos.checker import ClientOp, check
+from broker.devtools.chaos.checker import ClientOp, check
 
 
 def lease(lease_id, token, granted_at, ended_at, *, state="released", holder="a", request_id=None, resource="k"):
@@ -12,7 +12,11 @@ def lease(lease_id, token, granted_at, ended_at, *, state="released", holder="a"
     }  # fmt: skip
 
 
-CLEAN = [lease("l1", 1, 10.0, 20.0), lease("l2", 2, 20.0, 25.0, state="expired"), lease("l3", 3, 26.0, None, state="granted")]
+CLEAN = [
+    lease("l1", 1, 10.0, 20.0),
+    lease("l2", 2, 20.0, 25.0, state="expired"),
+    lease("l3", 3, 26.0, None, state="granted"),
+]
 JOURNAL = [{"seq": 1}, {"seq": 2}, {"seq": 3}]
 
 

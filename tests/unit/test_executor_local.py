@@ -105,7 +105,9 @@ def test_a_crash_mid_step_is_rerun_on_resume(tmp_path):
     bundle_state = new_state(ExecutionBundle.model_validate_json((target / "bundle.json").read_text()), "x")
     from executor.local import _bundle_sha256, _save
 
-    crashed = move(bundle_state.model_copy(update={"bundle_sha256": _bundle_sha256(target)}), "build", StepStatus.RUNNING, 1.0)
+    crashed = move(
+        bundle_state.model_copy(update={"bundle_sha256": _bundle_sha256(target)}), "build", StepStatus.RUNNING, 1.0
+    )
     _save(target, crashed.model_copy(update={"status": BundleStatus.RUNNING}))
     state = LocalEngine(target).run(resume=True)
     assert state.status is BundleStatus.SUCCEEDED and state.step("build").attempts == 1
@@ -179,7 +181,7 @@ def test_wait_all_fails_fast(tmp_path):
 
 
 def test_blocked_handles_fail_wait_all_at_once():
-    from broker.runs import RunRecord, RunStatus
+    from broker.core.runs import RunRecord, RunStatus
 
     record = RunRecord(run_id="run-20260101-000000-00000000", target="t", workflow="w", source="s", holder="h",
                        request_id="r", resource=None, command="c", workdir="/w", artifact_dir="/w/a",

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from broker.history import select_events, summarize_usage
+from broker.core.history import select_events, summarize_usage
 
 KEY = "spacemit_x60_board_01"
 

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, generate_latest
 
-from broker.book import LeaseBook
-from broker.metrics import BrokerCollector, MetricsBoard, RunStats
+from broker.core.book import LeaseBook
+from broker.core.usage import ResourceSnapshot, UsageCounters
+from broker.http.metrics import BrokerCollector, MetricsBoard, RunStats
 from broker.models import ReserveRequest
-from broker.usage import ResourceSnapshot, UsageCounters
 
 KEY = "firesim_u250"
 
@@ -22,8 +22,12 @@ def _book_with_history():
             seen.observe(change.event, change.lease)
         return outcome.result
 
-    alice = run(book.reserve(ReserveRequest(resource=KEY, holder="alice", request_id="a", ttl_s=100), next(ids), 1000.0))
-    run(book.reserve(ReserveRequest(resource=KEY, holder="bob", request_id="b", wait=True, ttl_s=30), next(ids), 1010.0))
+    alice = run(
+        book.reserve(ReserveRequest(resource=KEY, holder="alice", request_id="a", ttl_s=100), next(ids), 1000.0)
+    )
+    run(
+        book.reserve(ReserveRequest(resource=KEY, holder="bob", request_id="b", wait=True, ttl_s=30), next(ids), 1010.0)
+    )
     run(book.release(alice.lease_id, 1050.0))  # alice held 50 s; bob waited 40 s
     run(book.tick(1080.0))  # bob's 30 s ran out
     carol = run(book.reserve(ReserveRequest(resource=KEY, holder="carol", request_id="c"), next(ids), 1100.0))

@@ -6,14 +6,23 @@ import math
 
 import pytest
 
-from broker.durations import format_duration, parse_duration
+from broker.core.durations import format_duration, parse_duration
 from broker.errors import InvalidRequest
 from broker.models import Holder, ReserveRequest, TtlSeconds, checked, lease_ref, resource_of_lease_id, validated
 
 
 @pytest.mark.parametrize(
     ("text", "seconds"),
-    [("90s", 90), ("10m", 600), ("2h", 7200), ("1h30m", 5400), ("1d", 86400), ("45", 45), ("0.5s", 0.5), (" 2H ", 7200)],
+    [
+        ("90s", 90),
+        ("10m", 600),
+        ("2h", 7200),
+        ("1h30m", 5400),
+        ("1d", 86400),
+        ("45", 45),
+        ("0.5s", 0.5),
+        (" 2H ", 7200),
+    ],
 )
 def test_durations_parse(text, seconds):
     assert parse_duration(text) == seconds

@@ -11,10 +11,10 @@ import sys
 
 import pytest
 
-from broker.book import LeaseBook
-from broker.events import Journal, read_journal
+from broker.core.book import LeaseBook
+from broker.disk.journal import Journal, read_journal
+from broker.disk.store import ResourceLedger, ResourceMeta, StateDir, write_files
 from broker.models import Lease, ReserveRequest
-from broker.store import ResourceLedger, ResourceMeta, StateDir, write_files
 
 KEY = "spacemit_x60_board_01"
 
@@ -108,15 +108,15 @@ def test_journal_survives_a_torn_last_line(tmp_path):
 
 def test_pure_core_imports_no_ray():
     code = (
-        "import sys, broker, broker.book, broker.models, broker.store, broker.catalog, broker.events, "
-        "broker.durations, broker.cluster; print(json.dumps(sorted(m for m in sys.modules if m.split('.')[0] == 'ray')))"
+        "import sys, broker, broker.core.book, broker.models, broker.disk.store, broker.core.catalog, broker.disk.journal, "
+        "broker.core.durations, broker.seam.cluster; print(json.dumps(sorted(m for m in sys.modules if m.split('.')[0] == 'ray')))"
     )
     out = subprocess.run([sys.executable, "-c", "import json; " + code], capture_output=True, text=True, check=True)
     assert json.loads(out.stdout) == []
 
 
 def test_event_sink_logs_json_lines_to_its_own_file_and_journals_the_same_event(tmp_path):
-    from broker.events import EventSink
+    from broker.disk.journal import EventSink
 
     sink = EventSink(tmp_path / "events.jsonl", "resource:firesim_u250", tmp_path / "logs")
     sink.emit("lease.granted", resource="firesim_u250", holder="alice", lease="abc123", run_id=None)
@@ -132,7 +132,7 @@ def test_event_sink_logs_json_lines_to_its_own_file_and_journals_the_same_event(
 def test_event_sink_without_a_log_dir_uses_structlog(tmp_path):
     from structlog.testing import capture_logs
 
-    from broker.events import EventSink
+    from broker.disk.journal import EventSink
 
     sink = EventSink(tmp_path / "events.jsonl", "broker")
     with capture_logs() as logs:
@@ -159,7 +159,7 @@ def test_the_log_is_the_authority_until_a_checkpoint(tmp_path):
     fresh.checkpoint(contents)
     assert ledger.wal_path.read_bytes() == b""
     assert json.loads(state.lease_path(lease.lease_id).read_text())["state"] == "released"
-    assert [l.state.value for l in ResourceLedger(state, KEY).load().leases] == ["released"]
+    assert [record.state.value for record in ResourceLedger(state, KEY).load().leases] == ["released"]
 
 
 def test_deferred_file_updates_are_readable_before_they_are_written(tmp_path):

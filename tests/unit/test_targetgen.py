@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 import targetgen
-from broker.catalog import load_catalog
+from broker.core.catalog import load_catalog
 from targetgen import (
     ExecutionBundle,
     TargetClass,

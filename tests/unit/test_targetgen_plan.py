@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 import yaml
 
-from broker.catalog import load_catalog
+from broker.core.catalog import load_catalog
 from broker.errors import InvalidRequest
 from targetgen import (
     SupportPlan,
@@ -349,4 +349,3 @@ def test_the_plan_is_plain_json(tmp_path):
     assert data["target_class"] == "rtl_simulation" and data["resource"] == "radiance_sim_lane_a"
     assert [rung["name"] for rung in data["rungs"]] == ["verilate", "simulate", "check-results"]
     assert SupportPlan.model_validate(data) == plan
-

@@ -2,8 +2,8 @@
 
 What it owns: the resource catalog (persisted as ``catalog.json`` in the state
 dir), one handle per resource actor, routing, the run queue of execution
-bundles with their records (:mod:`broker.run_manager`), and the metrics
-endpoint (:mod:`broker.metrics`). It holds no lease state: every lease call
+bundles with their records (:mod:`broker.actors.run_manager`), and the metrics
+endpoint (:mod:`broker.http.metrics`). It holds no lease state: every lease call
 is forwarded to ``resource:<key>``, which owns that key.
 
 Guarantees:
@@ -38,29 +38,29 @@ from typing import Any
 import ray
 from ray.exceptions import ActorUnavailableError, GetTimeoutError, RayActorError, RayTaskError
 
-from broker.catalog import Catalog, parse_catalog
+from broker.actors.resource import RemoteResourceActor
+from broker.actors.run_manager import RunManager
+from broker.core.catalog import Catalog, parse_catalog
+from broker.core.runs import RunRecord, new_run_id
+from broker.core.usage import ResourceSnapshot
+from broker.disk.journal import EventSink
+from broker.disk.store import StateDir, atomic_write, read_json
 from broker.errors import BrokerError, BrokerUnavailable, InvalidRequest, LeaseNotFound, NotAuthorized, UnknownResource
-from broker.events import EventSink
-from broker.http_api import serve
-from broker.metrics import DEFAULT_METRICS_HOST, DEFAULT_METRICS_PORT, MetricsBoard
+from broker.http.api import serve
+from broker.http.metrics import DEFAULT_METRICS_HOST, DEFAULT_METRICS_PORT, MetricsBoard
 from broker.models import (
     BrokerStatus,
     Holder,
     Lease,
     Priority,
     RequestId,
-    checked,
     ResourceState,
     ResourceStatus,
+    checked,
     is_resource_key,
     resource_of_lease_id,
 )
-from broker.placement import actor_options, resource_actor_name
-from broker.resource_actor import RemoteResourceActor
-from broker.run_manager import RunManager
-from broker.runs import RunRecord, new_run_id
-from broker.store import StateDir, atomic_write, read_json
-from broker.usage import ResourceSnapshot
+from broker.seam.placement import actor_options, resource_actor_name
 
 __all__ = ["BrokerActor", "RemoteBrokerActor", "VERSION"]
 
@@ -105,7 +105,9 @@ class BrokerActor:
                 )
                 self._metrics_url, self._api_url = f"{base}/metrics", f"{base}/api/v1"
             except OSError as exc:  # a busy port must not crash-loop the coordinator
-                self._events.emit("metrics.unavailable", level="error", host=metrics_host, port=metrics_port, error=str(exc))
+                self._events.emit(
+                    "metrics.unavailable", level="error", host=metrics_host, port=metrics_port, error=str(exc)
+                )
         self._record_endpoints()
         catalog = self._load_catalog()
         if catalog is not None:
@@ -269,7 +271,11 @@ class BrokerActor:
 
         holder = checked(Holder, holder, "holder")
         priority = checked(Priority, priority, "priority")
-        request_id = checked(RequestId, request_id, "request_id") if request_id is not None else f"broker-{secrets.token_hex(12)}"
+        request_id = (
+            checked(RequestId, request_id, "request_id")
+            if request_id is not None
+            else f"broker-{secrets.token_hex(12)}"
+        )
         source = checked(Holder, source, "source")
         run_id = None
         if isinstance(bundle_dir_or_bundle, (str, os.PathLike)):
@@ -278,7 +284,11 @@ class BrokerActor:
                 raise InvalidRequest(f"target dir {str(target_dir)!r} must be an absolute path", "bundle")
             bundle = load_bundle(target_dir)
         elif isinstance(bundle_dir_or_bundle, (ExecutionBundle, dict)):
-            data = bundle_dir_or_bundle.model_dump() if isinstance(bundle_dir_or_bundle, ExecutionBundle) else bundle_dir_or_bundle
+            data = (
+                bundle_dir_or_bundle.model_dump()
+                if isinstance(bundle_dir_or_bundle, ExecutionBundle)
+                else bundle_dir_or_bundle
+            )
             bundle = parse_bundle(data, "bundle")
             run_id = new_run_id()
             target_dir = self._state.runs_dir / run_id / "target"

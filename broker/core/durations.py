@@ -26,9 +26,7 @@ def parse_duration(text: str | float | int, *, field: str = "duration") -> float
         except ValueError:
             parts = _PART.findall(cleaned)
             if not parts or "".join(number + unit for number, unit in parts) != cleaned:
-                raise InvalidRequest(
-                    f"invalid {field}: {text!r} (use e.g. 90s, 10m, 2h, 1h30m, 1d)", field
-                ) from None
+                raise InvalidRequest(f"invalid {field}: {text!r} (use e.g. 90s, 10m, 2h, 1h30m, 1d)", field) from None
             seconds = sum(float(number) * _UNIT_S[unit] for number, unit in parts)
     if not math.isfinite(seconds) or seconds < 0:
         raise InvalidRequest(f"invalid {field}: {text!r} must be a finite, non-negative duration", field)

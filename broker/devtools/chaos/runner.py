@@ -5,7 +5,7 @@ Short mode (CI): 25 s, 4 clients, 2 keys. Long mode (the README's figures):
 coordinator at random every 1-4 s and SIGKILLs its process; Ray restarts it;
 the clients' shim retries with the same request ids. Afterwards every lease
 record, the journal and every answer a client got go through
-:func:`broker.chaos.checker.check`.
+:func:`broker.devtools.chaos.checker.check`.
 """
 
 from __future__ import annotations
@@ -25,8 +25,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from broker.chaos.checker import ClientOp, Report, check
-from broker.events import read_journal
+from broker.devtools.chaos.checker import ClientOp, Report, check
+from broker.disk.journal import read_journal
 
 __all__ = ["ChaosSettings", "SHORT", "LONG", "run_chaos"]
 
@@ -61,14 +61,17 @@ class ChaosResult:
             "keys": self.settings.keys,
             "kills": len(self.kills),
             "kills_by_target": {
-                target: sum(1 for kill in self.kills if kill["target"] == target) for target in ("coordinator", "resource")
+                target: sum(1 for kill in self.kills if kill["target"] == target)
+                for target in ("coordinator", "resource")
             },
             **self.report.as_dict(),
             "workdir": self.workdir,
         }
 
 
-def _killer(namespace: str, keys: list[str], settings: ChaosSettings, stop: threading.Event, kills: list[dict[str, Any]]) -> None:
+def _killer(
+    namespace: str, keys: list[str], settings: ChaosSettings, stop: threading.Event, kills: list[dict[str, Any]]
+) -> None:
     import ray
 
     rng = random.Random(settings.seed + 1000)
@@ -92,7 +95,7 @@ def _settle(namespace: str, keys: list[str], timeout_s: float = 120.0) -> None:
             try:
                 ray.get(ray.get_actor(name, namespace=namespace).ping.remote(), timeout=10)
                 break
-            except Exception:  # noqa: BLE001 - still restarting
+            except Exception:
                 if time.monotonic() > deadline:
                     raise
                 time.sleep(0.2)
@@ -105,9 +108,9 @@ def run_chaos(
     workdir: Path | None = None,
     progress: Callable[[str], None] = lambda line: print(line, file=sys.stderr, flush=True),
 ) -> ChaosResult:
-    from broker.cluster import connect_ray, start_local, stop_local
-    from broker.deploy import broker_down, broker_up
-    from broker.store import StateDir
+    from broker.actors.deploy import broker_down, broker_up
+    from broker.disk.store import StateDir
+    from broker.seam.cluster import connect_ray, start_local, stop_local
 
     started = time.monotonic()
     workdir = Path(workdir or tempfile.mkdtemp(prefix="merlin-chaos-"))
@@ -138,13 +141,15 @@ def run_chaos(
             }
             procs.append(
                 subprocess.Popen(
-                    [sys.executable, "-m", "broker.chaos.client", json.dumps(spec)],
+                    [sys.executable, "-m", "broker.devtools.chaos.client", json.dumps(spec)],
                     stdout=subprocess.PIPE,
-                    stderr=open(logs_dir / f"client-{index}.err", "wb"),  # noqa: SIM115
+                    stderr=open(logs_dir / f"client-{index}.err", "wb"),
                     text=True,
                 )
             )
-        progress(f"chaos: {settings.clients} clients on {settings.keys} keys for {settings.duration_s:g}s, killing actors ...")
+        progress(
+            f"chaos: {settings.clients} clients on {settings.keys} keys for {settings.duration_s:g}s, killing actors ..."
+        )
         stop = threading.Event()
         killer = threading.Thread(target=_killer, args=(namespace, keys, settings, stop, kills), daemon=True)
         time.sleep(5.0)

@@ -1,6 +1,6 @@
 """Per-board history from the audit journal: how often, by whom, for how long. Pure.
 
-Reads journal records (dicts as :func:`broker.events.read_journal` yields
+Reads journal records (dicts as :func:`broker.disk.journal.read_journal` yields
 them) and pairs each ``lease.granted`` with the event that ended the lease
 (matched by the public lease ``ref``). Holds are clipped to the window, so
 utilization is the share of the window the board was held.

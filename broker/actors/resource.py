@@ -1,6 +1,6 @@
 """``resource:<key>``: the async Ray actor that owns one key's leases.
 
-A thin shell around :class:`broker.book.LeaseBook`. Each call runs one book
+A thin shell around :class:`broker.core.book.LeaseBook`. Each call runs one book
 command, writes what it changed to the ledger, and only then answers, wakes
 waiters and logs. Nothing awaits between the command and the write, so calls
 never interleave inside one state change.
@@ -15,9 +15,8 @@ in the same step.
 
 from __future__ import annotations
 
-import contextlib
-
 import asyncio
+import contextlib
 import os
 import secrets
 import time
@@ -25,10 +24,12 @@ from typing import Any
 
 import ray
 
-from broker.book import WAIT_TIMED_OUT, Change, LeaseBook, Outcome, release_ended
-from broker.catalog import Catalog, ResourceSpec
+from broker.core.book import WAIT_TIMED_OUT, Change, LeaseBook, Outcome, release_ended
+from broker.core.catalog import Catalog, ResourceSpec
+from broker.core.usage import ResourceSnapshot, UsageCounters
+from broker.disk.journal import EventSink
+from broker.disk.store import ResourceLedger, ResourceMeta, StateDir, read_json
 from broker.errors import BrokerUnavailable, InvalidRequest, LeaseNotFound, LeaseNotHeld, WaitTimeout
-from broker.events import EventSink
 from broker.models import (
     Holder,
     Lease,
@@ -44,14 +45,13 @@ from broker.models import (
     resource_of_lease_id,
     validated,
 )
-from broker.placement import COORDINATOR_NAME
-from broker.store import ResourceLedger, ResourceMeta, StateDir, read_json
-from broker.usage import ResourceSnapshot, UsageCounters
+from broker.seam.placement import COORDINATOR_NAME
 
 __all__ = ["ResourceActor", "resource_status"]
 
 # Metrics snapshots trail state changes by at most this long (Prometheus scrapes every ~15 s).
 PUSH_DELAY_S = 0.1
+
 
 def resource_status(book: LeaseBook) -> ResourceStatus:
     """What anyone may see of a book: no lease ids, only public refs."""
@@ -240,9 +240,7 @@ class ResourceActor:
         if request_id is not None:
             request_id = checked(RequestId, request_id, "request_id")
         outcome = self._apply(
-            lambda now: self._book.revoke(
-                reason, now, expected_holder=expected_holder, by=by, request_id=request_id
-            )
+            lambda now: self._book.revoke(reason, now, expected_holder=expected_holder, by=by, request_id=request_id)
         )
         return outcome.result  # type: ignore[return-value]
 

@@ -11,13 +11,13 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from broker.bench.stats import Result, Summary
+from broker.devtools.bench.stats import Result, Summary
 
 __all__ = ["run", "render", "SCENARIOS"]
 
 
 def _scenarios() -> dict[str, Callable[..., Result]]:
-    from broker.bench import dispatch, latency, recovery, scale
+    from broker.devtools.bench import dispatch, latency, recovery, scale
 
     return {
         "cycle": latency.cycle,
@@ -47,10 +47,10 @@ def run(
     progress: Callable[[str], None] = lambda line: print(line, file=sys.stderr, flush=True),
 ) -> list[Result]:
     """Run the scenarios; starts (and stops) a loopback cluster of its own unless ``address`` is given."""
-    from broker.bench.common import BenchContext
-    from broker.cluster import connect_ray, start_local, stop_local
-    from broker.deploy import broker_down, broker_up
-    from broker.store import StateDir
+    from broker.actors.deploy import broker_down, broker_up
+    from broker.devtools.bench.common import BenchContext
+    from broker.disk.store import StateDir
+    from broker.seam.cluster import connect_ray, start_local, stop_local
 
     workdir = Path(tempfile.mkdtemp(prefix="merlin-bench-"))
     state = StateDir(workdir / "state").ensure()
@@ -117,9 +117,7 @@ def as_json(results: list[Result]) -> list[dict[str, Any]]:
                 name: value.as_dict() if isinstance(value, Summary) else value for name, value in result.figures.items()
             },
             "notes": result.notes,
-            "targets": [
-                {"target": t.text, "value": t.value, "limit": t.limit, "met": t.met} for t in result.targets
-            ],
+            "targets": [{"target": t.text, "value": t.value, "limit": t.limit, "met": t.met} for t in result.targets],
         }
         for result in results
     ]

@@ -13,8 +13,8 @@ from typing import Any
 
 import ray
 
-from broker.bench.common import BenchContext
-from broker.bench.stats import Result, Target, summarize
+from broker.devtools.bench.common import BenchContext
+from broker.devtools.bench.stats import Result, Target, summarize
 
 __all__ = ["recovery", "holder_death"]
 
@@ -34,7 +34,7 @@ def _until(fn: Any, timeout_s: float = 60.0) -> float:
         try:
             fn()
             return time.perf_counter()
-        except Exception:  # noqa: BLE001 - restarting
+        except Exception:
             if time.perf_counter() > deadline:
                 raise
             time.sleep(0.005)
@@ -72,7 +72,9 @@ def recovery(ctx: BenchContext) -> Result:
     result = Result("recovery")
     result.figures["resource actor kill -9 -> serving with its leases"] = summarize(ours)
     result.figures["Ray restarts a bare actor"] = summarize(theirs)
-    ratio = result.ratio("ours / Ray's", "resource actor kill -9 -> serving with its leases", "Ray restarts a bare actor")
+    ratio = result.ratio(
+        "ours / Ray's", "resource actor kill -9 -> serving with its leases", "Ray restarts a bare actor"
+    )
     result.targets.append(Target("recovery <= 2x Ray's own actor restart", ratio, 2.0))
     result.notes.append("ours = until lease(id) answers with the same token and the waiter is still queued")
     return result
@@ -95,7 +97,9 @@ def holder_death(ctx: BenchContext) -> Result:
     env = {**os.environ, "MERLIN_STATE_DIR": str(ctx.state.root), "MERLIN_RAY_NAMESPACE": ctx.namespace}
     samples = []
     for _ in range(ctx.samples(5, 2)):
-        proc = subprocess.Popen([sys.executable, "-c", HOLDER, key, str(ttl)], env=env, stdout=subprocess.PIPE, text=True)
+        proc = subprocess.Popen(
+            [sys.executable, "-c", HOLDER, key, str(ttl)], env=env, stdout=subprocess.PIPE, text=True
+        )
         if not proc.stdout.readline().startswith("held"):
             raise RuntimeError("the holder process did not get its lease")
         waiter = broker.reserve.remote(key, "bench-next", wait=True, timeout_s=60, request_id=uuid.uuid4().hex)

@@ -1,4 +1,4 @@
-"""A benchmark client process: ``python -m broker.bench.worker '<json spec>'``.
+"""A benchmark client process: ``python -m broker.devtools.bench.worker '<json spec>'``.
 
 Separate processes, because the clients of a lab broker are separate
 processes (notebooks, CI jobs), and one Python process cannot drive many Ray
@@ -62,8 +62,8 @@ def _start_together(spec: dict[str, Any]) -> None:
 
 
 def main(raw: str) -> None:
-    from broker.cluster import connect_ray
-    from broker.store import StateDir
+    from broker.disk.store import StateDir
+    from broker.seam.cluster import connect_ray
 
     spec = json.loads(raw)
     connect_ray(StateDir.from_env(spec["state_dir"]), namespace=spec["namespace"])

@@ -54,7 +54,7 @@ class LockActor:
 class ProxyActor:
     """An async actor that forwards each call to another actor: Ray's cost of one forwarding hop."""
 
-    def __init__(self, target: "ray.actor.ActorHandle") -> None:
+    def __init__(self, target: ray.actor.ActorHandle) -> None:
         self._target = target
 
     async def ping(self) -> int:

@@ -9,8 +9,8 @@ from typing import Any
 
 import ray
 
-from broker.bench.common import BenchContext, extra_broker, run_workers, timed
-from broker.bench.stats import Result, Target, summarize
+from broker.devtools.bench.common import BenchContext, extra_broker, run_workers, timed
+from broker.devtools.bench.stats import Result, Target, summarize
 
 __all__ = ["metrics", "throughput", "footprint"]
 
@@ -19,7 +19,7 @@ def metrics(ctx: BenchContext) -> Result:
     """Scrape time at a few and at many keys; what the snapshot push costs a reserve/release cycle."""
     import urllib.request
 
-    from broker.deploy import broker_down
+    from broker.actors.deploy import broker_down
 
     result = Result("metrics")
     for size in (3, ctx.samples(50, 10)):
@@ -78,7 +78,7 @@ def _uss_mb(pid: int) -> float:
 
 def throughput(ctx: BenchContext) -> Result:
     """Lease cycles per second with 1, 4 and 16 keys and as many client processes; Ray's gating beside."""
-    from broker.deploy import broker_down
+    from broker.actors.deploy import broker_down
 
     result = Result("throughput")
     duration = ctx.samples(10.0, 3.0)
@@ -105,8 +105,8 @@ def throughput(ctx: BenchContext) -> Result:
 
 def footprint(ctx: BenchContext) -> Result:
     """Memory (USS) per resource actor and actor start time at 10 and 50 keys, beside a bare idle actor."""
-    from broker.bench.baselines import BareActor
-    from broker.deploy import broker_down
+    from broker.actors.deploy import broker_down
+    from broker.devtools.bench.baselines import BareActor
 
     result = Result("footprint")
     bare_uss, bare_start = [], []
@@ -131,7 +131,10 @@ def footprint(ctx: BenchContext) -> Result:
         result.figures[f"broker up with {size} keys (s)"] = wall
         result.figures[f"start time per key at {size} keys (s)"] = wall / size
         broker_down(namespace)
-    ratio = result.figures[f"resource actor USS at {ctx.samples(50, 10)} keys (MB)"] / result.figures["bare idle actor USS (MB)"]  # type: ignore[operator]
+    ratio = (
+        result.figures[f"resource actor USS at {ctx.samples(50, 10)} keys (MB)"]
+        / result.figures["bare idle actor USS (MB)"]
+    )  # type: ignore[operator]
     result.figures["USS per key / bare actor"] = ratio
     result.targets.append(Target("memory per key <= 1.2x a bare idle actor's USS", ratio, 1.2))
     result.notes.append("USS = Private_Clean + Private_Dirty from /proc/<pid>/smaps_rollup")

@@ -14,7 +14,7 @@ from typing import Any
 
 import ray
 
-from broker.store import StateDir
+from broker.disk.store import StateDir
 
 __all__ = ["BenchContext", "timed", "interleaved", "run_workers", "extra_broker"]
 
@@ -58,7 +58,9 @@ def interleaved(fns: dict[str, Callable[[], Any]], count: int, rounds: int = 5) 
     return samples
 
 
-def run_workers(ctx: BenchContext, specs: list[dict[str, Any]], *, namespace: str | None = None) -> list[dict[str, Any]]:
+def run_workers(
+    ctx: BenchContext, specs: list[dict[str, Any]], *, namespace: str | None = None
+) -> list[dict[str, Any]]:
     """Run one worker process per spec, all starting together; returns each one's JSON answer."""
     start_at = time.time() + 4.0 + 0.5 * len(specs)  # time for every worker to import Ray and connect
     procs = []
@@ -68,7 +70,7 @@ def run_workers(ctx: BenchContext, specs: list[dict[str, Any]], *, namespace: st
             spec["until"] = start_at + spec["duration_s"]
         procs.append(
             subprocess.Popen(
-                [sys.executable, "-m", "broker.bench.worker", json.dumps(spec)],
+                [sys.executable, "-m", "broker.devtools.bench.worker", json.dumps(spec)],
                 stdout=subprocess.PIPE,
                 stderr=subprocess.DEVNULL,
                 text=True,
@@ -85,12 +87,10 @@ def run_workers(ctx: BenchContext, specs: list[dict[str, Any]], *, namespace: st
 
 def extra_broker(ctx: BenchContext, keys: int) -> tuple[str, list[str], Any]:
     """A second broker with ``keys`` keys in a namespace of its own; returns (namespace, keys, handle)."""
-    from broker.deploy import broker_up
+    from broker.actors.deploy import broker_up
 
     namespace = f"{ctx.namespace}-{keys}k-{uuid.uuid4().hex[:4]}"
     names = [f"bench_{keys}k_{index:02d}" for index in range(keys)]
     state = StateDir(ctx.state.root.parent / namespace).ensure()
     broker_up(state, namespace, {"resources": {key: {} for key in names}}, metrics_port=0)
     return namespace, names, ray.get_actor("broker", namespace=namespace)
-
-

@@ -20,19 +20,18 @@ hold capabilities.
 from __future__ import annotations
 
 import contextlib
-
 import json
 import os
 import re
 import time
 from collections.abc import Callable, Iterable
-from typing import Any
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from pydantic import BaseModel, ConfigDict, ValidationError
 
-from broker.book import Maintenance
+from broker.core.book import Maintenance
 from broker.models import Lease
 
 __all__ = [

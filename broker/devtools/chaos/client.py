@@ -1,4 +1,4 @@
-"""A chaos client process: ``python -m broker.chaos.client '<json spec>'``.
+"""A chaos client process: ``python -m broker.devtools.chaos.client '<json spec>'``.
 
 Does random reserve / wait / renew / release / withdraw through the shim
 (``BrokerClient``: retries reuse one ``request_id``, never Ray's blind
@@ -8,7 +8,6 @@ replays), and writes every answer it got to a JSON-lines log for the checker.
 from __future__ import annotations
 
 import contextlib
-
 import json
 import random
 import sys
@@ -22,8 +21,8 @@ from broker.errors import BrokerError, BrokerUnavailable, LeaseNotFound, LeaseNo
 
 def main(raw: str) -> None:
     from broker.client import BrokerClient
-    from broker.cluster import connect_ray
-    from broker.store import StateDir
+    from broker.disk.store import StateDir
+    from broker.seam.cluster import connect_ray
 
     spec = json.loads(raw)
     connect_ray(StateDir.from_env(spec["state_dir"]), namespace=spec["namespace"])
@@ -31,7 +30,7 @@ def main(raw: str) -> None:
     name = spec["name"]
     rng = random.Random(spec["seed"])
     keys = spec["keys"]
-    log = open(spec["log"], "a", buffering=1, encoding="utf-8")  # noqa: SIM115 - lives with the process
+    log = open(spec["log"], "a", buffering=1, encoding="utf-8")
     held: dict[str, Any] = {}  # lease_id -> Lease
     counts = {"ops": 0}
 
@@ -80,7 +79,9 @@ def main(raw: str) -> None:
 
         def wait_for_it() -> None:
             try:
-                outcome["lease"] = client.reserve(key, name, ttl_s=2.0, wait=True, timeout_s=10.0, request_id=request_id)
+                outcome["lease"] = client.reserve(
+                    key, name, ttl_s=2.0, wait=True, timeout_s=10.0, request_id=request_id
+                )
             except BrokerError as exc:
                 outcome["error"] = exc
 

@@ -19,7 +19,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict
 
-from broker.compat import StrEnum
+from broker.core.compat import StrEnum
 from broker.errors import InvalidRequest
 
 __all__ = [
@@ -191,7 +191,18 @@ def check_run_id(run_id: Any) -> str:
 
 def executor_command(python: str, target_dir: str) -> list[str]:
     """The Ray Job's entrypoint: the local executor, resuming (absolute interpreter path)."""
-    return [python, "-m", "broker.cli", "targetgen", "execute", "--engine", "local", "--from-dir", target_dir, "--resume"]
+    return [
+        python,
+        "-m",
+        "broker.cli",
+        "targetgen",
+        "execute",
+        "--engine",
+        "local",
+        "--from-dir",
+        target_dir,
+        "--resume",
+    ]
 
 
 def run_status_from_job(job_status: str, exit_code: int | None) -> tuple[RunStatus, str]:
@@ -233,14 +244,18 @@ def scan_artifacts(artifact_dir: Path) -> list[Artifact]:
             path = Path(root) / name
             if path.is_symlink() or not path.is_file():
                 continue
-            found.append(Artifact(path=str(path.relative_to(artifact_dir)), size=path.stat().st_size, sha256=_sha256(path)))
+            found.append(
+                Artifact(path=str(path.relative_to(artifact_dir)), size=path.stat().st_size, sha256=_sha256(path))
+            )
     return found
 
 
 def safe_artifact_path(artifact_dir: Path, relative: str) -> Path:
     """``artifact_dir/relative`` if it stays inside (no ``..``, not absolute, no escaping symlink)."""
     if not relative or Path(relative).is_absolute() or ".." in Path(relative).parts:
-        raise InvalidRequest(f"invalid artifact path {relative!r}: must be relative, inside the run's artifacts", "path")
+        raise InvalidRequest(
+            f"invalid artifact path {relative!r}: must be relative, inside the run's artifacts", "path"
+        )
     base = artifact_dir.resolve()
     candidate = (artifact_dir / relative).resolve()
     if not candidate.is_relative_to(base):

@@ -1,9 +1,9 @@
 """The Prometheus endpoint: one custom collector over snapshots held in memory.
 
 A scrape makes no remote call. Resource actors push a
-:class:`~broker.usage.ResourceSnapshot` when their state changes (and the
+:class:`~broker.core.usage.ResourceSnapshot` when their state changes (and the
 coordinator pulls one every few seconds as a fallback); the coordinator's run
-manager reports run counts. :mod:`broker.http_api` serves it, in a thread of
+manager reports run counts. :mod:`broker.http.api` serves it, in a thread of
 the coordinator, bound to 127.0.0.1 unless configured otherwise.
 
 Labels are bounded: ``resource`` (catalog keys), ``state`` and ``status``
@@ -21,8 +21,8 @@ from typing import Any
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from broker.core.usage import Histogram, ResourceSnapshot
 from broker.models import ResourceState
-from broker.usage import Histogram, ResourceSnapshot
 
 __all__ = [
     "DEFAULT_METRICS_HOST",
@@ -115,12 +115,18 @@ class BrokerCollector(Collector):
         yield info
 
         families: dict[str, Any] = {
-            "up": GaugeMetricFamily("merlin_broker_resource_up", "1 if the resource actor answers.", labels=["resource"]),
-            "leased": GaugeMetricFamily("merlin_broker_resource_leased", "1 if the resource is leased now.", labels=["resource"]),
+            "up": GaugeMetricFamily(
+                "merlin_broker_resource_up", "1 if the resource actor answers.", labels=["resource"]
+            ),
+            "leased": GaugeMetricFamily(
+                "merlin_broker_resource_leased", "1 if the resource is leased now.", labels=["resource"]
+            ),
             "state": GaugeMetricFamily(
                 "merlin_broker_resource_state", "1 for the state the resource is in.", labels=["resource", "state"]
             ),
-            "queue": GaugeMetricFamily("merlin_broker_queue_depth", "Requests waiting for the resource.", labels=["resource"]),
+            "queue": GaugeMetricFamily(
+                "merlin_broker_queue_depth", "Requests waiting for the resource.", labels=["resource"]
+            ),
             "oldest": GaugeMetricFamily(
                 "merlin_broker_queue_oldest_wait_seconds",
                 "How long the longest-waiting request has waited (0 if none).",
@@ -132,11 +138,15 @@ class BrokerCollector(Collector):
                 labels=["resource"],
             ),
             "grants": CounterMetricFamily("merlin_broker_lease_grants", "Leases granted.", labels=["resource"]),
-            "releases": CounterMetricFamily("merlin_broker_lease_releases", "Leases released by their holder.", labels=["resource"]),
+            "releases": CounterMetricFamily(
+                "merlin_broker_lease_releases", "Leases released by their holder.", labels=["resource"]
+            ),
             "expirations": CounterMetricFamily(
                 "merlin_broker_lease_expirations", "Leases that ran out of time.", labels=["resource"]
             ),
-            "revocations": CounterMetricFamily("merlin_broker_lease_revocations", "Leases revoked by an admin.", labels=["resource"]),
+            "revocations": CounterMetricFamily(
+                "merlin_broker_lease_revocations", "Leases revoked by an admin.", labels=["resource"]
+            ),
             "timeouts": CounterMetricFamily(
                 "merlin_broker_lease_wait_timeouts", "Waiting requests that timed out.", labels=["resource"]
             ),

@@ -13,7 +13,6 @@ environment; ``stop`` kills only the processes it started.
 from __future__ import annotations
 
 import contextlib
-
 import hashlib
 import importlib.metadata
 import json
@@ -29,8 +28,8 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from broker.disk.store import FILE_MODE, StateDir, atomic_write, read_json
 from broker.errors import BrokerUnavailable, InvalidRequest
-from broker.store import FILE_MODE, StateDir, atomic_write, read_json
 
 __all__ = [
     "Bootstrap",
@@ -356,7 +355,9 @@ def connect_ray(state: StateDir, *, address: str | None = None, namespace: str) 
     _route_ray_messages_to_stderr()
     try:
         ray.init(address=target, namespace=namespace, logging_level="ERROR", log_to_driver=False)
-    except Exception as exc:  # ray raises many types here (auth, version, connection)
+    except Exception as exc:  # noqa: BLE001 - ray raises many types here (auth, version, connection)
         first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
-        raise BrokerUnavailable(f"cannot connect to Ray at {target}: {first}", "check `merlin ray cluster status`") from None
+        raise BrokerUnavailable(
+            f"cannot connect to Ray at {target}: {first}", "check `merlin ray cluster status`"
+        ) from None
     return bootstrap

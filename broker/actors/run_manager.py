@@ -22,11 +22,7 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
-from broker.errors import BrokerError, BrokerUnavailable, InvalidRequest, LeaseNotFound, LeaseNotHeld
-from broker.events import EventSink
-from broker.metrics import RunStats
-from broker.models import Lease, LeaseState, lease_ref
-from broker.runs import (
+from broker.core.runs import (
     TERMINAL_RUN_STATUSES,
     RunRecord,
     RunStatus,
@@ -36,7 +32,11 @@ from broker.runs import (
     run_status_from_job,
     scan_artifacts,
 )
-from broker.store import StateDir, atomic_write, read_json
+from broker.disk.journal import EventSink
+from broker.disk.store import StateDir, atomic_write, read_json
+from broker.errors import BrokerError, BrokerUnavailable, InvalidRequest, LeaseNotFound, LeaseNotHeld
+from broker.http.metrics import RunStats
+from broker.models import Lease, LeaseState, lease_ref
 
 __all__ = ["RunManager", "RUN_LEASE_TTL_S"]
 
@@ -269,9 +269,13 @@ class RunManager:
                 record = await self._renew(record)
                 last_renew = time.monotonic()
             info = await asyncio.to_thread(client.get_job_info, record.submission_id)
-            status, message = run_status_from_job(str(getattr(info.status, "value", info.status)), info.driver_exit_code)
+            status, message = run_status_from_job(
+                str(getattr(info.status, "value", info.status)), info.driver_exit_code
+            )
             if status is RunStatus.RUNNING and record.status is not RunStatus.RUNNING:
-                record = record.model_copy(update={"status": RunStatus.RUNNING, "started_at": time.time(), "message": message})
+                record = record.model_copy(
+                    update={"status": RunStatus.RUNNING, "started_at": time.time(), "message": message}
+                )
                 self._save(record)
                 self._recount()
                 self._events.emit("run.started", run_id=record.run_id, resource=record.resource, holder=record.holder,
@@ -322,7 +326,11 @@ class RunManager:
         atomic_write(
             self._run_dir(record.run_id) / "artifacts.json",
             json.dumps(
-                {"run_id": record.run_id, "artifact_dir": record.artifact_dir, "artifacts": [a.model_dump() for a in artifacts]},
+                {
+                    "run_id": record.run_id,
+                    "artifact_dir": record.artifact_dir,
+                    "artifacts": [a.model_dump() for a in artifacts],
+                },
                 indent=2,
             ).encode(),
         )
@@ -429,4 +437,3 @@ def _dashboard_url() -> str:
     if not url:
         raise BrokerUnavailable("the Ray dashboard (job API) is not running", "start the cluster with its dashboard")
     return url if url.startswith("http") else f"http://{url}"
-

@@ -14,8 +14,8 @@ from typing import Any
 
 import ray
 
-from broker.bench.common import BenchContext
-from broker.bench.stats import Result, Target, summarize
+from broker.devtools.bench.common import BenchContext
+from broker.devtools.bench.stats import Result, Target, summarize
 
 __all__ = ["dispatch", "cli"]
 

@@ -6,9 +6,9 @@ import uuid
 
 import ray
 
-from broker.bench.baselines import BareActor, LockActor, ProxyActor
-from broker.bench.common import BenchContext, interleaved, run_workers
-from broker.bench.stats import Result, Target, summarize
+from broker.devtools.bench.baselines import BareActor, LockActor, ProxyActor
+from broker.devtools.bench.common import BenchContext, interleaved, run_workers
+from broker.devtools.bench.stats import Result, Target, summarize
 
 __all__ = ["cycle", "handoff"]
 

@@ -13,7 +13,7 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from broker.durations import parse_duration
+from broker.core.durations import parse_duration
 from broker.errors import InvalidRequest
 from broker.models import MAX_TTL_S, RESOURCE_KEY_PATTERN
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from broker.disk.store import StateDir
 from broker.errors import BrokerUnavailable
-from broker.store import StateDir
 
 __all__ = ["broker_up", "broker_down"]
 
@@ -27,8 +27,8 @@ def broker_up(
     """
     import ray
 
-    from broker.coordinator import RemoteBrokerActor
-    from broker.placement import COORDINATOR_NAME, actor_options, head_node_id
+    from broker.actors.coordinator import RemoteBrokerActor
+    from broker.seam.placement import COORDINATOR_NAME, actor_options, head_node_id
 
     state.ensure()
     options = actor_options(COORDINATOR_NAME, namespace, head_node_id())
@@ -46,12 +46,13 @@ def broker_down(namespace: str) -> int:
     """Kill the coordinator and every resource actor in ``namespace``; state stays on disk."""
     import ray
 
-    from broker.placement import COORDINATOR_NAME
+    from broker.seam.placement import COORDINATOR_NAME
 
     names = [
         actor["name"]
         for actor in ray.util.list_named_actors(all_namespaces=True)
-        if actor["namespace"] == namespace and (actor["name"] == COORDINATOR_NAME or actor["name"].startswith("resource:"))
+        if actor["namespace"] == namespace
+        and (actor["name"] == COORDINATOR_NAME or actor["name"].startswith("resource:"))
     ]
     for name in names:
         try:

@@ -1,7 +1,0 @@
-"""``python -m broker.chaos [--short|--long]``: the same as ``merlin chaos``."""
-
-import sys
-
-from broker.cli import main
-
-sys.exit(main(["chaos", *sys.argv[1:]]))
