@@ -14,7 +14,17 @@ import re
 from collections.abc import Mapping
 from typing import Annotated, Any
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StrictBool, StrictInt, TypeAdapter, ValidationError
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    StrictBool,
+    StrictInt,
+    TypeAdapter,
+    ValidationError,
+)
 
 from broker.core.compat import StrEnum
 from broker.errors import InvalidRequest, LeaseNotHeld
@@ -22,6 +32,10 @@ from broker.errors import InvalidRequest, LeaseNotHeld
 __all__ = [
     "RESOURCE_KEY_PATTERN",
     "LeaseState",
+    "EndReason",
+    "LeaseEvent",
+    "EVENT_OF_STATE",
+    "END_EVENTS",
     "LEASE_TRANSITIONS",
     "ACTIVE_STATES",
     "check_transition",
@@ -64,6 +78,59 @@ class LeaseState(StrEnum):
     CANCELLED = "cancelled"
 
 
+class EndReason(StrEnum):
+    """Why the book ended a lease; written as its value to ``end_reason`` and the journal's ``reason``.
+
+    A revoke's reason is the admin's own text instead (the state, ``revoked``,
+    says what happened). The values are the texts records have always carried,
+    so old records load as these members.
+    """
+
+    RELEASED = "released"
+    RELEASED_WHILE_QUEUED = "released while queued"
+    CANCELLED = "cancelled"
+    WAIT_TIMED_OUT = "wait timed out"
+    WAITER_WENT_AWAY = "waiter went away"
+    WITHDRAWN = "withdrawn by its holder"
+    TTL_ELAPSED = "ttl elapsed"
+    SUPERSEDED = "superseded by a later grant on recovery"
+
+    @classmethod
+    def of(cls, text: object) -> EndReason | None:
+        """The member whose value is ``text`` (a record's or the journal's), or None for free text."""
+        if isinstance(text, cls):
+            return text
+        try:
+            return cls(text) if isinstance(text, str) else None
+        except ValueError:
+            return None
+
+
+class LeaseEvent(StrEnum):
+    """The events one key's book reports (``Change.event``) and the journal records by value."""
+
+    QUEUED = "lease.queued"
+    GRANTED = "lease.granted"
+    CLAIMED = "lease.claimed"  # a request granted while its holder was away was taken up: full TTL
+    RENEWED = "lease.renewed"
+    EXPIRING = "lease.expiring"  # the max hold is near (the actor's warning, not a book change)
+    RELEASED = "lease.released"
+    EXPIRED = "lease.expired"
+    REVOKED = "lease.revoked"
+    CANCELLED = "lease.cancelled"
+    MAINTENANCE = "resource.maintenance"  # the key's maintenance flag, kept by the same book
+
+    @classmethod
+    def of(cls, name: object) -> LeaseEvent | None:
+        """The member named ``name`` in a journal record, or None for any other event."""
+        if isinstance(name, cls):
+            return name
+        try:
+            return cls(name) if isinstance(name, str) else None
+        except ValueError:
+            return None
+
+
 # The one table of legal moves; every state change in the book goes through it.
 LEASE_TRANSITIONS: Mapping[LeaseState, frozenset[LeaseState]] = {
     LeaseState.QUEUED: frozenset({LeaseState.GRANTED, LeaseState.CANCELLED}),
@@ -74,6 +141,16 @@ LEASE_TRANSITIONS: Mapping[LeaseState, frozenset[LeaseState]] = {
     LeaseState.CANCELLED: frozenset(),
 }
 ACTIVE_STATES = frozenset({LeaseState.QUEUED, LeaseState.GRANTED})
+# The event that reports a lease reaching each state.
+EVENT_OF_STATE: Mapping[LeaseState, LeaseEvent] = {
+    LeaseState.QUEUED: LeaseEvent.QUEUED,
+    LeaseState.GRANTED: LeaseEvent.GRANTED,
+    LeaseState.RELEASED: LeaseEvent.RELEASED,
+    LeaseState.EXPIRED: LeaseEvent.EXPIRED,
+    LeaseState.REVOKED: LeaseEvent.REVOKED,
+    LeaseState.CANCELLED: LeaseEvent.CANCELLED,
+}
+END_EVENTS = frozenset(EVENT_OF_STATE[state] for state in LeaseState if state not in ACTIVE_STATES)
 
 
 def check_transition(lease_id: str, current: LeaseState, target: LeaseState) -> None:
@@ -100,6 +177,15 @@ def is_resource_key(value: object) -> bool:
     return isinstance(value, str) and _RESOURCE_KEY.match(value) is not None
 
 
+def _end_reason(value: Any) -> Any:
+    member = EndReason.of(value)
+    return value if member is None else member
+
+
+# An end reason as the book wrote it, read back as its member; an admin's text stays text.
+EndReasonText = Annotated[EndReason | str, BeforeValidator(_end_reason)]
+
+
 class LeaseTransition(BaseModel):
     """One entry of a lease's history: the state it entered, when, why and by whom."""
 
@@ -107,7 +193,7 @@ class LeaseTransition(BaseModel):
 
     state: LeaseState
     at: float
-    reason: str = ""
+    reason: EndReasonText = ""
     by: str = ""
 
 
@@ -135,12 +221,15 @@ class Lease(BaseModel):
     note: str = ""
     request_id: str
     ended_at: float | None = None
-    end_reason: str = ""
+    end_reason: EndReasonText = ""
     ended_by: str = ""
     end_request_id: str | None = None  # the request_id of the revoke that ended it
     renewals: int = 0
     must_end_by: float | None = None  # granted_at + the resource's max hold: no renewal goes past it
     warn_at: float | None = None  # when the holder is warned that must_end_by approaches
+    # Granted while its holder was away (queued before a restart, nobody awaiting it): its expiry is
+    # capped at the catalog's claim window until the holder comes back with its request_id or renews.
+    unclaimed: bool = False
     history: tuple[LeaseTransition, ...] = ()
 
     @property

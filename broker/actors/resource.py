@@ -24,15 +24,17 @@ from typing import Any
 
 import ray
 
-from broker.core.book import WAIT_TIMED_OUT, Change, LeaseBook, Outcome, release_ended
+from broker.core.book import Change, LeaseBook, Outcome, release_ended
 from broker.core.catalog import Catalog, ResourceSpec
 from broker.core.usage import ResourceSnapshot, UsageCounters
 from broker.disk.journal import EventSink
 from broker.disk.store import ResourceLedger, ResourceMeta, StateDir, read_json
 from broker.errors import BrokerUnavailable, InvalidRequest, LeaseNotFound, LeaseNotHeld, WaitTimeout
 from broker.models import (
+    EndReason,
     Holder,
     Lease,
+    LeaseEvent,
     LeaseState,
     QueueEntry,
     Reason,
@@ -186,7 +188,7 @@ class ResourceActor:
             self._forget_waiter(lease.lease_id, future)
             if not self._waiters.get(lease.lease_id):
                 with contextlib.suppress(LeaseNotHeld, LeaseNotFound, BrokerUnavailable):  # granted or gone already
-                    self._apply(lambda now: self._book.cancel(lease.lease_id, now, "waiter went away"))
+                    self._apply(lambda now: self._book.cancel(lease.lease_id, now, EndReason.WAITER_WENT_AWAY))
             raise
 
     async def release(self, lease_id: str) -> Lease:
@@ -214,7 +216,7 @@ class ResourceActor:
         lease = self._book.find_request(holder, request_id) if isinstance(request_id, str) else None
         if lease is None or lease.state is not LeaseState.QUEUED:
             return lease
-        return self._apply(lambda now: self._book.cancel(lease.lease_id, now, "withdrawn by its holder")).result
+        return self._apply(lambda now: self._book.cancel(lease.lease_id, now, EndReason.WITHDRAWN)).result
 
     async def lease(self, lease_id: str) -> Lease:
         self._own(lease_id)
@@ -344,10 +346,10 @@ class ResourceActor:
             "priority": lease.priority,
             "fencing_token": lease.fencing_token,
         }
-        if change.event == "lease.granted":
+        if change.event is LeaseEvent.GRANTED:
             fields["wait_s"] = round((lease.granted_at or 0.0) - lease.queued_at, 6)
             fields["expires_at"] = lease.expires_at
-        elif change.event in ("lease.renewed", "lease.queued"):
+        elif change.event in (LeaseEvent.RENEWED, LeaseEvent.QUEUED, LeaseEvent.CLAIMED):
             fields["expires_at"] = lease.expires_at
             fields["position"] = self._book.position(lease.lease_id)
         else:
@@ -380,7 +382,7 @@ class ResourceActor:
             key=self._key,
             pid=os.getpid(),
             seq=self._snapshot_seq,
-            state=state.value,
+            state=state,
             queue_depth=len(queue),
             granted_at=granted.granted_at if granted else None,
             expires_at=granted.expires_at if granted else None,
@@ -425,7 +427,7 @@ class ResourceActor:
             self._waiters.pop(lease_id, None)
 
     def _cancelled_error(self, lease: Lease) -> Exception:
-        if lease.end_reason == WAIT_TIMED_OUT:
+        if lease.end_reason is EndReason.WAIT_TIMED_OUT:
             waited = (lease.ended_at or lease.queued_at) - lease.queued_at
             return WaitTimeout(self._key, round(waited, 3), lease.lease_id)
         return LeaseNotHeld(lease.lease_id, lease.state.value, lease.end_reason)
@@ -455,7 +457,7 @@ class ResourceActor:
         if warning is not None and (warning.warn_at or 0.0) <= time.time():
             self._warned.add(warning.lease_id)
             self._events.emit(
-                "lease.expiring",
+                LeaseEvent.EXPIRING,
                 level="warning",
                 resource=self._key,
                 holder=warning.holder,

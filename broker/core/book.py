@@ -1,12 +1,13 @@
 """The lease book of one resource key: the lease rules, pure.
 
 No Ray, no files, no clock: every command takes ``now`` (wall-clock seconds,
-because deadlines are written to disk and must survive a restart) and returns
+because deadlines are written to disk and must survive a restart; the actor
+derives it from the monotonic clock, see :mod:`broker.core.clock`) and returns
 an :class:`Outcome` listing the leases it changed. The resource actor writes
 those to disk before it answers; if the write fails it calls
 :meth:`LeaseBook.rollback` and the book is as it was before the command.
 
-Rules (DESIGN.md "Leases"):
+Rules (README "Leases"):
 
 * at most one granted lease; waiters are served by priority, then arrival;
 * ``wait=False`` on a held, queued-for or in-maintenance key fails at once;
@@ -14,20 +15,32 @@ Rules (DESIGN.md "Leases"):
   waiter is granted in the same command;
 * fencing tokens strictly increase per key and are never reused;
 * the same ``(holder, request_id)`` always answers with the same lease;
+* a request queued before a restart and granted before its holder came back
+  lasts at most the claim window; the holder's return lifts that cap;
 * maintenance stops new grants; the current holder keeps its lease.
+
+Transactions: everything the book knows is one :class:`_State`. A command
+works on a fork of it (copy-on-write, so a fork costs what the previous
+command changed, not the size of the book) and the fork becomes the state;
+the version before stays until the next command, and :meth:`LeaseBook.rollback`
+swaps it back. There is no undo log to keep in step with the fields.
 """
 
 from __future__ import annotations
 
 import bisect
-from collections import deque
+import math
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
+from typing import Any, Generic, TypeVar
 
 from broker.errors import InvalidRequest, LeaseNotFound, LeaseNotHeld, ResourceBusy, StaleFencingToken
 from broker.models import (
+    EVENT_OF_STATE,
+    EndReason,
     Lease,
+    LeaseEvent,
     LeaseState,
     LeaseTransition,
     ReserveRequest,
@@ -37,23 +50,17 @@ from broker.models import (
 
 __all__ = ["Change", "Outcome", "Maintenance", "LeaseBook", "WAIT_TIMED_OUT", "release_ended"]
 
-WAIT_TIMED_OUT = "wait timed out"
+WAIT_TIMED_OUT = EndReason.WAIT_TIMED_OUT  # the name older callers import
 
-_EVENT_OF_STATE = {
-    LeaseState.QUEUED: "lease.queued",
-    LeaseState.GRANTED: "lease.granted",
-    LeaseState.RELEASED: "lease.released",
-    LeaseState.EXPIRED: "lease.expired",
-    LeaseState.REVOKED: "lease.revoked",
-    LeaseState.CANCELLED: "lease.cancelled",
-}
+# Ended leases are swept from memory about this often, in units of the retention window.
+_SWEEPS_PER_RETENTION = 16
 
 
 @dataclass(frozen=True)
 class Change:
     """One state change, in the order it happened: what to log and journal."""
 
-    event: str
+    event: LeaseEvent
     lease: Lease | None = None
 
 
@@ -86,18 +93,108 @@ class Maintenance:
     by: str = ""
 
 
+K = TypeVar("K")
+V = TypeVar("V")
+_ABSENT: Any = object()
+_GONE: Any = object()  # a deletion in an overlay
+
+
+class _Table(Generic[K, V]):
+    """A dict that one version of the state changes without touching the version before it.
+
+    Reads look in this version's overlay, then in the base it shares with the
+    version it was forked from. :meth:`fork` folds the overlay into the base:
+    the book calls it only when the version before is being dropped.
+    """
+
+    __slots__ = ("_base", "_overlay")
+
+    def __init__(self, base: dict[K, V] | None = None) -> None:
+        self._base: dict[K, V] = {} if base is None else base
+        self._overlay: dict[K, Any] = {}
+
+    def get(self, key: K, default: Any = None) -> Any:
+        value = self._overlay.get(key, _ABSENT)
+        if value is _ABSENT:
+            return self._base.get(key, default)
+        return default if value is _GONE else value
+
+    def __getitem__(self, key: K) -> V:
+        value = self.get(key, _ABSENT)
+        if value is _ABSENT:
+            raise KeyError(key)
+        return value  # type: ignore[no-any-return]
+
+    def __contains__(self, key: object) -> bool:
+        return self.get(key, _ABSENT) is not _ABSENT  # type: ignore[arg-type]
+
+    def __setitem__(self, key: K, value: V) -> None:
+        self._overlay[key] = value
+
+    def __delitem__(self, key: K) -> None:
+        if key not in self:
+            raise KeyError(key)
+        self._overlay[key] = _GONE
+
+    def items(self) -> Iterator[tuple[K, V]]:
+        for key, value in self._base.items():
+            if key not in self._overlay:
+                yield key, value
+        for key, value in self._overlay.items():
+            if value is not _GONE:
+                yield key, value
+
+    def fork(self) -> _Table[K, V]:
+        for key, value in self._overlay.items():
+            if value is _GONE:
+                self._base.pop(key, None)
+            else:
+                self._base[key] = value
+        self._overlay.clear()
+        return _Table(self._base)
+
+
+# What a field of _State may hold besides a _Table: values nobody can change in place.
+_IMMUTABLE = (int, float, str, tuple, frozenset, Maintenance, type(None))
+
+
 @dataclass
-class _Undo:
-    counter: int
-    seq: int
-    maintenance: Maintenance | None
-    granted_id: str | None
-    queue: list[tuple[int, int, str]]
-    unclaimed: set[str]
-    leases: list[tuple[str, Lease | None]] = field(default_factory=list)
-    requests: list[tuple[tuple[str, str], str | None]] = field(default_factory=list)
-    revokes: list[tuple[str, str | None]] = field(default_factory=list)
-    ended_len: int = 0
+class _State:
+    """Everything one key's book knows.
+
+    Every field is an immutable value or a :class:`_Table`; :meth:`fork` checks
+    that, so a field added later is versioned (and rolled back) like the others.
+    """
+
+    counter: int = 0  # the fencing counter: the last token handed out
+    seq: int = 0  # arrival counter: FIFO among equal priorities
+    maintenance: Maintenance | None = None
+    granted_id: str | None = None
+    queue: tuple[tuple[int, int, str], ...] = ()  # (-priority, seq, lease_id), sorted
+    unclaimed: frozenset[str] = frozenset()  # queued before a restart; nobody awaits them yet
+    swept_at: float = -math.inf  # when ended leases past the retention window were last forgotten
+    leases: _Table[str, Lease] = field(default_factory=_Table)
+    by_request: _Table[tuple[str, str], str] = field(default_factory=_Table)
+    revokes: _Table[str, str] = field(default_factory=_Table)  # a revoke's request_id -> the lease it ended
+
+    def fork(self) -> _State:
+        values: dict[str, Any] = {}
+        for spec in fields(self):
+            value = getattr(self, spec.name)
+            if isinstance(value, _Table):
+                value = value.fork()
+            elif not isinstance(value, _IMMUTABLE):
+                raise TypeError(f"book state {spec.name!r} holds a mutable {type(value).__name__}")
+            values[spec.name] = value
+        return _State(**values)
+
+    def plain(self) -> dict[str, Any]:
+        """Every field as plain values (tables as dicts): for comparing two versions."""
+        out: dict[str, Any] = {}
+        for spec in fields(self):
+            value = getattr(self, spec.name)
+            out[spec.name] = dict(value.items()) if isinstance(value, _Table) else value
+        return out
 
 
 def release_ended(lease: Lease) -> Lease:
@@ -117,9 +214,10 @@ class LeaseBook:
         warn_before_s: with a cap, the lease's ``warn_at`` is this long before it.
         claim_s: a request that was queued before a restart has nobody awaiting it
             until its holder retries; if it is granted first, its lease lasts at
-            most this long unless renewed, so an absent holder does not block the key.
+            most this long unless renewed or claimed (the holder's retry with its
+            request_id), so an absent holder does not block the key.
         retention_s: how long ended leases stay in memory (for ``request_id`` retries
-            and ``lease()`` lookups); older ones live only on disk.
+            and ``lease()`` lookups; swept every 1/16 of it); older ones live only on disk.
     """
 
     def __init__(
@@ -136,17 +234,8 @@ class LeaseBook:
         self.warn_before_s = warn_before_s
         self.claim_s = claim_s
         self.retention_s = retention_s
-        self._counter = 0
-        self._seq = 0
-        self._maintenance: Maintenance | None = None
-        self._leases: dict[str, Lease] = {}
-        self._by_request: dict[tuple[str, str], str] = {}
-        self._revokes: dict[str, str] = {}
-        self._granted_id: str | None = None
-        self._queue: list[tuple[int, int, str]] = []  # (-priority, seq, lease_id), sorted
-        self._unclaimed: set[str] = set()
-        self._ended: deque[str] = deque()  # ended lease ids, oldest first, for eviction
-        self._undo: _Undo | None = None
+        self._state = _State()
+        self._before: _State | None = None  # the state before the last command, for rollback()
 
     # ------------------------------------------------------------------ restore
 
@@ -169,34 +258,32 @@ class LeaseBook:
         expired; leases whose time ran out while nobody watched are expired.
         """
         book = cls(resource, **options)  # type: ignore[arg-type]
-        book._counter = fencing_floor
-        book._maintenance = maintenance
+        state = book._state
+        state.counter = fencing_floor
+        state.maintenance = maintenance
         granted: list[Lease] = []
-        ended: list[Lease] = []
+        unclaimed: set[str] = set()
         for lease in leases:
             if lease.resource != resource:
                 continue
-            book._seq = max(book._seq, lease.seq)
+            state.seq = max(state.seq, lease.seq)
             if lease.fencing_token is not None:
-                book._counter = max(book._counter, lease.fencing_token)
+                state.counter = max(state.counter, lease.fencing_token)
             if lease.state is LeaseState.GRANTED:
                 granted.append(lease)
             elif lease.state is LeaseState.QUEUED:
                 book._enqueue(lease)
-                book._unclaimed.add(lease.lease_id)
-            else:
-                if lease.ended_at is not None and lease.ended_at < now - book.retention_s:
-                    continue
-                ended.append(lease)
+                unclaimed.add(lease.lease_id)
+            elif lease.ended_at is not None and lease.ended_at < now - book.retention_s:
+                continue
             book._index(lease)
-        for lease in sorted(ended, key=lambda item: item.ended_at or 0.0):
-            book._ended.append(lease.lease_id)
+        state.unclaimed = frozenset(unclaimed)
         granted.sort(key=lambda item: item.fencing_token or 0)
         if granted:
-            book._granted_id = granted[-1].lease_id
+            state.granted_id = granted[-1].lease_id
         with book._transaction(now) as outcome:
             for extra in granted[:-1]:
-                book._end(extra, LeaseState.EXPIRED, now, "superseded by a later grant on recovery", outcome)
+                book._end(extra, LeaseState.EXPIRED, now, EndReason.SUPERSEDED, outcome)
             book._advance(now, outcome)
         return book, outcome  # rollback() undoes the fixes if they cannot be written
 
@@ -204,33 +291,43 @@ class LeaseBook:
 
     @property
     def fencing_counter(self) -> int:
-        return self._counter
+        return self._state.counter
 
     @property
     def maintenance(self) -> Maintenance | None:
-        return self._maintenance
+        return self._state.maintenance
 
     @property
     def granted(self) -> Lease | None:
-        return self._leases[self._granted_id] if self._granted_id is not None else None
+        granted_id = self._state.granted_id
+        return self._state.leases[granted_id] if granted_id is not None else None
 
     @property
     def queue(self) -> list[Lease]:
-        return [self._leases[lease_id] for _, _, lease_id in self._queue]
+        leases = self._state.leases
+        return [leases[lease_id] for _, _, lease_id in self._state.queue]
+
+    def leases(self) -> list[Lease]:
+        """Every lease in memory: active ones and those ended within the retention window."""
+        return [lease for _, lease in self._state.leases.items()]
+
+    def contents(self) -> dict[str, Any]:
+        """The whole state as plain values; two books with equal contents behave the same."""
+        return self._state.plain()
 
     def get(self, lease_id: str) -> Lease:
         try:
-            return self._leases[lease_id]
+            return self._state.leases[lease_id]
         except KeyError:
             raise LeaseNotFound(lease_id) from None
 
     def find_request(self, holder: str, request_id: str) -> Lease | None:
-        lease_id = self._by_request.get((holder, request_id))
-        return self._leases[lease_id] if lease_id is not None else None
+        lease_id = self._state.by_request.get((holder, request_id))
+        return self._state.leases[lease_id] if lease_id is not None else None
 
     def position(self, lease_id: str) -> int | None:
         """1-based place in the queue, or None if the lease is not queued."""
-        for index, (_, _, queued_id) in enumerate(self._queue):
+        for index, (_, _, queued_id) in enumerate(self._state.queue):
             if queued_id == lease_id:
                 return index + 1
         return None
@@ -258,25 +355,25 @@ class LeaseBook:
         if request.resource != self.resource:
             raise InvalidRequest(f"request for {request.resource!r} sent to {self.resource!r}", "resource")
         with self._transaction(now) as outcome:
+            state = self._state
             self._advance(now, outcome)
-            existing = self._leases.get(self._by_request.get((request.holder, request.request_id), ""))
+            existing = self.find_request(request.holder, request.request_id)
             if existing is not None:
-                self._unclaimed.discard(existing.lease_id)
-                outcome.result = existing
+                outcome.result = self._claim(existing, now, outcome)
                 return outcome
-            if lease_id in self._leases:
+            if lease_id in state.leases:
                 raise InvalidRequest(f"lease id collision on {lease_id!r}", "lease_id")
-            busy = self._maintenance is not None or self._granted_id is not None or bool(self._queue)
+            busy = state.maintenance is not None or state.granted_id is not None or bool(state.queue)
             if busy and not request.wait:
                 granted = self.granted
                 raise ResourceBusy(
                     self.resource,
                     granted.holder if granted else None,
                     granted.expires_at if granted else None,
-                    len(self._queue),
-                    self._maintenance.reason if self._maintenance else None,
+                    len(state.queue),
+                    state.maintenance.reason if state.maintenance else None,
                 )
-            self._seq += 1
+            state.seq += 1
             deadline = None if request.timeout_s is None else now + request.timeout_s
             lease = Lease(
                 lease_id=lease_id,
@@ -284,7 +381,7 @@ class LeaseBook:
                 holder=request.holder,
                 state=LeaseState.QUEUED,
                 priority=request.priority,
-                seq=self._seq,
+                seq=state.seq,
                 ttl_s=request.ttl_s,
                 queued_at=now,
                 wait_deadline=deadline,
@@ -294,10 +391,10 @@ class LeaseBook:
             )
             self._put(lease)
             self._enqueue(lease)
-            queued = Change("lease.queued", lease)
+            queued = Change(LeaseEvent.QUEUED, lease)
             outcome.changes.append(queued)
             self._advance(now, outcome)
-            outcome.result = self._leases[lease_id]
+            outcome.result = state.leases[lease_id]
             if outcome.result.state is LeaseState.GRANTED:
                 outcome.changes.remove(queued)  # granted at once: one event, not two
             return outcome
@@ -308,14 +405,14 @@ class LeaseBook:
             self._advance(now, outcome)
             lease = self.get(lease_id)
             if lease.state is LeaseState.GRANTED:
-                self._end(lease, LeaseState.RELEASED, now, "released", outcome)
+                self._end(lease, LeaseState.RELEASED, now, EndReason.RELEASED, outcome)
             elif lease.state is LeaseState.QUEUED:
-                self._end(lease, LeaseState.CANCELLED, now, "released while queued", outcome)
+                self._end(lease, LeaseState.CANCELLED, now, EndReason.RELEASED_WHILE_QUEUED, outcome)
             else:
                 outcome.result = release_ended(lease)
                 return outcome
             self._advance(now, outcome)
-            outcome.result = self._leases[lease_id]
+            outcome.result = self.get(lease_id)
             return outcome
 
     def renew(self, lease_id: str, ttl_s: float | None, now: float) -> Outcome:
@@ -330,13 +427,13 @@ class LeaseBook:
             renewed = lease.model_copy(
                 update={
                     "ttl_s": ttl,
-                    "expires_at": self._expiry(lease, now, ttl),
+                    "expires_at": self._expiry(lease.granted_at, now, ttl),
                     "renewals": lease.renewals + 1,
+                    "unclaimed": False,  # renewing is its holder's claim
                 }
             )
-            self._unclaimed.discard(lease_id)
             self._put(renewed)
-            outcome.changes.append(Change("lease.renewed", renewed))
+            outcome.changes.append(Change(LeaseEvent.RENEWED, renewed))
             outcome.result = renewed
             return outcome
 
@@ -352,8 +449,9 @@ class LeaseBook:
         """Take the key from its holder, recorded with ``reason`` and ``by``; grants the next waiter."""
         with self._transaction(now) as outcome:
             self._advance(now, outcome)
-            if request_id is not None and request_id in self._revokes:
-                outcome.result = self._leases[self._revokes[request_id]]
+            revoked_id = self._state.revokes.get(request_id) if request_id is not None else None
+            if revoked_id is not None:
+                outcome.result = self.get(revoked_id)
                 return outcome
             granted = self.granted
             if granted is None:
@@ -366,10 +464,10 @@ class LeaseBook:
                 )
             self._end(granted, LeaseState.REVOKED, now, reason, outcome, by=by, request_id=request_id)
             self._advance(now, outcome)
-            outcome.result = self._leases[granted.lease_id]
+            outcome.result = self.get(granted.lease_id)
             return outcome
 
-    def cancel(self, lease_id: str, now: float, reason: str = "cancelled") -> Outcome:
+    def cancel(self, lease_id: str, now: float, reason: EndReason = EndReason.CANCELLED) -> Outcome:
         """Withdraw a queued request; idempotent once cancelled."""
         with self._transaction(now) as outcome:
             self._advance(now, outcome)
@@ -381,25 +479,26 @@ class LeaseBook:
                 detail = "granted: release it instead" if lease.state is LeaseState.GRANTED else lease.end_reason
                 raise LeaseNotHeld(lease_id, lease.state.value, detail)
             self._end(lease, LeaseState.CANCELLED, now, reason, outcome)
-            outcome.result = self._leases[lease_id]
+            outcome.result = self.get(lease_id)
             return outcome
 
     def set_maintenance(self, on: bool, reason: str, now: float, by: str = "") -> Outcome:
         """Stop (on) or resume (off) grants; the current holder keeps its lease either way."""
         with self._transaction(now) as outcome:
+            state = self._state
             self._advance(now, outcome)
-            current = self._maintenance
+            current = state.maintenance
             if on:
                 since = current.since if current is not None else now
                 updated = Maintenance(reason=reason, since=since, by=by)
                 if updated != current:
-                    self._maintenance = updated
+                    state.maintenance = updated
                     outcome.maintenance_changed = True
             elif current is not None:
-                self._maintenance = None
+                state.maintenance = None
                 outcome.maintenance_changed = True
             if outcome.maintenance_changed:
-                outcome.changes.append(Change("resource.maintenance"))
+                outcome.changes.append(Change(LeaseEvent.MAINTENANCE))
             self._advance(now, outcome)
             return outcome
 
@@ -411,47 +510,19 @@ class LeaseBook:
 
     def rollback(self) -> None:
         """Undo the most recent command (its changes could not be written)."""
-        undo, self._undo = self._undo, None
-        if undo is None:
-            return
-        for lease_id, previous in reversed(undo.leases):
-            if previous is None:
-                self._leases.pop(lease_id, None)
-            else:
-                self._leases[lease_id] = previous
-        for request_key, previous_id in reversed(undo.requests):
-            if previous_id is None:
-                self._by_request.pop(request_key, None)
-            else:
-                self._by_request[request_key] = previous_id
-        for request_id, previous_id in reversed(undo.revokes):
-            if previous_id is None:
-                self._revokes.pop(request_id, None)
-            else:
-                self._revokes[request_id] = previous_id
-        while len(self._ended) > undo.ended_len:
-            self._ended.pop()
-        self._counter = undo.counter
-        self._seq = undo.seq
-        self._maintenance = undo.maintenance
-        self._granted_id = undo.granted_id
-        self._queue = undo.queue
-        self._unclaimed = undo.unclaimed
+        if self._before is not None:
+            self._state, self._before = self._before, None
 
     # ------------------------------------------------------------------ internals
 
     @contextmanager
     def _transaction(self, now: float) -> Iterator[Outcome]:
-        self._evict(now)
-        self._undo = _Undo(
-            counter=self._counter,
-            seq=self._seq,
-            maintenance=self._maintenance,
-            granted_id=self._granted_id,
-            queue=list(self._queue),
-            unclaimed=set(self._unclaimed),
-            ended_len=len(self._ended),
-        )
+        # The fork becomes the state at once (the command reads and writes it);
+        # the version before it is kept until the next command, for rollback().
+        before = self._state
+        self._state = before.fork()
+        self._before = before
+        self._sweep(now)
         outcome = Outcome()
         try:
             yield outcome
@@ -464,53 +535,68 @@ class LeaseBook:
         granted = self.granted
         freed_at = None
         if granted is not None and granted.expires_at is not None and granted.expires_at <= now:
-            self._end(granted, LeaseState.EXPIRED, granted.expires_at, "ttl elapsed", outcome)
+            self._end(granted, LeaseState.EXPIRED, granted.expires_at, EndReason.TTL_ELAPSED, outcome)
             freed_at = granted.expires_at
         # A waiter whose deadline passed before the key came free timed out; one
         # still waiting when it came free is served even if the timer fired late.
         for lease in self.queue:
             deadline = lease.wait_deadline
             if deadline is not None and deadline <= now and (freed_at is None or deadline < freed_at):
-                self._end(lease, LeaseState.CANCELLED, deadline, WAIT_TIMED_OUT, outcome)
+                self._end(lease, LeaseState.CANCELLED, deadline, EndReason.WAIT_TIMED_OUT, outcome)
         self._grant_next(now, outcome)
         for lease in self.queue:
             if lease.wait_deadline is not None and lease.wait_deadline <= now:
-                self._end(lease, LeaseState.CANCELLED, lease.wait_deadline, WAIT_TIMED_OUT, outcome)
+                self._end(lease, LeaseState.CANCELLED, lease.wait_deadline, EndReason.WAIT_TIMED_OUT, outcome)
 
     def _grant_next(self, now: float, outcome: Outcome) -> None:
-        if self._granted_id is not None or self._maintenance is not None or not self._queue:
+        state = self._state
+        if state.granted_id is not None or state.maintenance is not None or not state.queue:
             return
-        _, _, lease_id = self._queue.pop(0)
-        lease = self._leases[lease_id]
+        (_, _, lease_id), state.queue = state.queue[0], state.queue[1:]
+        lease = state.leases[lease_id]
         check_transition(lease_id, lease.state, LeaseState.GRANTED)
-        self._counter += 1
+        state.counter += 1
+        expires_at = self._expiry(now, now, lease.ttl_s)
+        unclaimed = lease_id in state.unclaimed
+        if unclaimed:  # nobody awaits it (queued before a restart): hold the key only briefly
+            expires_at = min(expires_at, now + self.claim_s)
+            state.unclaimed = state.unclaimed - {lease_id}
+        cap = None if self.max_hold_s is None else now + self.max_hold_s
         granted = lease.model_copy(
             update={
                 "state": LeaseState.GRANTED,
-                "fencing_token": self._counter,
+                "fencing_token": state.counter,
                 "granted_at": now,
                 "wait_deadline": None,
+                "expires_at": expires_at,
+                "must_end_by": cap,
+                "warn_at": None if cap is None else max(now, cap - self.warn_before_s),
+                "unclaimed": unclaimed,
                 "history": lease.history + (LeaseTransition(state=LeaseState.GRANTED, at=now),),
             }
         )
-        cap = None if self.max_hold_s is None else now + self.max_hold_s
-        granted = granted.model_copy(
-            update={
-                "expires_at": self._expiry(granted, now, granted.ttl_s),
-                "must_end_by": cap,
-                "warn_at": None if cap is None else max(now, cap - self.warn_before_s),
-            }
-        )
-        if lease_id in self._unclaimed:
-            granted = granted.model_copy(update={"expires_at": min(granted.expires_at, now + self.claim_s)})
-        self._granted_id = lease_id
+        state.granted_id = lease_id
         self._put(granted)
-        outcome.changes.append(Change("lease.granted", granted))
+        outcome.changes.append(Change(LeaseEvent.GRANTED, granted))
 
-    def _expiry(self, lease: Lease, now: float, ttl_s: float) -> float:
+    def _claim(self, lease: Lease, now: float, outcome: Outcome) -> Lease:
+        """The holder came back with its request_id: nobody need guess whether it is there."""
+        state = self._state
+        if lease.lease_id in state.unclaimed:
+            state.unclaimed = state.unclaimed - {lease.lease_id}
+        if lease.state is not LeaseState.GRANTED or not lease.unclaimed:
+            return lease
+        claimed = lease.model_copy(
+            update={"unclaimed": False, "expires_at": self._expiry(lease.granted_at, now, lease.ttl_s)}
+        )
+        self._put(claimed)
+        outcome.changes.append(Change(LeaseEvent.CLAIMED, claimed))
+        return claimed
+
+    def _expiry(self, granted_at: float | None, now: float, ttl_s: float) -> float:
         expires_at = now + ttl_s
-        if self.max_hold_s is not None and lease.granted_at is not None:
-            expires_at = min(expires_at, lease.granted_at + self.max_hold_s)
+        if self.max_hold_s is not None and granted_at is not None:
+            expires_at = min(expires_at, granted_at + self.max_hold_s)
         return expires_at
 
     def _end(
@@ -518,7 +604,7 @@ class LeaseBook:
         lease: Lease,
         state: LeaseState,
         at: float,
-        reason: str,
+        reason: EndReason | str,
         outcome: Outcome,
         *,
         by: str = "",
@@ -536,57 +622,58 @@ class LeaseBook:
                 "history": lease.history + (LeaseTransition(state=state, at=at, reason=reason, by=by),),
             }
         )
+        book = self._state
         if lease.state is LeaseState.QUEUED:
-            self._queue = [entry for entry in self._queue if entry[2] != lease.lease_id]
-        if self._granted_id == lease.lease_id:
-            self._granted_id = None
-        self._unclaimed.discard(lease.lease_id)
-        if request_id is not None:
-            self._undo_log().revokes.append((request_id, self._revokes.get(request_id)))
-            self._revokes[request_id] = lease.lease_id
+            book.queue = tuple(entry for entry in book.queue if entry[2] != lease.lease_id)
+        if book.granted_id == lease.lease_id:
+            book.granted_id = None
+        if lease.lease_id in book.unclaimed:
+            book.unclaimed = book.unclaimed - {lease.lease_id}
         self._put(ended)
-        self._ended.append(lease.lease_id)
-        outcome.changes.append(Change(_EVENT_OF_STATE[state], ended))
+        outcome.changes.append(Change(EVENT_OF_STATE[state], ended))
 
     def _enqueue(self, lease: Lease) -> None:
-        bisect.insort(self._queue, (-lease.priority, lease.seq, lease.lease_id))
+        queue = list(self._state.queue)
+        bisect.insort(queue, (-lease.priority, lease.seq, lease.lease_id))
+        self._state.queue = tuple(queue)
 
     def _index(self, lease: Lease) -> None:
-        self._leases[lease.lease_id] = lease
-        self._by_request[(lease.holder, lease.request_id)] = lease.lease_id
+        """Put a lease read from disk (restore): newer versions of a request win."""
+        state = self._state
+        state.leases[lease.lease_id] = lease
+        state.by_request[(lease.holder, lease.request_id)] = lease.lease_id
         if lease.end_request_id is not None:
-            self._revokes[lease.end_request_id] = lease.lease_id
+            state.revokes[lease.end_request_id] = lease.lease_id
 
     def _put(self, lease: Lease) -> None:
-        undo = self._undo_log()
-        undo.leases.append((lease.lease_id, self._leases.get(lease.lease_id)))
+        state = self._state
+        state.leases[lease.lease_id] = lease
         request_key = (lease.holder, lease.request_id)
-        if request_key not in self._by_request:
-            undo.requests.append((request_key, None))
-            self._by_request[request_key] = lease.lease_id
-        self._leases[lease.lease_id] = lease
+        if request_key not in state.by_request:
+            state.by_request[request_key] = lease.lease_id
+        if lease.end_request_id is not None:
+            state.revokes[lease.end_request_id] = lease.lease_id
 
-    def _evict(self, now: float) -> None:
-        """Forget ended leases older than the retention window; they stay on disk.
+    def _sweep(self, now: float) -> None:
+        """Forget ended leases older than the retention window (they stay on disk).
 
-        Runs before a command starts, on committed state only, so it is never undone.
+        A scan of the book, so only every 1/16 of the window: an ended lease
+        stays in memory for its retention and at most that much longer.
         """
+        state = self._state
+        if now - state.swept_at < self.retention_s / _SWEEPS_PER_RETENTION:
+            return
+        state.swept_at = now
         horizon = now - self.retention_s
-        while self._ended:
-            lease = self._leases.get(self._ended[0])
-            if lease is not None and (lease.ended_at or 0.0) >= horizon:
-                break
-            lease_id = self._ended.popleft()
-            if lease is None or lease.active:
-                continue
-            del self._leases[lease_id]
+        old = [
+            lease
+            for _, lease in state.leases.items()
+            if not lease.active and lease.ended_at is not None and lease.ended_at < horizon
+        ]
+        for lease in old:
+            del state.leases[lease.lease_id]
             request_key = (lease.holder, lease.request_id)
-            if self._by_request.get(request_key) == lease_id:
-                del self._by_request[request_key]
-            if lease.end_request_id is not None and self._revokes.get(lease.end_request_id) == lease_id:
-                del self._revokes[lease.end_request_id]
-
-    def _undo_log(self) -> _Undo:
-        if self._undo is None:  # only restore() mutates outside a command
-            raise RuntimeError("book mutated outside a transaction")
-        return self._undo
+            if state.by_request.get(request_key) == lease.lease_id:
+                del state.by_request[request_key]
+            if lease.end_request_id is not None and state.revokes.get(lease.end_request_id) == lease.lease_id:
+                del state.revokes[lease.end_request_id]

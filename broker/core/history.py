@@ -12,9 +12,12 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
+from broker.models import EndReason, LeaseEvent
+
 __all__ = ["HolderUsage", "UsageHistory", "summarize_usage", "select_events"]
 
-_ENDS = {"lease.released": "released", "lease.expired": "expired", "lease.revoked": "revoked"}
+# The events that end a hold, and the UsageHistory count each one adds to.
+_ENDS = {LeaseEvent.RELEASED: "released", LeaseEvent.EXPIRED: "expired", LeaseEvent.REVOKED: "revoked"}
 
 
 @dataclass
@@ -111,11 +114,12 @@ def summarize_usage(events: Iterable[dict[str, Any]], resource: str, since: floa
     for event in events:
         if event.get("resource") != resource:
             continue
-        name = event.get("event")
+        name = LeaseEvent.of(event.get("event"))  # None: not a lease event (run.*, ledger.*, ...)
+        end = _ENDS.get(name) if name is not None else None
         ts = float(event.get("ts", 0.0))
         ref = event.get("lease")
         holder = event.get("holder", "?")
-        if name == "lease.granted" and ref:
+        if name is LeaseEvent.GRANTED and ref:
             open_grants[ref] = (holder, ts)
             if ts >= since:
                 history.grants += 1
@@ -123,20 +127,20 @@ def summarize_usage(events: Iterable[dict[str, Any]], resource: str, since: floa
                 usage.leases += 1
                 usage.waited_s += float(event.get("wait_s") or 0.0)
                 usage.last_granted_at = ts
-        elif name in _ENDS and ref in open_grants:
+        elif end is not None and ref in open_grants:
             holder, granted_at = open_grants.pop(ref)
             _add_hold(history, holder, granted_at, ts)
             if ts >= since:
-                kind = _ENDS[name]
-                setattr(history, kind, getattr(history, kind) + 1)
+                setattr(history, end, getattr(history, end) + 1)
                 usage = history.holders.setdefault(holder, HolderUsage(holder))
-                if kind == "expired":
+                if name is LeaseEvent.EXPIRED:
                     usage.expired += 1
-                elif kind == "revoked":
+                elif name is LeaseEvent.REVOKED:
                     usage.revoked += 1
-        elif name == "lease.cancelled" and event.get("reason") == "wait timed out" and ts >= since:
-            history.wait_timeouts += 1
-        elif name == "resource.maintenance" and event.get("on") and ts >= since:
+        elif name is LeaseEvent.CANCELLED and ts >= since:
+            if EndReason.of(event.get("reason")) is EndReason.WAIT_TIMED_OUT:
+                history.wait_timeouts += 1
+        elif name is LeaseEvent.MAINTENANCE and event.get("on") and ts >= since:
             history.maintenance_periods += 1
     for holder, granted_at in open_grants.values():  # still held
         _add_hold(history, holder, granted_at, until)

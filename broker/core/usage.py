@@ -11,7 +11,7 @@ import bisect
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
-from broker.models import Lease, LeaseState
+from broker.models import END_EVENTS, EndReason, Lease, LeaseEvent, LeaseState, ResourceState
 
 __all__ = ["Histogram", "UsageCounters", "ResourceSnapshot", "WAIT_BUCKETS_S", "HOLD_BUCKETS_S"]
 
@@ -72,13 +72,13 @@ class UsageCounters:
                 counters._ended(lease)
         return counters
 
-    def observe(self, event: str, lease: Lease | None) -> None:
+    def observe(self, event: LeaseEvent, lease: Lease | None) -> None:
         """Fold one change (as the book reports it) into the totals."""
         if lease is None:
             return
-        if event == "lease.granted":
+        if event is LeaseEvent.GRANTED:
             self._granted(lease)
-        elif event in ("lease.released", "lease.expired", "lease.revoked", "lease.cancelled"):
+        elif event in END_EVENTS:
             self._ended(lease)
 
     def _granted(self, lease: Lease) -> None:
@@ -95,7 +95,7 @@ class UsageCounters:
             self.revocations += 1
         elif state is LeaseState.CANCELLED:
             self.cancellations += 1
-            if lease.end_reason == "wait timed out":
+            if EndReason.of(lease.end_reason) is EndReason.WAIT_TIMED_OUT:
                 self.wait_timeouts += 1
         if lease.granted_at is not None and lease.ended_at is not None:
             held = max(0.0, lease.ended_at - lease.granted_at)
@@ -123,7 +123,7 @@ class ResourceSnapshot:
     key: str
     pid: int
     seq: int  # per actor life; with pid, orders pushes
-    state: str
+    state: ResourceState
     queue_depth: int
     granted_at: float | None
     expires_at: float | None

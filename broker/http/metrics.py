@@ -39,7 +39,6 @@ DEFAULT_METRICS_PORT = 9477
 # How a run can end (runs_total{status}); pending and running are counted by runs_active.
 RUN_STATUSES = ("succeeded", "failed", "stopped", "blocked")
 RUN_DURATION_BUCKETS_S = (1.0, 10.0, 30.0, 60.0, 300.0, 900.0, 1800.0, 3600.0, 4 * 3600.0, 12 * 3600.0)
-_STATES = tuple(state.value for state in ResourceState)
 
 
 @dataclass
@@ -166,9 +165,9 @@ class BrokerCollector(Collector):
             snapshot = snapshots.get(key)
             answering = up.get(key, False)
             families["up"].add_metric([key], 1.0 if answering else 0.0)
-            state = snapshot.state if (snapshot is not None and answering) else ResourceState.DOWN.value
-            for candidate in _STATES:
-                families["state"].add_metric([key, candidate], 1.0 if candidate == state else 0.0)
+            state = ResourceState(snapshot.state) if (snapshot is not None and answering) else ResourceState.DOWN
+            for candidate in ResourceState:
+                families["state"].add_metric([key, candidate.value], 1.0 if candidate is state else 0.0)
             if snapshot is None:
                 continue  # never heard from it: no counters rather than false zeros
             counters = snapshot.counters

@@ -36,7 +36,7 @@ def _book_with_history():
 
 def test_counters_from_records_equal_counters_from_changes():
     book, seen, _ = _book_with_history()
-    leases = [book.get(lease_id) for lease_id in list(book._leases)]
+    leases = book.leases()
     rebuilt = UsageCounters.from_leases(leases)
     assert rebuilt == seen
     assert (seen.grants, seen.releases, seen.expirations) == (3, 1, 1)
