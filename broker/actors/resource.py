@@ -26,6 +26,7 @@ import ray
 
 from broker.core.book import Change, LeaseBook, Outcome, release_ended
 from broker.core.catalog import Catalog, ResourceSpec
+from broker.core.clock import ActorClock
 from broker.core.usage import ResourceSnapshot, UsageCounters
 from broker.disk.journal import EventSink
 from broker.disk.store import ResourceLedger, ResourceMeta, StateDir, read_json
@@ -105,6 +106,7 @@ class ResourceActor:
         self._timer: asyncio.TimerHandle | None = None
         self._warned: set[str] = set()  # leases told their max hold is near (lease.expiring)
         self._started_at = time.time()
+        self._clock = ActorClock()  # TTLs run on the monotonic clock; re-based from the wall clock at each start
         contents = self._ledger.load()
         for moved_to, error in contents.corrupt:
             self._events.emit("ledger.corrupt_record", level="error", resource=key, moved_to=str(moved_to), error=error)
@@ -122,7 +124,7 @@ class ResourceActor:
             # A corrupt record may have held the newest token: stay above it.
             fencing_floor=contents.meta.fencing_counter + len(contents.corrupt),
             maintenance=contents.meta.maintenance,
-            now=time.time(),
+            now=self._clock.now(),
             max_hold_s=self._spec.max_hold_s,
             warn_before_s=self._spec.warn_before_s,
             claim_s=settings.claim_s,
@@ -257,7 +259,7 @@ class ResourceActor:
         self._own(lease_id)
         if isinstance(fencing_token, bool) or not isinstance(fencing_token, int):
             raise InvalidRequest(f"invalid fencing_token={fencing_token!r}: must be an integer", "fencing_token")
-        return self._book.check_fence(lease_id, fencing_token, time.time())
+        return self._book.check_fence(lease_id, fencing_token, self._clock.now())
 
     # ------------------------------------------------------------------ reads
 
@@ -287,7 +289,7 @@ class ResourceActor:
 
     def _apply(self, command: Any) -> Outcome:
         """Run one book command, make it durable, then tell everyone."""
-        outcome: Outcome = command(time.time())
+        outcome: Outcome = command(self._clock.now())
         if outcome.wrote_anything:
             meta = None
             if outcome.maintenance_changed:
@@ -298,7 +300,7 @@ class ResourceActor:
                     maintenance_reason=maintenance.reason if maintenance else None,
                     maintenance_since=maintenance.since if maintenance else None,
                     maintenance_by=maintenance.by if maintenance else "",
-                    updated_at=time.time(),
+                    updated_at=self._clock.now(),
                 )
             try:
                 self._ledger.write(outcome.changed_leases, meta)
@@ -448,13 +450,13 @@ class ResourceActor:
             self._timer.cancel()
             self._timer = None
         if deadline is not None:
-            delay = max(0.0, deadline - time.time())
-            self._timer = self._loop.call_later(delay, self._on_timer)
+            self._timer = self._loop.call_later(self._clock.delay_until(deadline), self._on_timer)
 
     def _on_timer(self) -> None:
         self._timer = None
+        now = self._clock.now()
         warning = self._pending_warning()
-        if warning is not None and (warning.warn_at or 0.0) <= time.time():
+        if warning is not None and (warning.warn_at or 0.0) <= now:
             self._warned.add(warning.lease_id)
             self._events.emit(
                 LeaseEvent.EXPIRING,
@@ -463,7 +465,7 @@ class ResourceActor:
                 holder=warning.holder,
                 lease=warning.ref,
                 must_end_by=warning.must_end_by,
-                seconds_left=round((warning.must_end_by or 0.0) - time.time(), 3),
+                seconds_left=round((warning.must_end_by or 0.0) - now, 3),
             )
         try:
             self._apply(self._book.tick)
