@@ -123,7 +123,7 @@ class _Table(Generic[K, V]):
         value = self.get(key, _ABSENT)
         if value is _ABSENT:
             raise KeyError(key)
-        return value  # type: ignore[no-any-return]
+        return value
 
     def __contains__(self, key: object) -> bool:
         return self.get(key, _ABSENT) is not _ABSENT  # type: ignore[arg-type]

@@ -76,6 +76,7 @@ class UsageCounters:
         """Fold one change (as the book reports it) into the totals."""
         if lease is None:
             return
+        event = LeaseEvent(event)  # a name that is no event fails here rather than never counting
         if event is LeaseEvent.GRANTED:
             self._granted(lease)
         elif event in END_EVENTS:

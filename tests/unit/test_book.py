@@ -8,7 +8,7 @@ import pytest
 
 from broker.core.book import WAIT_TIMED_OUT, LeaseBook
 from broker.errors import InvalidRequest, LeaseNotFound, LeaseNotHeld, ResourceBusy, StaleFencingToken
-from broker.models import LeaseState, ReserveRequest
+from broker.models import EndReason, LeaseEvent, LeaseState, ReserveRequest
 
 KEY = "firesim_u250"
 _ids = itertools.count()
@@ -356,3 +356,55 @@ def test_the_fixes_of_a_restore_can_be_rolled_back():
     assert [c.event for c in fixes.changes] == ["lease.expired", "lease.granted"]
     restored.rollback()  # the ledger refused the fixes: serve what was loaded
     assert restored.granted.lease_id == alice.lease_id and restored.queue[0].lease_id == bob.lease_id
+
+
+def test_a_holder_returning_after_its_restored_request_was_granted_gets_the_full_ttl():
+    book = LeaseBook(KEY, claim_s=60.0)
+    alice = ask(book, "alice", 100.0, ttl_s=10).result
+    ask(book, "bob", 101.0, wait=True, request_id="bob-1", ttl_s=900)
+    restored, fixes = LeaseBook.restore(KEY, [book.get(alice.lease_id), *book.queue], now=200.0, claim_s=60.0)
+    granted = restored.granted  # alice ran out while the actor was down; bob is granted in his absence
+    assert granted.holder == "bob" and granted.expires_at == 200.0 + 60.0 and granted.unclaimed
+    back = ask(restored, "bob", 201.0, request_id="bob-1", wait=True)  # bob's retry, same request id
+    assert back.result.lease_id == granted.lease_id and back.result.fencing_token == granted.fencing_token
+    assert back.result.expires_at == 201.0 + 900 and not back.result.unclaimed
+    assert [c.event for c in back.changes] == [LeaseEvent.CLAIMED]  # written before the answer
+    again = ask(restored, "bob", 202.0, request_id="bob-1", wait=True)  # a second retry changes nothing
+    assert again.changes == [] and again.result.expires_at == 201.0 + 900
+
+
+def test_the_claim_cap_survives_a_second_restart_and_is_lifted_when_the_holder_returns():
+    book = LeaseBook(KEY, claim_s=60.0)
+    alice = ask(book, "alice", 100.0, ttl_s=10).result
+    ask(book, "bob", 101.0, wait=True, request_id="bob-1", ttl_s=900)
+    first, fixes = LeaseBook.restore(KEY, [book.get(alice.lease_id), *book.queue], now=200.0, claim_s=60.0)
+    records = fixes.changed_leases  # what the actor wrote: alice expired, bob granted with the cap
+    second, _ = LeaseBook.restore(KEY, records, now=230.0, claim_s=60.0)
+    assert second.granted.expires_at == 260.0 and second.granted.unclaimed
+    back = ask(second, "bob", 231.0, request_id="bob-1", wait=True).result
+    assert back.expires_at == 231.0 + 900
+
+
+def test_the_claim_window_still_frees_the_key_of_a_holder_who_never_returns():
+    book = LeaseBook(KEY, claim_s=60.0)
+    alice = ask(book, "alice", 100.0, ttl_s=10).result
+    bob = ask(book, "bob", 101.0, wait=True, request_id="bob-1", ttl_s=900).result
+    restored, _ = LeaseBook.restore(KEY, [book.get(alice.lease_id), book.get(bob.lease_id)], now=200.0, claim_s=60.0)
+    carol = ask(restored, "carol", 201.0, wait=True).result
+    outcome = restored.tick(260.0)
+    assert [(c.event, c.lease.holder) for c in outcome.changes] == [
+        (LeaseEvent.EXPIRED, "bob"),
+        (LeaseEvent.GRANTED, "carol"),
+    ]
+    assert restored.granted.lease_id == carol.lease_id and not restored.granted.unclaimed
+    late = ask(restored, "bob", 261.0, request_id="bob-1", wait=True).result  # too late: the lease ended
+    assert late.state is LeaseState.EXPIRED and late.end_reason is EndReason.TTL_ELAPSED
+
+
+def test_renewing_a_capped_grant_is_also_its_holders_claim():
+    book = LeaseBook(KEY, claim_s=60.0)
+    alice = ask(book, "alice", 100.0, ttl_s=10).result
+    bob = ask(book, "bob", 101.0, wait=True, request_id="bob-1", ttl_s=900).result
+    restored, _ = LeaseBook.restore(KEY, [book.get(alice.lease_id), book.get(bob.lease_id)], now=200.0, claim_s=60.0)
+    renewed = restored.renew(bob.lease_id, None, 210.0).result
+    assert renewed.expires_at == 210.0 + 900 and not renewed.unclaimed
