@@ -32,7 +32,7 @@ import bisect
 import math
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar
 
 from broker.errors import InvalidRequest, LeaseNotFound, LeaseNotHeld, ResourceBusy, StaleFencingToken
@@ -114,10 +114,11 @@ class _Table(Generic[K, V]):
         self._overlay: dict[K, Any] = {}
 
     def get(self, key: K, default: Any = None) -> Any:
-        value = self._overlay.get(key, _ABSENT)
-        if value is _ABSENT:
-            return self._base.get(key, default)
-        return default if value is _GONE else value
+        overlay = self._overlay
+        if key in overlay:
+            value = overlay[key]
+            return default if value is _GONE else value
+        return self._base.get(key, default)
 
     def __getitem__(self, key: K) -> V:
         value = self.get(key, _ABSENT)
@@ -178,23 +179,19 @@ class _State:
     revokes: _Table[str, str] = field(default_factory=_Table)  # a revoke's request_id -> the lease it ended
 
     def fork(self) -> _State:
-        values: dict[str, Any] = {}
-        for spec in fields(self):
-            value = getattr(self, spec.name)
-            if isinstance(value, _Table):
+        fork = object.__new__(_State)  # every field, by its instance dict: one added later is not missed
+        values = fork.__dict__
+        for name, value in self.__dict__.items():
+            if type(value) is _Table:
                 value = value.fork()
             elif not isinstance(value, _IMMUTABLE):
-                raise TypeError(f"book state {spec.name!r} holds a mutable {type(value).__name__}")
-            values[spec.name] = value
-        return _State(**values)
+                raise TypeError(f"book state {name!r} holds a mutable {type(value).__name__}")
+            values[name] = value
+        return fork
 
     def plain(self) -> dict[str, Any]:
         """Every field as plain values (tables as dicts): for comparing two versions."""
-        out: dict[str, Any] = {}
-        for spec in fields(self):
-            value = getattr(self, spec.name)
-            out[spec.name] = dict(value.items()) if isinstance(value, _Table) else value
-        return out
+        return {name: dict(value.items()) if type(value) is _Table else value for name, value in self.__dict__.items()}
 
 
 def release_ended(lease: Lease) -> Lease:
