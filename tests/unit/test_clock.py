@@ -81,7 +81,8 @@ def test_a_restart_rebases_on_the_wall_clock_and_reads_deadlines_against_it():
     assert again.granted is None
 
 
-def test_the_resource_actor_reads_time_only_from_its_clock(tmp_path, monkeypatch):
+@pytest.mark.parametrize("step_s", [HOUR, -HOUR])
+def test_the_resource_actor_reads_time_only_from_its_clock(tmp_path, monkeypatch, step_s):
     """The shell: ``_apply``, ``check_fence``, the expiry timer all run on the actor's clock."""
     monkeypatch.setattr(ResourceActor, "_push", lambda self: None)  # the coordinator (Ray) is not part of this test
     sources = Sources()
@@ -93,10 +94,10 @@ def test_the_resource_actor_reads_time_only_from_its_clock(tmp_path, monkeypatch
         lease = await actor.reserve("ci", ttl_s=60.0, request_id="ci-1")
         assert lease.expires_at == sources.wall_s + 60.0
 
-        # The system clock steps an hour ahead: time.time() is not what the actor goes by.
+        # The system clock steps an hour: time.time() is not what the actor goes by.
         real_time = resource_module.time.time
-        monkeypatch.setattr(resource_module.time, "time", lambda: real_time() + HOUR)
-        sources.wall_s += HOUR
+        monkeypatch.setattr(resource_module.time, "time", lambda: real_time() + step_s)
+        sources.wall_s += step_s
         sources.elapse(30.0)
         assert (await actor.check_fence(lease.lease_id, 1)).lease_id == lease.lease_id
         actor._on_timer()  # as if the timer fired now: nothing is due
