@@ -35,17 +35,14 @@ import time
 from pathlib import Path
 from typing import Any
 
-import ray
-from ray.exceptions import ActorUnavailableError, GetTimeoutError, RayActorError, RayTaskError
-
-from broker.actors.resource import RemoteResourceActor
+from broker.actors.resource import ResourceActor
 from broker.actors.run_manager import RunManager
 from broker.core.catalog import Catalog, parse_catalog
 from broker.core.runs import RunRecord, new_run_id
 from broker.core.usage import ResourceSnapshot
 from broker.disk.journal import EventSink
 from broker.disk.store import StateDir, atomic_write, read_json
-from broker.errors import BrokerError, BrokerUnavailable, InvalidRequest, LeaseNotFound, NotAuthorized, UnknownResource
+from broker.errors import BrokerUnavailable, InvalidRequest, LeaseNotFound, NotAuthorized, UnknownResource
 from broker.http.api import serve
 from broker.http.metrics import DEFAULT_METRICS_HOST, DEFAULT_METRICS_PORT, MetricsBoard
 from broker.models import (
@@ -60,9 +57,10 @@ from broker.models import (
     is_resource_key,
     resource_of_lease_id,
 )
-from broker.seam.placement import actor_options, resource_actor_name
+from broker.seam import ActorRef, ActorSystem, RetryPolicy, Spawn, ray_system
+from broker.seam.placement import resource_actor_name
 
-__all__ = ["BrokerActor", "RemoteBrokerActor", "VERSION"]
+__all__ = ["BrokerActor", "VERSION"]
 
 VERSION = "0.1.0"
 # How long a call waits for a restarting resource actor before BrokerUnavailable.
@@ -82,13 +80,16 @@ class BrokerActor:
         namespace: str,
         metrics_host: str = DEFAULT_METRICS_HOST,
         metrics_port: int | None = DEFAULT_METRICS_PORT,
+        *,
+        system: ActorSystem | None = None,
     ):
+        self._system = system or ray_system(RetryPolicy(window_s=ACTOR_RETRY_S))
         self._state = StateDir.from_env(state_dir).ensure()
         self._namespace = namespace
         self._started_at = time.time()
         self._events = EventSink(self._state.events_path, "broker", self._state.logs_dir)
-        self._node_id = ray.get_runtime_context().get_node_id()
-        self._actors: dict[str, Any] = {}
+        self._node_id = self._system.current_node_id()
+        self._actors: dict[str, ActorRef] = {}
         self._catalog: Catalog | None = None
         self._board = MetricsBoard()
         self._pushes_received = 0
@@ -112,7 +113,9 @@ class BrokerActor:
         catalog = self._load_catalog()
         if catalog is not None:
             self._adopt(catalog)
-        self._runs = RunManager(self._state, self._events, self._call, self._board.set_runs, namespace=namespace)
+        self._runs = RunManager(
+            self._state, self._events, self._call, self._board.set_runs, self._system.job_runner(), namespace=namespace
+        )
         self._runs.load()  # re-attaches to every unfinished run
         self._watcher = self._loop.create_task(self._watch())
         self._events.emit(
@@ -153,9 +156,9 @@ class BrokerActor:
         atomic_write(self._state.catalog_path, new.model_dump_json(by_alias=True, indent=2).encode())
         self._adopt(new)
         for key in dropped:
-            handle = self._actors.pop(key, None)
-            if handle is not None:
-                ray.kill(handle, no_restart=True)
+            ref = self._actors.pop(key, None)
+            if ref is not None:
+                self._system.kill(ref)
         await asyncio.gather(*(self._call(key, "reconfigure") for key in new.resources))
         self._events.emit("broker.catalog_applied", resources=len(new.resources), dropped=dropped or None)
         return sorted(new.resources)
@@ -403,8 +406,10 @@ class BrokerActor:
 
     async def _probe(self, key: str) -> None:
         try:
-            snapshot, started_at = await asyncio.wait_for(self._actor(key).snapshot.remote(), STATUS_TIMEOUT_S)
-        except (asyncio.TimeoutError, RayActorError, ActorUnavailableError, GetTimeoutError, RayTaskError):
+            snapshot, started_at = await self._system.call(
+                self._actor(key), "snapshot", answer_within_s=STATUS_TIMEOUT_S, retry=False
+            )
+        except BrokerUnavailable:
             self._board.set_up(key, False)
             return
         self._board.put(snapshot, started_at)
@@ -412,8 +417,8 @@ class BrokerActor:
 
     async def _status_of(self, key: str) -> ResourceStatus:
         try:
-            status = await asyncio.wait_for(self._actor(key).status.remote(), STATUS_TIMEOUT_S)
-        except (asyncio.TimeoutError, RayActorError, ActorUnavailableError, GetTimeoutError, RayTaskError):
+            status = await self._system.call(self._actor(key), "status", answer_within_s=STATUS_TIMEOUT_S, retry=False)
+        except BrokerUnavailable:
             status = ResourceStatus(key=key, state=ResourceState.DOWN)
         return self._with_catalog(status)
 
@@ -426,40 +431,20 @@ class BrokerActor:
         )
 
     async def _call(self, key: str, method: str, *args: Any, **kwargs: Any) -> Any:
-        """Call ``resource:<key>``; retry (same arguments) while it restarts, up to ACTOR_RETRY_S."""
-        deadline: float | None = None  # the retry window opens at the first failure (a wait may be long)
-        delay = 0.05
-        while True:
-            handle = self._actor(key)
-            try:
-                return await getattr(handle, method).remote(*args, **kwargs)
-            except RayTaskError as err:
-                cause = err.cause
-                if isinstance(cause, BrokerError):
-                    raise cause from None
-                raise BrokerUnavailable(
-                    f"resource:{key} failed in {method}: {type(cause).__name__}: {cause}",
-                    "see the actor's log; the call changed nothing it acknowledged",
-                ) from None
-            except (RayActorError, ActorUnavailableError) as err:
-                if isinstance(err, RayActorError) and not isinstance(err, ActorUnavailableError):
-                    self._actors.pop(key, None)  # re-resolve: a killed actor may be a new one by now
-                deadline = deadline or time.monotonic() + ACTOR_RETRY_S
-                if time.monotonic() >= deadline:
-                    raise BrokerUnavailable(
-                        f"resource:{key} did not answer within {ACTOR_RETRY_S:g}s",
-                        "check `merlin broker status`",
-                    ) from None
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, 1.0)
+        """Call ``resource:<key>`` through the seam: retried (same arguments) while it restarts."""
+        return await self._system.call(self._actor(key), method, *args, **kwargs)
 
-    def _actor(self, key: str) -> Any:
-        handle = self._actors.get(key)
-        if handle is None:
-            options = actor_options(resource_actor_name(key), self._namespace, self._node_id)
-            handle = RemoteResourceActor.options(**options).remote(key, str(self._state.root), self._namespace)
-            self._actors[key] = handle
-        return handle
+    def _actor(self, key: str) -> ActorRef:
+        ref = self._actors.get(key)
+        if ref is None:
+            spawn = Spawn(ResourceActor, (key, str(self._state.root), self._namespace), self._node_id)
+            ref = self._actors[key] = ActorRef(self._system, resource_actor_name(key), self._namespace, spawn)
+            ref.handle()  # created now, so its restart-from-disk starts before the first call
+        return ref
+
+    def close(self) -> None:
+        """Stop the background watcher (an in-process host stopping it; on Ray the process just dies)."""
+        self._watcher.cancel()
 
     def _authorize(self, act: str, by: Any, admin_secret: Any) -> None:
         """Check the admin secret when the catalog sets one; a refusal is journaled with who tried."""
@@ -488,6 +473,3 @@ class BrokerActor:
 
 def _shown_by(by: Any) -> str:
     return by[:128] if isinstance(by, str) and by.isprintable() else "?"
-
-
-RemoteBrokerActor = ray.remote(BrokerActor)

@@ -37,6 +37,7 @@ from broker.disk.store import StateDir, atomic_write, read_json
 from broker.errors import BrokerError, BrokerUnavailable, InvalidRequest, LeaseNotFound, LeaseNotHeld
 from broker.http.metrics import RunStats
 from broker.models import Lease, LeaseState, lease_ref
+from broker.seam.jobs import JobRunner, JobSpec
 
 __all__ = ["RunManager", "RUN_LEASE_TTL_S"]
 
@@ -58,6 +59,7 @@ class RunManager:
         events: EventSink,
         call: Call,
         publish: Callable[[RunStats], None],
+        jobs: JobRunner,
         *,
         namespace: str,
         python: str = sys.executable,
@@ -71,7 +73,7 @@ class RunManager:
         self._records: dict[str, RunRecord] = {}
         self._by_request: dict[tuple[str, str], str] = {}
         self._tasks: dict[str, asyncio.Task[None]] = {}
-        self._jobs: Any = None
+        self._jobs = jobs
         self.stats = RunStats()
 
     # ------------------------------------------------------------------ lifecycle
@@ -155,7 +157,7 @@ class RunManager:
                 await self._withdraw_or_release(record)
                 record = await self._finish(record, RunStatus.STOPPED, "cancelled before it started", None)
             return record
-        await asyncio.to_thread(self._job_client().stop_job, record.submission_id)
+        await self._jobs.stop(record.submission_id)
         self._events.emit("run.cancel_requested", run_id=record.run_id)
         task = self._tasks.get(record.run_id)
         if task is not None:
@@ -168,7 +170,7 @@ class RunManager:
         if record.submission_id is None:
             return ""
         try:
-            return await asyncio.to_thread(self._job_client().get_job_logs, record.submission_id)
+            return await self._jobs.logs(record.submission_id)
         except Exception as exc:  # noqa: BLE001 - the job may be gone from Ray after a cluster restart
             return f"(Ray has no logs for {record.submission_id}: {str(exc).splitlines()[0][:200]})\n"
 
@@ -184,7 +186,7 @@ class RunManager:
             record = self._records[run_id]
             if record.resource is not None and record.lease_id is None:
                 record = await self._acquire(record)
-            if record.submission_id is None or not await self._job_exists(record.submission_id):
+            if record.submission_id is None or await self._jobs.info(record.submission_id) is None:
                 record = await self._submit_job(record)
             await self._watch(record)
         except asyncio.CancelledError:
@@ -243,35 +245,29 @@ class RunManager:
         if record.lease_id is not None:
             env["MERLIN_LEASE_ID"] = record.lease_id
             env["MERLIN_FENCING_TOKEN"] = str(record.fencing_token)
-        client = self._job_client()
-        try:
-            await asyncio.to_thread(
-                client.submit_job,
-                entrypoint=record.command,
+        await self._jobs.submit(
+            JobSpec(
                 submission_id=submission_id,
-                runtime_env={"env_vars": env},
-                entrypoint_num_cpus=0,
+                entrypoint=record.command,
+                env=env,
                 metadata={"merlin_run_id": record.run_id, "target": record.target},
             )
-        except RuntimeError as exc:
-            if "already exists" not in str(exc):
-                raise
+        )
         self._events.emit("run.submitted", run_id=record.run_id, submission_id=submission_id)
         return record
 
     async def _watch(self, record: RunRecord) -> None:
         """Poll the job until it ends, renewing the lease; then end the run."""
-        client = self._job_client()
         renew_every = RUN_LEASE_TTL_S / 3
         last_renew = time.monotonic() - renew_every  # renew at once: a re-attach may be late
         while True:
             if record.lease_id is not None and time.monotonic() - last_renew >= renew_every:
                 record = await self._renew(record)
                 last_renew = time.monotonic()
-            info = await asyncio.to_thread(client.get_job_info, record.submission_id)
-            status, message = run_status_from_job(
-                str(getattr(info.status, "value", info.status)), info.driver_exit_code
-            )
+            info = await self._jobs.info(record.submission_id)
+            if info is None:
+                raise BrokerUnavailable(f"Ray no longer knows job {record.submission_id}")
+            status, message = run_status_from_job(info.status, info.exit_code)
             if status is RunStatus.RUNNING and record.status is not RunStatus.RUNNING:
                 record = record.model_copy(
                     update={"status": RunStatus.RUNNING, "started_at": time.time(), "message": message}
@@ -282,7 +278,7 @@ class RunManager:
                                   lease=record.lease_ref)  # fmt: skip
             if status in TERMINAL_RUN_STATUSES:
                 await self._withdraw_or_release(record)
-                await self._finish(record, status, message, info.driver_exit_code)
+                await self._finish(record, status, message, info.exit_code)
                 return
             await asyncio.sleep(POLL_S)
 
@@ -379,20 +375,6 @@ class RunManager:
         self.stats = stats
         self._publish(stats)
 
-    def _job_client(self) -> Any:
-        if self._jobs is None:
-            from ray.job_submission import JobSubmissionClient
-
-            self._jobs = JobSubmissionClient(_dashboard_url())
-        return self._jobs
-
-    async def _job_exists(self, submission_id: str) -> bool:
-        try:
-            await asyncio.to_thread(self._job_client().get_job_info, submission_id)
-            return True
-        except RuntimeError:
-            return False
-
 
 def _step_timings(target_dir: Path) -> tuple[StepTiming, ...]:
     """Step times from the executor's ``run_state.json`` (what the tests check for overlap)."""
@@ -422,18 +404,3 @@ def _file_sha256(path: Path) -> str:
         return hashlib.sha256(path.read_bytes()).hexdigest()
     except OSError:
         return ""
-
-
-def _dashboard_url() -> str:
-    """Where the job API is: from Ray's own record of its dashboard, on the cluster we run in."""
-    import os
-
-    override = os.environ.get("MERLIN_DASHBOARD_URL")
-    if override:
-        return override
-    from ray._private.services import get_webui_url_from_internal_kv
-
-    url = get_webui_url_from_internal_kv()
-    if not url:
-        raise BrokerUnavailable("the Ray dashboard (job API) is not running", "start the cluster with its dashboard")
-    return url if url.startswith("http") else f"http://{url}"
