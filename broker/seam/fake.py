@@ -16,7 +16,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import pickle
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from broker.seam.actors import ActorRef, ActorSystem, CallFailed, Spawn
@@ -31,7 +31,7 @@ class _Hosted:
     spawn: Spawn
     instance: Any = None
     alive: bool = False
-    calls: set[asyncio.Task[Any]] = field(default_factory=set)
+    died: asyncio.Future[None] | None = None  # set when the instance is killed
 
 
 @dataclass(frozen=True)
@@ -85,16 +85,19 @@ class FakeSystem(ActorSystem):
         if hosted is None or not hosted.alive:
             raise CallFailed(Failure.DEAD, f"{handle.name} is not running")
         args, kwargs = _copied((args, kwargs))
+        died = hosted.died
+        assert died is not None
         task = asyncio.ensure_future(self._run(hosted.instance, method, args, kwargs))
-        hosted.calls.add(task)
         try:
-            return _copied(await task)
+            await asyncio.wait({task, died}, return_when=asyncio.FIRST_COMPLETED)
         except asyncio.CancelledError:
-            if not hosted.alive:  # the actor died under the call
-                raise CallFailed(Failure.DEAD, f"{handle.name} died during {method}") from None
+            task.cancel()  # the caller gave up (ray.cancel): the actor's task is cancelled, as on Ray
             raise
-        finally:
-            hosted.calls.discard(task)
+        if not task.done():
+            # Killed under the call: like kill -9, none of the actor's code runs after this
+            # (its task is abandoned, not cancelled, so no cleanup handler writes anything).
+            raise CallFailed(Failure.DEAD, f"{handle.name} died during {method}")
+        return _copied(task.result())
 
     def tell(self, ref: ActorRef, method: str, *args: Any) -> None:
         hosted = self._hosted.get((ref.namespace, ref.name))
@@ -115,8 +118,8 @@ class FakeSystem(ActorSystem):
         if hosted is None or not hosted.alive:
             return
         hosted.alive = False
-        for task in list(hosted.calls):
-            task.cancel()
+        if hosted.died is not None and not hosted.died.done():
+            hosted.died.set_result(None)
         close = getattr(hosted.instance, "close", None)
         if close is not None:
             close()
@@ -129,6 +132,7 @@ class FakeSystem(ActorSystem):
 
     def _start(self, key: tuple[str, str]) -> Any:
         hosted = self._hosted[key]
+        hosted.died = asyncio.get_running_loop().create_future()
         hosted.instance = hosted.spawn.cls(*_copied(tuple(hosted.spawn.args)), system=self)
         hosted.alive = True
         return hosted.instance
