@@ -49,6 +49,7 @@ from broker.models import (
     BrokerStatus,
     Holder,
     Lease,
+    LeaseEnded,
     Priority,
     RequestId,
     ResourceState,
@@ -262,13 +263,15 @@ class BrokerActor:
         priority: int = 0,
         request_id: str | None = None,
         source: str = "api",
+        restart: bool = False,
     ) -> RunRecord:
         """Queue a bundle (a target dir's absolute path, or the bundle itself) to run on its resource.
 
         The run waits for the bundle's resource lease, then runs as a Ray Job
         (the local executor with ``--resume``); the lease is renewed while the
         job runs and released when it ends. The same ``request_id`` returns
-        the same run.
+        the same run. A target dir that already ran to success is refused unless
+        ``restart=True``, which runs it again from its first step.
         """
         from targetgen.bundle import ExecutionBundle, load_bundle, parse_bundle, write_bundle
 
@@ -306,7 +309,14 @@ class BrokerActor:
             target_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
             write_bundle(target_dir, bundle)
         record = await self._runs.submit(
-            target_dir, bundle, holder=holder, priority=priority, request_id=request_id, source=source, run_id=run_id
+            target_dir,
+            bundle,
+            holder=holder,
+            priority=priority,
+            request_id=request_id,
+            source=source,
+            run_id=run_id,
+            restart=restart is True,
         )
         return record.public()
 
@@ -353,11 +363,14 @@ class BrokerActor:
         self._authorize("broker down", by, admin_secret)
         self._events.emit("broker.down", by=_shown_by(by))
 
-    def push_snapshot(self, snapshot: ResourceSnapshot, started_at: float) -> None:
-        """A resource actor reports its state for the metrics endpoint (fire and forget)."""
+    def push_snapshot(self, snapshot: ResourceSnapshot, started_at: float, ended: tuple[LeaseEnded, ...] = ()) -> None:
+        """A resource actor reports its state (metrics) and the granted leases that ended since
+        its last push (a run holding one stops at once). Fire and forget."""
         if self._catalog is not None and snapshot.key in self._catalog.resources:
             self._pushes_received += 1
             self._board.put(snapshot, started_at)
+        for lease_end in ended:
+            self._runs.lease_ended(lease_end)
 
     async def ping(self) -> dict[str, Any]:
         return {

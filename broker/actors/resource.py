@@ -31,6 +31,7 @@ from broker.errors import BrokerUnavailable, InvalidRequest, LeaseNotFound, Leas
 from broker.models import (
     Holder,
     Lease,
+    LeaseEnded,
     LeaseState,
     QueueEntry,
     Reason,
@@ -48,6 +49,7 @@ from broker.seam.placement import COORDINATOR_NAME
 
 __all__ = ["ResourceActor", "resource_status"]
 
+_ENDS_OF_A_GRANT = frozenset({LeaseState.RELEASED, LeaseState.EXPIRED, LeaseState.REVOKED})
 # Metrics snapshots trail state changes by at most this long (Prometheus scrapes every ~15 s).
 PUSH_DELAY_S = 0.1
 
@@ -102,6 +104,7 @@ class ResourceActor:
         self._waiters: dict[str, list[asyncio.Future[Lease]]] = {}
         self._timer: asyncio.TimerHandle | None = None
         self._closed = False
+        self._ended: list[LeaseEnded] = []  # granted leases ended since the last push (runs watch theirs)
         self._warned: set[str] = set()  # leases told their max hold is near (lease.expiring)
         self._started_at = time.time()
         contents = self._ledger.load()
@@ -330,6 +333,8 @@ class ResourceActor:
                 continue
             if lease.state is LeaseState.GRANTED:
                 self._wake(lease.lease_id, result=lease)
+            elif lease.granted_at is not None and lease.state in _ENDS_OF_A_GRANT:
+                self._ended.append(LeaseEnded(lease.ref, lease.state, lease.end_reason or "", lease.ended_by or ""))
             elif lease.state is LeaseState.CANCELLED:
                 self._wake(lease.lease_id, error=self._cancelled_error(lease))
 
@@ -414,7 +419,8 @@ class ResourceActor:
         if self._closed:
             return
         # Fire and forget: with no coordinator now, it pulls snapshots when it is back.
-        self._system.tell(self._coordinator, "push_snapshot", self._make_snapshot(), self._started_at)
+        ended, self._ended = tuple(self._ended), []
+        self._system.tell(self._coordinator, "push_snapshot", self._make_snapshot(), self._started_at, ended)
 
     def _wake(self, lease_id: str, *, result: Lease | None = None, error: BaseException | None = None) -> None:
         for future in self._waiters.pop(lease_id, []):
