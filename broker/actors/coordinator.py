@@ -456,8 +456,9 @@ class BrokerActor:
         return ref
 
     def close(self) -> None:
-        """Stop the background watcher (an in-process host stopping it; on Ray the process just dies)."""
+        """Stop the background tasks (an in-process host stopping it; on Ray the process just dies)."""
         self._watcher.cancel()
+        self._runs.close()
 
     def _authorize(self, act: str, by: Any, admin_secret: Any) -> None:
         """Check the admin secret when the catalog sets one; a refusal is journaled with who tried."""

@@ -220,6 +220,11 @@ class RunManager:
         except Exception as exc:  # noqa: BLE001 - the job may be gone from Ray after a cluster restart
             return f"(Ray has no logs for {record.submission_id}: {str(exc).splitlines()[0][:200]})\n"
 
+    def close(self) -> None:
+        """Stop driving (the records stay: a new coordinator re-attaches from them)."""
+        for task in list(self._tasks.values()):
+            task.cancel()
+
     def lease_ended(self, ended: LeaseEnded) -> None:
         """A resource actor reports a granted lease that ended; a run holding it stops at once."""
         run_id = self._by_lease.get(ended.ref)

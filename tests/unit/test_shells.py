@@ -205,3 +205,80 @@ def test_cancel_of_a_queued_run_leaves_the_queue(tmp_path):
         await system.call(broker, "release", alice.lease_id)
 
     run(body)
+
+
+def _status_is(system: FakeSystem, broker: ActorRef, run_id: str, *wanted: RunStatus) -> Callable[[], Awaitable[Any]]:
+    async def check() -> Any:
+        got = await system.call(broker, "run", run_id)
+        return got if got.status in wanted else None
+
+    return check
+
+
+def test_a_revoked_run_lease_stops_its_job_at_once_and_says_why(tmp_path):
+    async def body() -> None:
+        system = FakeSystem()
+        broker = await up(tmp_path / "state", system)
+        record = await system.call(broker, "submit", str(bundle_dir(tmp_path, "a", "firesim_u250")), holder="ci")
+        (spec,) = await system.jobs.submitted(1)
+        system.jobs.set_status(spec.submission_id, "RUNNING")
+        await until(_status_is(system, broker, record.run_id, RunStatus.RUNNING), "running")
+        await system.call(broker, "revoke", "firesim_u250", "board needed for a demo", by="bob")
+        final = await until(_status_is(system, broker, record.run_id, RunStatus.STOPPED), "stopped")
+        assert system.jobs.stopped == [spec.submission_id]  # told by the resource actor, not at the next renew
+        assert final.end.value == "lease_lost" and final.message.startswith("lease lost: revoked by bob")
+        assert final.exit_code is None
+
+    run(body)
+
+
+def test_a_run_whose_lease_expired_while_the_coordinator_was_away_queues_again(tmp_path, monkeypatch):
+    from broker.actors import run_manager
+
+    monkeypatch.setattr(run_manager, "RUN_LEASE_TTL_S", 1.0)
+
+    async def body() -> None:
+        system = FakeSystem()
+        broker = await up(tmp_path / "state", system)
+        record = await system.call(broker, "submit", str(bundle_dir(tmp_path, "a", "firesim_u250")), holder="ci")
+        (first,) = await system.jobs.submitted(1)
+        system.jobs.set_status(first.submission_id, "RUNNING")
+        await until(_status_is(system, broker, record.run_id, RunStatus.RUNNING), "running")
+        system.crash(COORDINATOR_NAME, NS)  # nobody renews now
+
+        async def expired() -> bool:
+            status = await system.call(ActorRef(system, "resource:firesim_u250", NS), "status")
+            return status.holder is None
+
+        await until(expired, "the run's lease to expire", timeout_s=10)
+        system.restart(COORDINATOR_NAME, NS)  # re-attaches: its lease is gone
+        first_stopped_then_second = await system.jobs.submitted(2)
+        second = first_stopped_then_second[1]
+        assert system.jobs.stopped == [first.submission_id]
+        assert second.submission_id != first.submission_id
+        assert second.env["MERLIN_FENCING_TOKEN"] == "2"  # a new lease, never the dead one's token
+        system.jobs.set_status(second.submission_id, "SUCCEEDED", 0)
+        final = await until(_status_is(system, broker, record.run_id, RunStatus.SUCCEEDED), "succeeded")
+        assert final.lease_attempt == 1
+
+    run(body)
+
+
+def test_a_succeeded_target_dir_needs_restart_to_run_again(tmp_path):
+    async def body() -> None:
+        system = FakeSystem()
+        broker = await up(tmp_path / "state", system)
+        target = bundle_dir(tmp_path, "a", None)
+        (target / "run_state.json").write_text(
+            '{"target": "a", "bundle_sha256": "x", "status": "succeeded", "steps": []}'
+        )
+        with pytest.raises(InvalidRequest, match="--restart"):
+            await system.call(broker, "submit", str(target), holder="ci")
+        assert await system.call(broker, "runs") == []  # refused: nothing recorded
+        record = await system.call(broker, "submit", str(target), holder="ci", restart=True)
+        assert not (target / "run_state.json").exists()  # the old state is kept aside, renamed
+        assert len(list(target.glob("run_state.*.json"))) == 1
+        (spec,) = await system.jobs.submitted(1)
+        assert spec.entrypoint == record.command
+
+    run(body)
