@@ -20,7 +20,9 @@ from typing import Any
 from broker.disk.store import StateDir
 from broker.errors import BrokerError, BrokerUnavailable, LeaseNotFound, LeaseNotHeld
 from broker.models import BrokerStatus, Lease, LeaseState, ResourceStatus, ResourceTable
+from broker.seam.actors import ActorRef
 from broker.seam.placement import COORDINATOR_NAME, namespace_from_env
+from broker.seam.retry import RetryPolicy
 
 __all__ = ["connect", "BrokerClient", "HeldLease", "default_holder"]
 
@@ -86,7 +88,8 @@ class BrokerClient:
     def __init__(self, namespace: str, *, retry_s: float = DEFAULT_RETRY_S):
         self.namespace = namespace
         self.retry_s = retry_s
-        self._handle: Any = None
+        self._ray: Any = None  # the Ray-backed seam, made on first call (importing the shim imports no Ray)
+        self._ref: ActorRef | None = None
 
     # ------------------------------------------------------------------ API
 
@@ -244,51 +247,21 @@ class BrokerClient:
         ``progress`` is called about twice a second while the call is pending
         (the CLI uses it to show a waiter its place in the queue).
         """
-        import ray
-        from ray.exceptions import ActorUnavailableError, GetTimeoutError, RayActorError, RayTaskError
+        return self._system().call_sync(
+            self._coordinator(), method, *args, answer_within_s=answer_within_s, progress=progress, **kwargs
+        )
 
-        deadline: float | None = None  # the retry window opens at the first failure (a wait may be long)
-        delay = 0.05
-        while True:
-            handle = self._broker()
-            ref = getattr(handle, method).remote(*args, **kwargs)
-            try:
-                if progress is not None:
-                    while not ray.wait([ref], timeout=0.5)[0]:
-                        progress()
-                return ray.get(ref, timeout=answer_within_s)
-            except RayTaskError as err:
-                cause = err.cause
-                if isinstance(cause, BrokerError):
-                    raise cause from None
-                raise BrokerUnavailable(f"broker.{method} failed: {type(cause).__name__}: {cause}") from None
-            except GetTimeoutError:
-                ray.cancel(ref)
-                raise BrokerUnavailable(f"the broker did not answer {method} within {answer_within_s:g}s") from None
-            except (RayActorError, ActorUnavailableError):
-                self._handle = None
-                deadline = deadline or time.monotonic() + self.retry_s
-                if time.monotonic() >= deadline:
-                    raise BrokerUnavailable(
-                        f"the broker did not come back within {self.retry_s:g}s", "check `merlin broker status`"
-                    ) from None
-                time.sleep(delay)
-                delay = min(delay * 2, 1.0)
-            except KeyboardInterrupt:
-                ray.cancel(ref)
-                raise
+    def _system(self) -> Any:
+        if self._ray is None:
+            from broker.seam.ray_backend import RaySystem
 
-    def _broker(self) -> Any:
-        if self._handle is None:
-            import ray
+            self._ray = RaySystem(RetryPolicy(window_s=self.retry_s))
+        return self._ray
 
-            try:
-                self._handle = ray.get_actor(COORDINATOR_NAME, namespace=self.namespace)
-            except ValueError:
-                raise BrokerUnavailable(
-                    f"no broker runs in namespace {self.namespace!r}", "run `merlin broker up`"
-                ) from None
-        return self._handle
+    def _coordinator(self) -> ActorRef:
+        if self._ref is None:
+            self._ref = ActorRef(self._system(), COORDINATOR_NAME, self.namespace)
+        return self._ref
 
 
 class HeldLease:

@@ -23,6 +23,8 @@ notebook and the fields survive the trip.
 
 from __future__ import annotations
 
+from broker.core.compat import StrEnum
+
 __all__ = [
     "BrokerError",
     "InvalidRequest",
@@ -35,6 +37,8 @@ __all__ = [
     "BrokerUnavailable",
     "NotAuthorized",
     "EXIT_CODES",
+    "RunEnd",
+    "RUN_EXIT_CODES",
 ]
 
 
@@ -225,4 +229,31 @@ EXIT_CODES: dict[str, int] = {
         BrokerUnavailable,
         NotAuthorized,
     )
+}
+
+
+class RunEnd(StrEnum):
+    """How a run of a bundle ended, in either engine; :data:`RUN_EXIT_CODES` gives its exit code."""
+
+    SUCCEEDED = "succeeded"  # every step succeeded (or was skipped by an operator)
+    STALE_TOKEN = "stale_token"  # a hardware step's fencing check refused: the lease had moved on
+    NOT_SUBMITTED = "not_submitted"  # no broker or cluster answered: recorded as blocked
+    AWAITING_GATE = "awaiting_gate"  # stopped at an operator gate that nobody approved yet
+    STEP_FAILED = "step_failed"  # a step exited non-zero, timed out, or left no artifact
+    CANCELLED = "cancelled"  # a person cancelled it (`jobs cancel`, Ctrl-C, SIGTERM)
+    LEASE_LOST = "lease_lost"  # its lease was revoked or released by someone else: stopped at once
+    BROKER_ERROR = "broker_error"  # the broker could not lease or launch it (the message says why)
+
+
+# One table for both engines: `merlin targetgen execute` (local) exits with these, and so does
+# `--engine ray --wait` and `merlin ray jobs submit --wait`, from the run's record.
+RUN_EXIT_CODES: dict[RunEnd, int] = {
+    RunEnd.SUCCEEDED: 0,
+    RunEnd.STALE_TOKEN: StaleFencingToken.exit_code,
+    RunEnd.NOT_SUBMITTED: BrokerUnavailable.exit_code,
+    RunEnd.AWAITING_GATE: 20,
+    RunEnd.STEP_FAILED: 21,
+    RunEnd.CANCELLED: 22,
+    RunEnd.LEASE_LOST: 23,
+    RunEnd.BROKER_ERROR: 24,
 }

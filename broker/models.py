@@ -12,6 +12,7 @@ import hashlib
 import math
 import re
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Annotated, Any
 
 from pydantic import (
@@ -36,6 +37,7 @@ __all__ = [
     "LeaseEvent",
     "EVENT_OF_STATE",
     "END_EVENTS",
+    "LeaseEnded",
     "LEASE_TRANSITIONS",
     "ACTIVE_STATES",
     "check_transition",
@@ -162,6 +164,16 @@ def check_transition(lease_id: str, current: LeaseState, target: LeaseState) -> 
 def lease_ref(lease_id: str) -> str:
     """A public name for a lease: safe to log, list and journal, useless as a capability."""
     return hashlib.sha256(lease_id.encode()).hexdigest()[:12]
+
+
+@dataclass(frozen=True)
+class LeaseEnded:
+    """A granted lease ended: what a resource actor tells the coordinator (a ref, never the id)."""
+
+    ref: str
+    state: LeaseState
+    reason: str = ""
+    by: str = ""
 
 
 def resource_of_lease_id(lease_id: object) -> str:

@@ -11,9 +11,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from broker.core.runs import RunRecord, RunStatus, new_run
-from broker.disk.store import StateDir, atomic_write
-from broker.errors import BrokerUnavailable
+from broker.core.runs import RunRecord, end_run, new_run
+from broker.disk.run_records import RunRecords
+from broker.disk.store import StateDir
+from broker.errors import BrokerUnavailable, RunEnd
 from executor.handles import BlockedJobHandle, LocalJobHandle, RayJobHandle
 from executor.local import BrokerFence
 from targetgen.bundle import load_bundle
@@ -36,8 +37,12 @@ def submit_ray(
     state_dir: str | None = None,
     namespace: str | None = None,
     address: str | None = None,
+    restart: bool = False,
 ) -> RayJobHandle | BlockedJobHandle:
-    """Queue ``target_dir`` on the broker; blocked (record written) if no cluster answers."""
+    """Queue ``target_dir`` on the broker; blocked (record written) if no cluster answers.
+
+    A target dir that already ran to success is refused unless ``restart`` (run it again from its start).
+    """
     import sys
     import uuid
 
@@ -53,7 +58,13 @@ def submit_ray(
         record = write_blocked_record(state, target_dir, holder, request_id, source, str(exc), python=sys.executable)
         return BlockedJobHandle(record)
     record = client.call(
-        "submit", str(target_dir), holder=holder, priority=priority, request_id=request_id, source=source
+        "submit",
+        str(target_dir),
+        holder=holder,
+        priority=priority,
+        request_id=request_id,
+        source=source,
+        restart=restart,
     )
     return RayJobHandle(client, record)
 
@@ -66,11 +77,6 @@ def write_blocked_record(
     request, record = new_run(
         target_dir, bundle, holder=holder, priority=0, request_id=request_id, source=source, python=python
     )
-    record = record.model_copy(
-        update={"status": RunStatus.BLOCKED, "message": f"not submitted: {why}", "ended_at": record.created_at}
-    )
-    run_dir = state.runs_dir / record.run_id
-    run_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
-    atomic_write(run_dir / "run_request.json", request.model_dump_json(indent=2).encode())
-    atomic_write(run_dir / "run_record.json", record.model_dump_json(indent=2).encode())
+    record = end_run(record, RunEnd.NOT_SUBMITTED, f"not submitted: {why}", record.created_at)
+    RunRecords(state).create(request, record)
     return record

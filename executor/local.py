@@ -5,9 +5,10 @@ after every transition, one log file per step, a process group per step (so
 a timeout or a cancel kills the step and everything it started), and the
 fencing check with the broker before a step that touches hardware.
 
-Exit codes of ``merlin targetgen execute --engine local`` (see ``EXIT_*``):
-0 succeeded, 20 waiting at an operator gate, 21 a step failed, 22 cancelled,
-8 stale fencing token, 3 invalid bundle or target dir.
+Exit codes of ``merlin targetgen execute --engine local`` come from the one
+table for both engines, ``broker.errors.RUN_EXIT_CODES``: 0 succeeded,
+20 waiting at an operator gate, 21 a step failed, 22 cancelled, 8 stale
+fencing token (3 invalid bundle or target dir, as for every command).
 """
 
 from __future__ import annotations
@@ -24,9 +25,10 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 from broker.disk.store import atomic_write
-from broker.errors import InvalidRequest, StaleFencingToken
+from broker.errors import RUN_EXIT_CODES, InvalidRequest, RunEnd, StaleFencingToken
 from executor.state import (
     BundleStatus,
     Finished,
@@ -50,27 +52,42 @@ __all__ = [
     "EXIT_CANCELLED",
     "LocalEngine",
     "BrokerFence",
+    "HeldFence",
+    "held_leases",
     "load_state",
     "approve_step",
     "exit_code_for",
+    "settle_state",
+    "archive_state",
+    "TERMINAL_BUNDLE_STATUSES",
 ]
 
 STATE_FILE = "run_state.json"
-EXIT_SUCCEEDED = 0
-EXIT_AWAITING_GATE = 20
-EXIT_STEP_FAILED = 21
-EXIT_CANCELLED = 22
+EXIT_SUCCEEDED = RUN_EXIT_CODES[RunEnd.SUCCEEDED]
+EXIT_AWAITING_GATE = RUN_EXIT_CODES[RunEnd.AWAITING_GATE]
+EXIT_STEP_FAILED = RUN_EXIT_CODES[RunEnd.STEP_FAILED]
+EXIT_CANCELLED = RUN_EXIT_CODES[RunEnd.CANCELLED]
 KILL_GRACE_S = 5.0
+# While a hardware step runs, its lease is checked this often; a lost lease stops the step.
+FENCE_RECHECK_S = float(os.environ.get("MERLIN_FENCE_RECHECK_S", "2"))
 
 FenceCheck = Callable[[BundleStep], None]
 
 
+_END_OF_BUNDLE = {
+    BundleStatus.SUCCEEDED: RunEnd.SUCCEEDED,
+    BundleStatus.AWAITING_GATE: RunEnd.AWAITING_GATE,
+    BundleStatus.CANCELLED: RunEnd.CANCELLED,
+}
+
+
+def run_end_of(state: RunState) -> RunEnd:
+    return _END_OF_BUNDLE.get(state.status, RunEnd.STEP_FAILED)
+
+
 def exit_code_for(state: RunState) -> int:
-    return {
-        BundleStatus.SUCCEEDED: EXIT_SUCCEEDED,
-        BundleStatus.AWAITING_GATE: EXIT_AWAITING_GATE,
-        BundleStatus.CANCELLED: EXIT_CANCELLED,
-    }.get(state.status, EXIT_STEP_FAILED)
+    """The exit code of ``merlin targetgen execute`` for a run that ended in ``state`` (broker.errors)."""
+    return RUN_EXIT_CODES[run_end_of(state)]
 
 
 def _bundle_sha256(target_dir: Path) -> str:
@@ -115,6 +132,44 @@ def approve_step(target_dir: Path, step_id: str, by: str, *, skip: bool = False)
     return state
 
 
+TERMINAL_BUNDLE_STATUSES = frozenset({BundleStatus.SUCCEEDED, BundleStatus.FAILED, BundleStatus.CANCELLED})
+
+
+def settle_state(target_dir: Path, status: BundleStatus, message: str, now: float | None = None) -> RunState | None:
+    """Record a run's end in its target dir when its executor could not (killed by Ray, lease lost).
+
+    A step left ``running`` becomes ``failed`` with ``message``; the bundle takes ``status``.
+    Does nothing while an executor still holds the dir, or when the state already ended.
+    """
+    target_dir = Path(target_dir)
+    now = time.time() if now is None else now
+    try:
+        with _exclusive(target_dir):
+            state = load_state(target_dir)
+            if state is None or state.status not in (BundleStatus.RUNNING, BundleStatus.PENDING):
+                return state  # the executor recorded its own end
+            for step in state.steps:
+                if step.status is StepStatus.RUNNING:
+                    state = move(state, step.id, StepStatus.FAILED, now, ended_at=now, message=message)
+            state = state.model_copy(update={"status": status, "message": message, "ended_at": now, "updated_at": now})
+            _save(target_dir, state)
+            return state
+    except InvalidRequest:  # another executor runs there: it records its own end
+        return None
+
+
+def archive_state(target_dir: Path, now: float | None = None) -> Path | None:
+    """Start the next run of ``target_dir`` afresh: its old ``run_state.json`` is kept beside, renamed."""
+    path = Path(target_dir) / STATE_FILE
+    if not path.exists():
+        return None
+    stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime(time.time() if now is None else now))
+    archived = path.with_name(f"run_state.{stamp}.json")
+    with _exclusive(Path(target_dir)):
+        path.replace(archived)
+    return archived
+
+
 class BrokerFence:
     """Checks ``MERLIN_LEASE_ID``/``MERLIN_FENCING_TOKEN`` with the broker before a hardware step."""
 
@@ -125,7 +180,16 @@ class BrokerFence:
 
     @classmethod
     def from_env(cls) -> BrokerFence | None:
+        """The run's lease: from the 0600 file ``MERLIN_LEASE_FILE`` names (the Ray engine), or
+        ``MERLIN_LEASE_ID`` (a caller that holds a lease itself), with ``MERLIN_FENCING_TOKEN``."""
         lease_id, token = os.environ.get("MERLIN_LEASE_ID"), os.environ.get("MERLIN_FENCING_TOKEN")
+        lease_file = os.environ.get("MERLIN_LEASE_FILE")
+        if lease_file:
+            try:
+                with open(lease_file, encoding="utf-8") as handle:
+                    lease_id = json.load(handle)["lease_id"]
+            except (OSError, ValueError, KeyError) as exc:
+                raise InvalidRequest(f"cannot read the run's lease from {lease_file}: {exc}", "lease_file") from None
         if not lease_id or not token:
             return None
         try:
@@ -141,6 +205,38 @@ class BrokerFence:
         lease = self._client.check_fence(self.lease_id, self.token)
         if step.resource is not None and lease.resource != step.resource:
             raise StaleFencingToken(step.resource, self.token, None)
+
+
+class HeldFence:
+    """The fence for a run that took its own leases (``--engine local`` with a broker)."""
+
+    def __init__(self, client: Any, held: dict[str, Any]):
+        self._client = client
+        self._held = held  # resource -> broker.client.HeldLease
+
+    def __call__(self, step: BundleStep) -> None:
+        held = self._held.get(step.resource or "")
+        if held is None:
+            raise StaleFencingToken(step.resource or "-", 0, None)
+        lease = held.check()  # raises LeaseNotHeld once the heartbeat saw the loss
+        self._client.check_fence(lease.lease_id, lease.fencing_token or 0)
+
+
+@contextmanager
+def held_leases(
+    client: Any, resources: list[str], holder: str, *, report: Callable[[str], None]
+) -> Iterator[HeldFence]:
+    """Hold every resource the bundle's steps need for the whole run (taken in key order, so two
+    runs that need overlapping keys never deadlock), renewed in the background, released at the end."""
+    with contextlib.ExitStack() as stack:
+        held = {}
+        for resource in resources:
+            report(f"waiting for the lease on {resource} (as {holder})")
+            held[resource] = stack.enter_context(
+                client.lease(resource, holder, ttl_s=60.0, note="merlin targetgen execute --engine local")
+            )
+            report(f"leased {resource}: fencing token {held[resource].fencing_token}")
+        yield HeldFence(client, held)
 
 
 class LocalEngine:
@@ -262,6 +358,12 @@ class LocalEngine:
         self.report(f"step {step.id}: running (attempt {attempt})")
         started = time.monotonic()
         code, message = self._execute(step, attempt)
+        if isinstance(message, StaleFencingToken):
+            stale = message
+            state = move(state, step.id, StepStatus.FAILED, self.clock(), ended_at=self.clock(), exit_code=code,
+                         message=f"stopped: the lease was lost ({stale})")  # fmt: skip
+            self._finish(state, BundleStatus.FAILED, f"step {step.id!r} stopped: the lease was lost ({stale})")
+            raise stale
         if code == 0:
             missing = [path for path in step.artifacts if not (self.target_dir / path).exists()]
             if missing:
@@ -271,8 +373,9 @@ class LocalEngine:
         self.report(f"step {step.id}: {status.value} in {time.monotonic() - started:.1f}s{tail}")
         return move(state, step.id, status, self.clock(), ended_at=self.clock(), exit_code=code, message=message)
 
-    def _execute(self, step: BundleStep, attempt: int) -> tuple[int | None, str]:
-        """Run the step's process group; returns (exit code, message)."""
+    def _execute(self, step: BundleStep, attempt: int) -> tuple[int | None, str | StaleFencingToken]:
+        """Run the step's process group; returns (exit code, message), or the fencing refusal
+        that stopped it (its lease was lost while it ran)."""
         cwd = (self.target_dir / step.cwd).resolve()
         if not cwd.is_relative_to(self.target_dir):
             return None, f"cwd {step.cwd!r} leaves the target dir"
@@ -293,10 +396,18 @@ class LocalEngine:
             except OSError as exc:
                 return None, f"cannot start {step.argv[0]!r}: {exc.strerror or exc}"
             deadline = time.monotonic() + step.timeout_s
+            next_fence = time.monotonic() + FENCE_RECHECK_S
             while True:
                 with contextlib.suppress(subprocess.TimeoutExpired):
                     code = proc.wait(timeout=0.1)
                     break
+                if step.resource is not None and self.fence is not None and time.monotonic() >= next_fence:
+                    next_fence = time.monotonic() + FENCE_RECHECK_S
+                    lost = self._lease_lost(step)
+                    if lost is not None:
+                        _kill_group(proc)
+                        log.write(f"--- the lease was lost ({lost}); process group killed\n".encode())
+                        return proc.returncode, lost
                 if self.stop.is_set():
                     _kill_group(proc)
                     return proc.returncode, "stopped: the run was cancelled"
@@ -307,6 +418,26 @@ class LocalEngine:
         if code != 0:
             return code, f"exited with code {code} (see {log_path.relative_to(self.target_dir)})"
         return 0, ""
+
+    def _lease_lost(self, step: BundleStep) -> StaleFencingToken | None:
+        """Is the step's lease gone? A broker that does not answer is not a loss (the step goes on)."""
+        from broker.errors import BrokerUnavailable, LeaseNotFound, LeaseNotHeld
+
+        assert self.fence is not None
+        try:
+            self.fence(step)
+        except StaleFencingToken as stale:
+            return stale
+        except (LeaseNotHeld, LeaseNotFound):
+            return StaleFencingToken(step.resource or "-", self._token(), None)
+        except BrokerUnavailable:
+            return None
+        return None
+
+    @staticmethod
+    def _token() -> int:
+        token = os.environ.get("MERLIN_FENCING_TOKEN", "")
+        return int(token) if token.isdigit() else 0
 
 
 def _kill_group(proc: subprocess.Popen[bytes]) -> None:

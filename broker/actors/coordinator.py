@@ -35,23 +35,21 @@ import time
 from pathlib import Path
 from typing import Any
 
-import ray
-from ray.exceptions import ActorUnavailableError, GetTimeoutError, RayActorError, RayTaskError
-
-from broker.actors.resource import RemoteResourceActor
+from broker.actors.resource import ResourceActor
 from broker.actors.run_manager import RunManager
 from broker.core.catalog import Catalog, parse_catalog
 from broker.core.runs import RunRecord, new_run_id
 from broker.core.usage import ResourceSnapshot
 from broker.disk.journal import EventSink
 from broker.disk.store import StateDir, atomic_write, read_json
-from broker.errors import BrokerError, BrokerUnavailable, InvalidRequest, LeaseNotFound, NotAuthorized, UnknownResource
+from broker.errors import BrokerUnavailable, InvalidRequest, LeaseNotFound, NotAuthorized, UnknownResource
 from broker.http.api import serve
 from broker.http.metrics import DEFAULT_METRICS_HOST, DEFAULT_METRICS_PORT, MetricsBoard
 from broker.models import (
     BrokerStatus,
     Holder,
     Lease,
+    LeaseEnded,
     Priority,
     RequestId,
     ResourceState,
@@ -60,9 +58,10 @@ from broker.models import (
     is_resource_key,
     resource_of_lease_id,
 )
-from broker.seam.placement import actor_options, resource_actor_name
+from broker.seam import ActorRef, ActorSystem, RetryPolicy, Spawn, ray_system
+from broker.seam.placement import resource_actor_name
 
-__all__ = ["BrokerActor", "RemoteBrokerActor", "VERSION"]
+__all__ = ["BrokerActor", "VERSION"]
 
 VERSION = "0.1.0"
 # How long a call waits for a restarting resource actor before BrokerUnavailable.
@@ -82,13 +81,16 @@ class BrokerActor:
         namespace: str,
         metrics_host: str = DEFAULT_METRICS_HOST,
         metrics_port: int | None = DEFAULT_METRICS_PORT,
+        *,
+        system: ActorSystem | None = None,
     ):
+        self._system = system or ray_system(RetryPolicy(window_s=ACTOR_RETRY_S))
         self._state = StateDir.from_env(state_dir).ensure()
         self._namespace = namespace
         self._started_at = time.time()
         self._events = EventSink(self._state.events_path, "broker", self._state.logs_dir)
-        self._node_id = ray.get_runtime_context().get_node_id()
-        self._actors: dict[str, Any] = {}
+        self._node_id = self._system.current_node_id()
+        self._actors: dict[str, ActorRef] = {}
         self._catalog: Catalog | None = None
         self._board = MetricsBoard()
         self._pushes_received = 0
@@ -112,7 +114,9 @@ class BrokerActor:
         catalog = self._load_catalog()
         if catalog is not None:
             self._adopt(catalog)
-        self._runs = RunManager(self._state, self._events, self._call, self._board.set_runs, namespace=namespace)
+        self._runs = RunManager(
+            self._state, self._events, self._call, self._board.set_runs, self._system.job_runner(), namespace=namespace
+        )
         self._runs.load()  # re-attaches to every unfinished run
         self._watcher = self._loop.create_task(self._watch())
         self._events.emit(
@@ -153,9 +157,9 @@ class BrokerActor:
         atomic_write(self._state.catalog_path, new.model_dump_json(by_alias=True, indent=2).encode())
         self._adopt(new)
         for key in dropped:
-            handle = self._actors.pop(key, None)
-            if handle is not None:
-                ray.kill(handle, no_restart=True)
+            ref = self._actors.pop(key, None)
+            if ref is not None:
+                self._system.kill(ref)
         await asyncio.gather(*(self._call(key, "reconfigure") for key in new.resources))
         self._events.emit("broker.catalog_applied", resources=len(new.resources), dropped=dropped or None)
         return sorted(new.resources)
@@ -259,13 +263,15 @@ class BrokerActor:
         priority: int = 0,
         request_id: str | None = None,
         source: str = "api",
+        restart: bool = False,
     ) -> RunRecord:
         """Queue a bundle (a target dir's absolute path, or the bundle itself) to run on its resource.
 
         The run waits for the bundle's resource lease, then runs as a Ray Job
         (the local executor with ``--resume``); the lease is renewed while the
         job runs and released when it ends. The same ``request_id`` returns
-        the same run.
+        the same run. A target dir that already ran to success is refused unless
+        ``restart=True``, which runs it again from its first step.
         """
         from targetgen.bundle import ExecutionBundle, load_bundle, parse_bundle, write_bundle
 
@@ -303,7 +309,14 @@ class BrokerActor:
             target_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
             write_bundle(target_dir, bundle)
         record = await self._runs.submit(
-            target_dir, bundle, holder=holder, priority=priority, request_id=request_id, source=source, run_id=run_id
+            target_dir,
+            bundle,
+            holder=holder,
+            priority=priority,
+            request_id=request_id,
+            source=source,
+            run_id=run_id,
+            restart=restart is True,
         )
         return record.public()
 
@@ -350,11 +363,14 @@ class BrokerActor:
         self._authorize("broker down", by, admin_secret)
         self._events.emit("broker.down", by=_shown_by(by))
 
-    def push_snapshot(self, snapshot: ResourceSnapshot, started_at: float) -> None:
-        """A resource actor reports its state for the metrics endpoint (fire and forget)."""
+    def push_snapshot(self, snapshot: ResourceSnapshot, started_at: float, ended: tuple[LeaseEnded, ...] = ()) -> None:
+        """A resource actor reports its state (metrics) and the granted leases that ended since
+        its last push (a run holding one stops at once). Fire and forget."""
         if self._catalog is not None and snapshot.key in self._catalog.resources:
             self._pushes_received += 1
             self._board.put(snapshot, started_at)
+        for lease_end in ended:
+            self._runs.lease_ended(lease_end)
 
     async def ping(self) -> dict[str, Any]:
         return {
@@ -403,8 +419,10 @@ class BrokerActor:
 
     async def _probe(self, key: str) -> None:
         try:
-            snapshot, started_at = await asyncio.wait_for(self._actor(key).snapshot.remote(), STATUS_TIMEOUT_S)
-        except (asyncio.TimeoutError, RayActorError, ActorUnavailableError, GetTimeoutError, RayTaskError):
+            snapshot, started_at = await self._system.call(
+                self._actor(key), "snapshot", answer_within_s=STATUS_TIMEOUT_S, retry=False
+            )
+        except BrokerUnavailable:
             self._board.set_up(key, False)
             return
         self._board.put(snapshot, started_at)
@@ -412,8 +430,8 @@ class BrokerActor:
 
     async def _status_of(self, key: str) -> ResourceStatus:
         try:
-            status = await asyncio.wait_for(self._actor(key).status.remote(), STATUS_TIMEOUT_S)
-        except (asyncio.TimeoutError, RayActorError, ActorUnavailableError, GetTimeoutError, RayTaskError):
+            status = await self._system.call(self._actor(key), "status", answer_within_s=STATUS_TIMEOUT_S, retry=False)
+        except BrokerUnavailable:
             status = ResourceStatus(key=key, state=ResourceState.DOWN)
         return self._with_catalog(status)
 
@@ -426,40 +444,21 @@ class BrokerActor:
         )
 
     async def _call(self, key: str, method: str, *args: Any, **kwargs: Any) -> Any:
-        """Call ``resource:<key>``; retry (same arguments) while it restarts, up to ACTOR_RETRY_S."""
-        deadline: float | None = None  # the retry window opens at the first failure (a wait may be long)
-        delay = 0.05
-        while True:
-            handle = self._actor(key)
-            try:
-                return await getattr(handle, method).remote(*args, **kwargs)
-            except RayTaskError as err:
-                cause = err.cause
-                if isinstance(cause, BrokerError):
-                    raise cause from None
-                raise BrokerUnavailable(
-                    f"resource:{key} failed in {method}: {type(cause).__name__}: {cause}",
-                    "see the actor's log; the call changed nothing it acknowledged",
-                ) from None
-            except (RayActorError, ActorUnavailableError) as err:
-                if isinstance(err, RayActorError) and not isinstance(err, ActorUnavailableError):
-                    self._actors.pop(key, None)  # re-resolve: a killed actor may be a new one by now
-                deadline = deadline or time.monotonic() + ACTOR_RETRY_S
-                if time.monotonic() >= deadline:
-                    raise BrokerUnavailable(
-                        f"resource:{key} did not answer within {ACTOR_RETRY_S:g}s",
-                        "check `merlin broker status`",
-                    ) from None
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, 1.0)
+        """Call ``resource:<key>`` through the seam: retried (same arguments) while it restarts."""
+        return await self._system.call(self._actor(key), method, *args, **kwargs)
 
-    def _actor(self, key: str) -> Any:
-        handle = self._actors.get(key)
-        if handle is None:
-            options = actor_options(resource_actor_name(key), self._namespace, self._node_id)
-            handle = RemoteResourceActor.options(**options).remote(key, str(self._state.root), self._namespace)
-            self._actors[key] = handle
-        return handle
+    def _actor(self, key: str) -> ActorRef:
+        ref = self._actors.get(key)
+        if ref is None:
+            spawn = Spawn(ResourceActor, (key, str(self._state.root), self._namespace), self._node_id)
+            ref = self._actors[key] = ActorRef(self._system, resource_actor_name(key), self._namespace, spawn)
+            ref.handle()  # created now, so its restart-from-disk starts before the first call
+        return ref
+
+    def close(self) -> None:
+        """Stop the background tasks (an in-process host stopping it; on Ray the process just dies)."""
+        self._watcher.cancel()
+        self._runs.close()
 
     def _authorize(self, act: str, by: Any, admin_secret: Any) -> None:
         """Check the admin secret when the catalog sets one; a refusal is journaled with who tried."""
@@ -488,6 +487,3 @@ class BrokerActor:
 
 def _shown_by(by: Any) -> str:
     return by[:128] if isinstance(by, str) and by.isprintable() else "?"
-
-
-RemoteBrokerActor = ray.remote(BrokerActor)

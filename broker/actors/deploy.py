@@ -4,8 +4,11 @@ from __future__ import annotations
 
 from typing import Any
 
+from broker.actors.coordinator import BrokerActor
 from broker.disk.store import StateDir
 from broker.errors import BrokerUnavailable
+from broker.seam import ActorRef, RetryPolicy, Spawn
+from broker.seam.placement import COORDINATOR_NAME, RESOURCE_ACTOR_PREFIX
 
 __all__ = ["broker_up", "broker_down"]
 
@@ -24,39 +27,32 @@ def broker_up(
     Needs a connected Ray driver. Idempotent: a running broker keeps its leases
     and only adopts catalog changes. ``metrics_port=0`` picks a free port;
     ``None`` serves no metrics. They apply when the coordinator is created.
+    A coordinator that dies meanwhile (kill -9) is waited for and asked again.
     """
-    import ray
-
-    from broker.actors.coordinator import RemoteBrokerActor
-    from broker.seam.placement import COORDINATOR_NAME, actor_options, head_node_id
+    from broker.seam.ray_backend import RaySystem, head_node_id
 
     state.ensure()
-    options = actor_options(COORDINATOR_NAME, namespace, head_node_id())
-    handle = RemoteBrokerActor.options(**options).remote(str(state.root), namespace, metrics_host, metrics_port)
-    info = ray.get(handle.ping.remote(), timeout=timeout_s)
+    system = RaySystem(RetryPolicy(window_s=timeout_s))
+    spawn = Spawn(BrokerActor, (str(state.root), namespace, metrics_host, metrics_port), head_node_id())
+    coordinator = ActorRef(system, COORDINATOR_NAME, namespace, spawn)
+    info = system.call_sync(coordinator, "ping", answer_within_s=timeout_s)
     if info["state_dir"] != str(state.root):
         raise BrokerUnavailable(
             f"the broker in namespace {namespace!r} uses state dir {info['state_dir']}",
             "pass that --state-dir, or run `merlin broker down` first",
         )
-    return ray.get(handle.apply_catalog.remote(catalog), timeout=timeout_s)
+    keys: list[str] = system.call_sync(coordinator, "apply_catalog", catalog, answer_within_s=timeout_s)
+    return keys
 
 
 def broker_down(namespace: str) -> int:
     """Kill the coordinator and every resource actor in ``namespace``; state stays on disk."""
-    import ray
+    from broker.seam.ray_backend import RaySystem
 
-    from broker.seam.placement import COORDINATOR_NAME
-
+    system = RaySystem()
     names = [
-        actor["name"]
-        for actor in ray.util.list_named_actors(all_namespaces=True)
-        if actor["namespace"] == namespace
-        and (actor["name"] == COORDINATOR_NAME or actor["name"].startswith("resource:"))
+        name for name in system.names(namespace) if name == COORDINATOR_NAME or name.startswith(RESOURCE_ACTOR_PREFIX)
     ]
     for name in names:
-        try:
-            ray.kill(ray.get_actor(name, namespace=namespace), no_restart=True)
-        except ValueError:
-            continue
+        system.kill(ActorRef(system, name, namespace))
     return len(names)

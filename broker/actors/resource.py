@@ -22,8 +22,6 @@ import secrets
 import time
 from typing import Any
 
-import ray
-
 from broker.core.book import Change, LeaseBook, Outcome, release_ended
 from broker.core.catalog import Catalog, ResourceSpec
 from broker.core.clock import ActorClock
@@ -35,6 +33,7 @@ from broker.models import (
     EndReason,
     Holder,
     Lease,
+    LeaseEnded,
     LeaseEvent,
     LeaseState,
     QueueEntry,
@@ -48,10 +47,12 @@ from broker.models import (
     resource_of_lease_id,
     validated,
 )
+from broker.seam import ActorRef, ActorSystem, ray_system
 from broker.seam.placement import COORDINATOR_NAME
 
 __all__ = ["ResourceActor", "resource_status"]
 
+_ENDS_OF_A_GRANT = frozenset({LeaseState.RELEASED, LeaseState.EXPIRED, LeaseState.REVOKED})
 # Metrics snapshots trail state changes by at most this long (Prometheus scrapes every ~15 s).
 PUSH_DELAY_S = 0.1
 
@@ -94,9 +95,10 @@ def resource_status(book: LeaseBook) -> ResourceStatus:
 class ResourceActor:
     """Owns one key: its book, its ledger, its waiters and its expiry timer."""
 
-    def __init__(self, key: str, state_dir: str, namespace: str):
+    def __init__(self, key: str, state_dir: str, namespace: str, *, system: ActorSystem | None = None):
         self._key = key
         self._namespace = namespace  # the actors' own; not the creating job's (the runtime context's)
+        self._system = system or ray_system()
         self._state = StateDir.from_env(state_dir).ensure()
         self._loop = asyncio.get_running_loop()  # async actors construct inside their loop
         self._ledger = ResourceLedger(self._state, key, defer=self._after_answer)
@@ -104,6 +106,8 @@ class ResourceActor:
         self._spec, settings = self._read_catalog()
         self._waiters: dict[str, list[asyncio.Future[Lease]]] = {}
         self._timer: asyncio.TimerHandle | None = None
+        self._closed = False
+        self._ended: list[LeaseEnded] = []  # granted leases ended since the last push (runs watch theirs)
         self._warned: set[str] = set()  # leases told their max hold is near (lease.expiring)
         self._started_at = time.time()
         self._clock = ActorClock()  # TTLs run on the monotonic clock; re-based from the wall clock at each start
@@ -117,7 +121,7 @@ class ResourceActor:
         self._counters = UsageCounters.from_leases(contents.leases)
         self._snapshot_seq = 0
         self._push_pending = False
-        self._coordinator: Any = None
+        self._coordinator = ActorRef(self._system, COORDINATOR_NAME, namespace)
         self._book, fixes = LeaseBook.restore(
             key,
             contents.leases,
@@ -277,6 +281,13 @@ class ResourceActor:
         """The metrics snapshot and this actor life's start time (the coordinator's pull)."""
         return self._make_snapshot(), self._started_at
 
+    def close(self) -> None:
+        """Stop this instance's timers (an in-process host stopping it; on Ray the process just dies)."""
+        self._closed = True
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
     async def reconfigure(self) -> None:
         """Re-read this key's settings from the catalog the coordinator wrote."""
         self._spec, settings = self._read_catalog()
@@ -326,6 +337,8 @@ class ResourceActor:
                 continue
             if lease.state is LeaseState.GRANTED:
                 self._wake(lease.lease_id, result=lease)
+            elif lease.granted_at is not None and lease.state in _ENDS_OF_A_GRANT:
+                self._ended.append(LeaseEnded(lease.ref, lease.state, lease.end_reason or "", lease.ended_by or ""))
             elif lease.state is LeaseState.CANCELLED:
                 self._wake(lease.lease_id, error=self._cancelled_error(lease))
 
@@ -365,6 +378,8 @@ class ResourceActor:
         """Run ``work`` (the ledger's file updates) once the current call has answered."""
 
         def run() -> None:
+            if self._closed:
+                return
             try:
                 work()
             except OSError as exc:
@@ -405,12 +420,11 @@ class ResourceActor:
 
     def _push(self) -> None:
         self._push_pending = False
-        try:
-            if self._coordinator is None:
-                self._coordinator = ray.get_actor(COORDINATOR_NAME, namespace=self._namespace)
-            self._coordinator.push_snapshot.remote(self._make_snapshot(), self._started_at)
-        except Exception:  # noqa: BLE001 - no coordinator now: it pulls snapshots when it is back
-            self._coordinator = None
+        if self._closed:
+            return
+        # Fire and forget: with no coordinator now, it pulls snapshots when it is back.
+        ended, self._ended = tuple(self._ended), []
+        self._system.tell(self._coordinator, "push_snapshot", self._make_snapshot(), self._started_at, ended)
 
     def _wake(self, lease_id: str, *, result: Lease | None = None, error: BaseException | None = None) -> None:
         for future in self._waiters.pop(lease_id, []):
@@ -494,6 +508,3 @@ class ResourceActor:
         except (OSError, ValueError) as exc:
             self._events.emit("resource.catalog_unreadable", level="error", resource=self._key, error=str(exc)[:200])
         return ResourceSpec(), Catalog(resources={self._key: ResourceSpec()}).broker
-
-
-RemoteResourceActor = ray.remote(ResourceActor)

@@ -1,56 +1,82 @@
-"""The coordinator's run queue: bundles wait for their lease, then run as Ray Jobs.
+"""The coordinator's run queue: bundles wait for their lease, then run as jobs on the cluster.
 
-One asyncio task drives each active run through its record:
+One asyncio task drives each active run through its record (the lifecycle's
+table is :data:`broker.core.runs.RUN_TRANSITIONS`):
 
     pending (queued for the lease) -> lease granted -> job submitted -> running -> ended
+       ^                                                                   |
+       +------------- the lease expired (e.g. the cluster was down) -------+
 
-Every step is written to ``runs/<run_id>/run_record.json`` before the next
-one starts, and each Ray-facing act is idempotent (the lease request and the
-job submission id derive from the run id), so a restarted coordinator
-re-attaches to every unfinished run from its record: it waits for the same
-queued request, finds the same job, and keeps renewing the same lease.
-The lease is released when the job ends, whatever the end.
+Every step is written to ``runs/<run_id>/run_record.json``
+(:class:`broker.disk.run_records.RunRecords`) before the next one starts, and
+each act is idempotent — the lease request id is random but recorded before
+the request is sent, the job's submission id derives from the run id and the
+lease attempt — so a restarted coordinator re-attaches to every unfinished
+run: it re-joins the same queued request, finds the same job, and renews the
+same lease. A lease that *expired* meanwhile is not reused: the run stops its
+job, queues for a new lease (a new fencing token) and resumes from its last
+finished step. A lease that was *revoked* (or otherwise ended by someone
+else) stops the run at once: the resource actor reports the end with its next
+snapshot push (≤ 0.1 s), the job is stopped, and the record ends
+``stopped: lease lost: …``. The lease is released when the job ends, whatever
+the end.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import hashlib
 import json
+import secrets
 import sys
 import time
 from collections.abc import Awaitable, Callable
+from enum import Enum
 from pathlib import Path
 from typing import Any
 
 from broker.core.runs import (
-    TERMINAL_RUN_STATUSES,
     RunRecord,
     RunStatus,
     StepTiming,
+    advance,
     check_run_id,
+    end_run,
     new_run,
     run_status_from_job,
     scan_artifacts,
 )
 from broker.disk.journal import EventSink
-from broker.disk.store import StateDir, atomic_write, read_json
-from broker.errors import BrokerError, BrokerUnavailable, InvalidRequest, LeaseNotFound, LeaseNotHeld
+from broker.disk.run_records import RunRecords
+from broker.disk.store import FILE_MODE, StateDir, atomic_write
+from broker.errors import BrokerError, BrokerUnavailable, InvalidRequest, LeaseNotFound, LeaseNotHeld, RunEnd
 from broker.http.metrics import RunStats
-from broker.models import Lease, LeaseState, lease_ref
+from broker.models import Lease, LeaseEnded, LeaseState, lease_ref
+from broker.seam.jobs import JobRunner, JobSpec
+from executor.local import archive_state, load_state, settle_state
+from executor.state import BundleStatus
 
-__all__ = ["RunManager", "RUN_LEASE_TTL_S"]
+__all__ = ["RunManager", "RUN_LEASE_TTL_S", "LeaseEnded"]
 
 # A run's lease is short and renewed while its job runs: if the coordinator
 # is gone for longer, the lease lapses and the job's fencing check refuses.
 RUN_LEASE_TTL_S = 60.0
 POLL_S = 0.25
 CANCEL_WAIT_S = 30.0
+STOP_WAIT_S = 15.0  # after a lease loss: how long the job gets to stop before the record ends anyway
+LEASE_FILE = "lease.json"
 
 Call = Callable[..., Awaitable[Any]]
 
 
+class _Next(Enum):
+    DONE = "done"
+    REQUEUE = "requeue"
+
+
 class RunManager:
-    """Owns ``runs/``: records, one driving task per active run, and the run metrics."""
+    """Owns the active runs: one driving task each, their records, and the run metrics."""
 
     def __init__(
         self,
@@ -58,20 +84,25 @@ class RunManager:
         events: EventSink,
         call: Call,
         publish: Callable[[RunStats], None],
+        jobs: JobRunner,
         *,
         namespace: str,
         python: str = sys.executable,
     ):
         self._namespace = namespace
         self._state = state
+        self._store = RunRecords(state)
         self._events = events
         self._call = call  # the coordinator's retrying call on resource:<key>
         self._publish = publish  # to the metrics board
+        self._jobs = jobs
         self._python = python
         self._records: dict[str, RunRecord] = {}
         self._by_request: dict[tuple[str, str], str] = {}
+        self._by_lease: dict[str, str] = {}  # lease ref -> run id, while the run holds that lease
+        self._lost: dict[str, LeaseEnded] = {}  # run id -> how its lease ended under it
+        self._wake: dict[str, asyncio.Event] = {}
         self._tasks: dict[str, asyncio.Task[None]] = {}
-        self._jobs: Any = None
         self.stats = RunStats()
 
     # ------------------------------------------------------------------ lifecycle
@@ -79,16 +110,16 @@ class RunManager:
     def load(self) -> None:
         """Read every run record; start driving the unfinished ones (a restart re-attaches here)."""
         self._state.runs_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
-        for path in sorted(self._state.runs_dir.glob("run-*/run_record.json")):
-            try:
-                record = RunRecord.model_validate(read_json(path))
-            except (OSError, ValueError) as exc:
-                self._events.emit("run.record_unreadable", level="error", path=str(path), error=str(exc)[:200])
-                continue
+        records, unreadable = self._store.load_all()
+        for path, error in unreadable:
+            self._events.emit("run.record_unreadable", level="error", path=str(path), error=error)
+        for record in records:
             self._records[record.run_id] = record
             self._by_request[(record.holder, record.request_id)] = record.run_id
+            if record.lease_ref is not None and not record.finished:
+                self._by_lease[record.lease_ref] = record.run_id
         self._recount()
-        for record in self._records.values():
+        for record in records:
             if not record.finished:
                 self._events.emit("run.reattached", run_id=record.run_id, status=record.status.value)
                 self._start(record.run_id)
@@ -103,11 +134,28 @@ class RunManager:
         request_id: str,
         source: str,
         run_id: str | None = None,
+        restart: bool = False,
     ) -> RunRecord:
-        """Record a new run (or return the one this request already made) and start driving it."""
+        """Record a new run (or return the one this request already made) and start driving it.
+
+        Raises:
+            InvalidRequest: the target dir already ran to success (``restart=True`` runs it
+                again from its first step), or another active run uses the same target dir.
+        """
         existing = self._by_request.get((holder, request_id))
         if existing is not None:
             return self._records[existing]
+        busy = next((r for r in self._records.values() if not r.finished and r.workdir == str(target_dir)), None)
+        if busy is not None:
+            raise InvalidRequest(f"{target_dir} is already {busy.status.value} as {busy.run_id}", "bundle")
+        previous = await asyncio.to_thread(load_state, target_dir)
+        if previous is not None and previous.status is BundleStatus.SUCCEEDED and not restart:
+            raise InvalidRequest(
+                f"{target_dir} already ran to success; submit with --restart (restart=True) to run it again",
+                "restart",
+            )
+        if restart:
+            await asyncio.to_thread(archive_state, target_dir)
         request, record = new_run(
             target_dir,
             bundle,
@@ -119,14 +167,14 @@ class RunManager:
             run_id=run_id,
             bundle_sha256=_file_sha256(target_dir / "bundle.json"),
         )
-        run_id = record.run_id
-        run_dir = self._run_dir(run_id)
-        run_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
-        atomic_write(run_dir / "run_request.json", request.model_dump_json(indent=2).encode())
-        self._save(record)
-        self._by_request[(holder, request_id)] = run_id
-        self._events.emit("run.queued", run_id=run_id, resource=bundle.resource, holder=holder, target=bundle.target)
-        self._start(run_id)
+        self._store.create(request, record)
+        self._records[record.run_id] = record
+        self._by_request[(holder, request_id)] = record.run_id
+        self._events.emit(
+            "run.queued", run_id=record.run_id, resource=bundle.resource, holder=holder, target=bundle.target
+        )
+        self._recount()
+        self._start(record.run_id)
         return record
 
     def get(self, run_id: Any) -> RunRecord:
@@ -152,10 +200,10 @@ class RunManager:
                 await asyncio.gather(task, return_exceptions=True)
             record = self._records[record.run_id]
             if not record.finished:
-                await self._withdraw_or_release(record)
-                record = await self._finish(record, RunStatus.STOPPED, "cancelled before it started", None)
+                await self._give_back(record)
+                record = await self._finish(record, RunEnd.CANCELLED, "cancelled before it started", None)
             return record
-        await asyncio.to_thread(self._job_client().stop_job, record.submission_id)
+        await self._jobs.stop(record.submission_id)
         self._events.emit("run.cancel_requested", run_id=record.run_id)
         task = self._tasks.get(record.run_id)
         if task is not None:
@@ -163,47 +211,75 @@ class RunManager:
         return self._records[record.run_id]
 
     async def logs(self, run_id: Any) -> str:
-        """The Ray job's output (the executor's own log lines); step logs stay in the target dir."""
+        """The job's output (the executor's own log lines); step logs stay in the target dir."""
         record = self.get(run_id)
         if record.submission_id is None:
             return ""
         try:
-            return await asyncio.to_thread(self._job_client().get_job_logs, record.submission_id)
+            return await self._jobs.logs(record.submission_id)
         except Exception as exc:  # noqa: BLE001 - the job may be gone from Ray after a cluster restart
             return f"(Ray has no logs for {record.submission_id}: {str(exc).splitlines()[0][:200]})\n"
+
+    def close(self) -> None:
+        """Stop driving (the records stay: a new coordinator re-attaches from them)."""
+        for task in list(self._tasks.values()):
+            task.cancel()
+
+    def lease_ended(self, ended: LeaseEnded) -> None:
+        """A resource actor reports a granted lease that ended; a run holding it stops at once."""
+        run_id = self._by_lease.get(ended.ref)
+        if run_id is None:
+            return
+        self._lost[run_id] = ended
+        wake = self._wake.get(run_id)
+        if wake is not None:
+            wake.set()
 
     # ------------------------------------------------------------------ driving a run
 
     def _start(self, run_id: str) -> None:
+        self._wake[run_id] = asyncio.Event()
         task = asyncio.get_running_loop().create_task(self._drive(run_id))
         self._tasks[run_id] = task
         task.add_done_callback(lambda _task, run_id=run_id: self._tasks.pop(run_id, None))
 
     async def _drive(self, run_id: str) -> None:
         try:
-            record = self._records[run_id]
-            if record.resource is not None and record.lease_id is None:
-                record = await self._acquire(record)
-            if record.submission_id is None or not await self._job_exists(record.submission_id):
-                record = await self._submit_job(record)
-            await self._watch(record)
+            while True:
+                record = self._records[run_id]
+                if record.resource is not None and record.lease_id is None:
+                    record = await self._acquire(record)
+                elif record.resource is not None:
+                    record = await self._check_reattached_lease(record)
+                    if record.lease_id is None:
+                        continue  # it expired while nobody watched: queue again
+                if (
+                    record.job_attempt != record.lease_attempt
+                    or await self._jobs.info(record.submission_id or "") is None
+                ):
+                    record = await self._submit_job(record)
+                if await self._watch(record) is _Next.DONE:
+                    return
         except asyncio.CancelledError:
             raise
         except BrokerError as exc:
             record = self._records[run_id]
-            await self._withdraw_or_release(record)
-            await self._finish(record, RunStatus.FAILED, str(exc), None)
+            await self._give_back(record)
+            await self._finish(record, RunEnd.BROKER_ERROR, str(exc), None)
         except Exception as exc:  # noqa: BLE001 - a run must end in a record, never in a dead task
             record = self._records[run_id]
             self._events.emit("run.error", level="error", run_id=run_id, error=f"{type(exc).__name__}: {exc}")
-            await self._withdraw_or_release(record)
-            await self._finish(record, RunStatus.FAILED, f"{type(exc).__name__}: {str(exc)[:300]}", None)
+            await self._give_back(record)
+            await self._finish(record, RunEnd.BROKER_ERROR, f"{type(exc).__name__}: {str(exc)[:300]}", None)
+        finally:
+            self._wake.pop(run_id, None)
 
     async def _acquire(self, record: RunRecord) -> RunRecord:
-        """Wait for the run's lease; the request id is the run's, so a restart re-joins the queue."""
-        attempt = 0
+        """Wait for the run's lease. The request id is random and recorded first: a restart re-joins."""
+        assert record.resource is not None
         while True:
-            request_id = f"{record.run_id}:lease:{attempt}"
+            if record.lease_request_id is None:
+                record = self._save(record.model_copy(update={"lease_request_id": secrets.token_hex(16)}))
             lease: Lease = await self._call(
                 record.resource,
                 "reserve",
@@ -211,147 +287,226 @@ class RunManager:
                 ttl_s=RUN_LEASE_TTL_S,
                 wait=True,
                 priority=record.priority,
-                request_id=request_id,
+                request_id=record.lease_request_id,
                 note=f"run {record.run_id} ({record.target})",
             )
             if lease.state is LeaseState.GRANTED:
                 break
-            attempt += 1  # granted while nobody watched and already expired: queue again
-        record = record.model_copy(
-            update={
-                "lease_id": lease.lease_id,
-                "lease_ref": lease_ref(lease.lease_id),
-                "fencing_token": lease.fencing_token,
-                "granted_at": lease.granted_at,
-                "message": "lease granted; submitting the Ray job",
-            }
+            # Granted while nobody watched and already ended: queue again, with a new request.
+            record = self._save(record.model_copy(update={"lease_request_id": None}))
+        ref = lease_ref(lease.lease_id)
+        record = self._save(
+            record.model_copy(
+                update={
+                    "lease_id": lease.lease_id,
+                    "lease_ref": ref,
+                    "fencing_token": lease.fencing_token,
+                    "granted_at": lease.granted_at,
+                    "message": "lease granted; submitting the job",
+                }
+            )
         )
-        self._save(record)
-        self._events.emit("run.lease_granted", run_id=record.run_id, resource=record.resource, lease=record.lease_ref,
-                          fencing_token=record.fencing_token)  # fmt: skip
+        self._by_lease[ref] = record.run_id
+        self._events.emit(
+            "run.lease_granted",
+            run_id=record.run_id,
+            resource=record.resource,
+            lease=ref,
+            fencing_token=record.fencing_token,
+        )
         return record
 
+    async def _check_reattached_lease(self, record: RunRecord) -> RunRecord:
+        """A run picked up again (restart) still holds its lease, or reacts to how it ended."""
+        assert record.resource is not None and record.lease_id is not None
+        try:
+            lease: Lease = await self._call(record.resource, "lease", record.lease_id)
+        except LeaseNotFound:
+            lease = None  # type: ignore[assignment]
+        if lease is not None and lease.state is LeaseState.GRANTED:
+            return record
+        ended = LeaseEnded(
+            ref=record.lease_ref or "",
+            state=lease.state if lease is not None else LeaseState.EXPIRED,
+            reason=(lease.end_reason if lease is not None else "") or "",
+            by=(lease.ended_by if lease is not None else "") or "",
+        )
+        return await self._after_lease_loss(record, ended)
+
+    async def _after_lease_loss(self, record: RunRecord, ended: LeaseEnded) -> RunRecord:
+        """Stop the job; an expiry queues the run again, anything else ends it ``lease lost``."""
+        self._by_lease.pop(ended.ref, None)
+        self._lost.pop(record.run_id, None)
+        if record.submission_id is not None and record.job_attempt == record.lease_attempt:
+            await self._stop_job(record)
+        why = f"lease lost: {ended.state.value}" + (f" by {ended.by}" if ended.by else "")
+        why += f" ({ended.reason})" if ended.reason else ""
+        self._events.emit("run.lease_lost", level="warning", run_id=record.run_id, resource=record.resource,
+                          lease=ended.ref, state=ended.state.value)  # fmt: skip
+        if ended.state is LeaseState.EXPIRED:
+            # Nobody took it from the run on purpose (the broker was away): a new lease, a new
+            # token, and the executor resumes from its last finished step.
+            return self._save(
+                advance(
+                    record,
+                    RunStatus.PENDING,
+                    time.time(),
+                    lease_id=None,
+                    lease_ref=None,
+                    fencing_token=None,
+                    lease_request_id=None,
+                    lease_attempt=record.lease_attempt + 1,
+                    message=f"{why}; queued for a new lease",
+                )
+            )
+        await asyncio.to_thread(settle_state, Path(record.workdir), BundleStatus.CANCELLED, why)
+        finished = await self._finish(record.model_copy(update={"lease_id": None}), RunEnd.LEASE_LOST, why, None)
+        return finished
+
+    async def _stop_job(self, record: RunRecord) -> None:
+        """Stop the job and wait (bounded) until the job system says it ended."""
+        assert record.submission_id is not None
+        try:
+            await self._jobs.stop(record.submission_id)
+        except Exception as exc:  # noqa: BLE001 - a job that is gone already is stopped
+            self._events.emit("run.stop_failed", level="warning", run_id=record.run_id, error=str(exc)[:200])
+            return
+        deadline = time.monotonic() + STOP_WAIT_S
+        while time.monotonic() < deadline:
+            info = await self._jobs.info(record.submission_id)
+            if info is None or info.status.upper() in ("SUCCEEDED", "FAILED", "STOPPED"):
+                return
+            await asyncio.sleep(POLL_S)
+
     async def _submit_job(self, record: RunRecord) -> RunRecord:
-        submission_id = f"merlin-{record.run_id}"
-        record = record.model_copy(update={"submission_id": submission_id})
-        self._save(record)  # the id first: a restart looks for this job before submitting again
+        # The attempt first: a restart looks for this job before submitting again.
+        record = self._save(record.model_copy(update={"job_attempt": record.lease_attempt}))
+        assert record.submission_id is not None
         env = {
             "MERLIN_RUN_ID": record.run_id,
             "MERLIN_STATE_DIR": str(self._state.root),
             "MERLIN_RAY_NAMESPACE": self._namespace,
         }
         if record.lease_id is not None:
-            env["MERLIN_LEASE_ID"] = record.lease_id
+            # The lease id is a capability: Ray logs a job's runtime_env in world-readable files,
+            # so the job reads it from a 0600 file; only the (public) token rides in the env.
+            lease_file = self._store.run_dir(record.run_id) / LEASE_FILE
+            body = {"lease_id": record.lease_id, "fencing_token": record.fencing_token, "resource": record.resource}
+            atomic_write(lease_file, json.dumps(body).encode())
+            lease_file.chmod(FILE_MODE)
+            env["MERLIN_LEASE_FILE"] = str(lease_file)
             env["MERLIN_FENCING_TOKEN"] = str(record.fencing_token)
-        client = self._job_client()
-        try:
-            await asyncio.to_thread(
-                client.submit_job,
+            env["MERLIN_RESOURCE"] = record.resource or ""
+        await self._jobs.submit(
+            JobSpec(
+                submission_id=record.submission_id,
                 entrypoint=record.command,
-                submission_id=submission_id,
-                runtime_env={"env_vars": env},
-                entrypoint_num_cpus=0,
+                env=env,
                 metadata={"merlin_run_id": record.run_id, "target": record.target},
             )
-        except RuntimeError as exc:
-            if "already exists" not in str(exc):
-                raise
-        self._events.emit("run.submitted", run_id=record.run_id, submission_id=submission_id)
+        )
+        self._events.emit("run.submitted", run_id=record.run_id, submission_id=record.submission_id)
         return record
 
-    async def _watch(self, record: RunRecord) -> None:
-        """Poll the job until it ends, renewing the lease; then end the run."""
-        client = self._job_client()
+    async def _watch(self, record: RunRecord) -> _Next:
+        """Follow the job until it ends, renewing the lease; a lease loss is handled at once."""
+        assert record.submission_id is not None
         renew_every = RUN_LEASE_TTL_S / 3
         last_renew = time.monotonic() - renew_every  # renew at once: a re-attach may be late
+        wake = self._wake.setdefault(record.run_id, asyncio.Event())
         while True:
-            if record.lease_id is not None and time.monotonic() - last_renew >= renew_every:
-                record = await self._renew(record)
+            lost = self._lost.get(record.run_id)
+            if lost is None and record.lease_id is not None and time.monotonic() - last_renew >= renew_every:
+                lost = await self._renew(record)
                 last_renew = time.monotonic()
-            info = await asyncio.to_thread(client.get_job_info, record.submission_id)
-            status, message = run_status_from_job(
-                str(getattr(info.status, "value", info.status)), info.driver_exit_code
-            )
+            if lost is not None:
+                record = await self._after_lease_loss(record, lost)
+                return _Next.DONE if record.finished else _Next.REQUEUE
+            info = await self._jobs.info(record.submission_id)
+            if info is None:
+                raise BrokerUnavailable(f"the cluster no longer knows job {record.submission_id}")
+            status, end, message = run_status_from_job(info.status, info.exit_code)
             if status is RunStatus.RUNNING and record.status is not RunStatus.RUNNING:
-                record = record.model_copy(
-                    update={"status": RunStatus.RUNNING, "started_at": time.time(), "message": message}
-                )
-                self._save(record)
+                record = self._save(advance(record, RunStatus.RUNNING, time.time(), message=message))
                 self._recount()
-                self._events.emit("run.started", run_id=record.run_id, resource=record.resource, holder=record.holder,
-                                  lease=record.lease_ref)  # fmt: skip
-            if status in TERMINAL_RUN_STATUSES:
-                await self._withdraw_or_release(record)
-                await self._finish(record, status, message, info.driver_exit_code)
-                return
-            await asyncio.sleep(POLL_S)
+                self._events.emit("run.started", run_id=record.run_id, resource=record.resource,
+                                  holder=record.holder, lease=record.lease_ref)  # fmt: skip
+            if end is not None:
+                if record.run_id in self._lost:
+                    continue  # the job ended because its lease did: that is how the run ended
+                await self._give_back(record)
+                await asyncio.to_thread(
+                    settle_state, Path(record.workdir), _BUNDLE_END.get(end, BundleStatus.FAILED), message
+                )
+                await self._finish(record, end, message, info.exit_code)
+                return _Next.DONE
+            wake.clear()
+            with contextlib.suppress(asyncio.TimeoutError):  # a lease loss wakes it early
+                await asyncio.wait_for(wake.wait(), POLL_S)
 
-    async def _renew(self, record: RunRecord) -> RunRecord:
+    async def _renew(self, record: RunRecord) -> LeaseEnded | None:
+        """Renew the run's lease; how it ended if it is not held any more."""
+        assert record.resource is not None
         try:
             await self._call(record.resource, "renew", record.lease_id, RUN_LEASE_TTL_S)
-        except (LeaseNotHeld, LeaseNotFound) as exc:
-            # Lost (the coordinator was away too long, or an admin revoked it): the job's
-            # fencing check refuses its next hardware step; the record says why.
-            record = record.model_copy(update={"message": f"lease lost while running: {exc}"})
-            self._save(record)
-            self._events.emit("run.lease_lost", level="warning", run_id=record.run_id, resource=record.resource)
-        return record
+            return None
+        except (LeaseNotHeld, LeaseNotFound):
+            lease: Lease | None
+            try:
+                lease = await self._call(record.resource, "lease", record.lease_id)
+            except LeaseNotFound:
+                lease = None
+            state = lease.state if lease is not None and lease.state is not LeaseState.GRANTED else LeaseState.EXPIRED
+            return LeaseEnded(
+                ref=record.lease_ref or "",
+                state=state,
+                reason=(lease.end_reason if lease is not None else "") or "",
+                by=(lease.ended_by if lease is not None else "") or "",
+            )
 
-    async def _withdraw_or_release(self, record: RunRecord) -> None:
+    async def _give_back(self, record: RunRecord) -> None:
         """Give the lease back, or take the run's request out of the queue."""
         if record.resource is None:
             return
+        if record.lease_ref is not None:
+            self._by_lease.pop(record.lease_ref, None)  # our own release is not a loss
         try:
             if record.lease_id is not None:
                 await self._call(record.resource, "release", record.lease_id)
                 return
-            attempt = 0
-            while True:
-                lease = await self._call(record.resource, "withdraw", record.holder, f"{record.run_id}:lease:{attempt}")
-                if lease is None:
-                    return
-                if lease.state is LeaseState.GRANTED:  # granted just before the cancel
+            if record.lease_request_id is not None:
+                lease = await self._call(record.resource, "withdraw", record.holder, record.lease_request_id)
+                if lease is not None and lease.state is LeaseState.GRANTED:  # granted just before the cancel
                     await self._call(record.resource, "release", lease.lease_id)
-                if lease.state is not LeaseState.EXPIRED:
-                    return
-                attempt += 1
         except (LeaseNotHeld, LeaseNotFound):
             return  # already ended: nothing to give back
         except BrokerUnavailable as exc:
             self._events.emit("run.release_failed", level="error", run_id=record.run_id, error=str(exc))
 
-    async def _finish(self, record: RunRecord, status: RunStatus, message: str, exit_code: int | None) -> RunRecord:
+    async def _finish(self, record: RunRecord, end: RunEnd, message: str, exit_code: int | None) -> RunRecord:
         target_dir = Path(record.workdir)
         artifacts = await asyncio.to_thread(scan_artifacts, Path(record.artifact_dir))
-        atomic_write(
-            self._run_dir(record.run_id) / "artifacts.json",
-            json.dumps(
-                {
-                    "run_id": record.run_id,
-                    "artifact_dir": record.artifact_dir,
-                    "artifacts": [a.model_dump() for a in artifacts],
-                },
-                indent=2,
-            ).encode(),
+        self._store.write_artifacts(record, artifacts)
+        record = self._save(
+            end_run(
+                record,
+                end,
+                message,
+                time.time(),
+                exit_code=exit_code,
+                steps=_step_timings(target_dir),
+                artifacts=len(artifacts),
+            )
         )
-        record = record.model_copy(
-            update={
-                "status": status,
-                "message": message,
-                "exit_code": exit_code,
-                "ended_at": time.time(),
-                "steps": _step_timings(target_dir),
-                "artifacts": len(artifacts),
-            }
-        )
-        self._save(record)
+        (self._store.run_dir(record.run_id) / LEASE_FILE).unlink(missing_ok=True)
         self._recount()
         self._events.emit(
             "run.finished",
             run_id=record.run_id,
             resource=record.resource,
             holder=record.holder,
-            status=status.value,
+            status=record.status.value,
+            end=end.value,
             exit_code=exit_code,
             lease=record.lease_ref,
             reason=message,
@@ -360,12 +515,10 @@ class RunManager:
 
     # ------------------------------------------------------------------ plumbing
 
-    def _run_dir(self, run_id: str) -> Path:
-        return self._state.runs_dir / check_run_id(run_id)
-
-    def _save(self, record: RunRecord) -> None:
-        atomic_write(self._run_dir(record.run_id) / "run_record.json", record.model_dump_json(indent=2).encode())
+    def _save(self, record: RunRecord) -> RunRecord:
+        self._store.save(record)
         self._records[record.run_id] = record
+        return record
 
     def _recount(self) -> None:
         stats = RunStats()
@@ -379,61 +532,43 @@ class RunManager:
         self.stats = stats
         self._publish(stats)
 
-    def _job_client(self) -> Any:
-        if self._jobs is None:
-            from ray.job_submission import JobSubmissionClient
 
-            self._jobs = JobSubmissionClient(_dashboard_url())
-        return self._jobs
-
-    async def _job_exists(self, submission_id: str) -> bool:
-        try:
-            await asyncio.to_thread(self._job_client().get_job_info, submission_id)
-            return True
-        except RuntimeError:
-            return False
+# How the target dir's state is settled when a job ended without recording its own end.
+_BUNDLE_END = {
+    RunEnd.SUCCEEDED: BundleStatus.SUCCEEDED,
+    RunEnd.AWAITING_GATE: BundleStatus.AWAITING_GATE,
+    RunEnd.CANCELLED: BundleStatus.CANCELLED,
+    RunEnd.LEASE_LOST: BundleStatus.CANCELLED,
+}
 
 
 def _step_timings(target_dir: Path) -> tuple[StepTiming, ...]:
     """Step times from the executor's ``run_state.json`` (what the tests check for overlap)."""
+    from targetgen.bundle import load_bundle
+
     try:
-        state = json.loads((target_dir / "run_state.json").read_text())
-        bundle = json.loads((target_dir / "bundle.json").read_text())
-    except (OSError, ValueError):
+        state = load_state(target_dir)
+        bundle = load_bundle(target_dir)
+    except BrokerError:
         return ()
-    resources = {step["id"]: step.get("resource") for step in bundle.get("steps", [])}
+    if state is None:
+        return ()
+    resources = {step.id: step.resource for step in bundle.steps}
     return tuple(
         StepTiming(
-            id=step["id"],
-            status=step["status"],
-            started_at=step.get("started_at"),
-            ended_at=step.get("ended_at"),
-            exit_code=step.get("exit_code"),
-            resource=resources.get(step["id"]),
+            id=step.id,
+            status=step.status.value,
+            started_at=step.started_at,
+            ended_at=step.ended_at,
+            exit_code=step.exit_code,
+            resource=resources.get(step.id),
         )
-        for step in state.get("steps", [])
+        for step in state.steps
     )
 
 
 def _file_sha256(path: Path) -> str:
-    import hashlib
-
     try:
         return hashlib.sha256(path.read_bytes()).hexdigest()
     except OSError:
         return ""
-
-
-def _dashboard_url() -> str:
-    """Where the job API is: from Ray's own record of its dashboard, on the cluster we run in."""
-    import os
-
-    override = os.environ.get("MERLIN_DASHBOARD_URL")
-    if override:
-        return override
-    from ray._private.services import get_webui_url_from_internal_kv
-
-    url = get_webui_url_from_internal_kv()
-    if not url:
-        raise BrokerUnavailable("the Ray dashboard (job API) is not running", "start the cluster with its dashboard")
-    return url if url.startswith("http") else f"http://{url}"

@@ -68,10 +68,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         args = build_parser().parse_args(argv)
         code = args.run(Context(args))
-    except BrokerError as err:
-        cause = getattr(err, "cause", None)  # a RayTaskError(...) from a direct Ray call: its cause is ours
-        if isinstance(cause, BrokerError):
-            err = cause
+    except BrokerError as err:  # the seam has unwrapped Ray's wrappers: this is ours
         print(f"merlin: {type(err).__name__}: {err}", file=sys.stderr)
         return err.exit_code
     except KeyboardInterrupt:

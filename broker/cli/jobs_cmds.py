@@ -7,7 +7,6 @@ so they work without a cluster — including for runs that were ``blocked``.
 from __future__ import annotations
 
 import argparse
-import json
 import shutil
 import sys
 import time
@@ -17,7 +16,7 @@ from typing import Any
 from broker.cli.common import Context, emit_json, json_option, note, table, when
 from broker.client import default_holder
 from broker.core.runs import Artifact, RunRecord, check_run_id, safe_artifact_path, scan_artifacts
-from broker.disk.store import read_json
+from broker.disk.run_records import RunRecords
 from broker.errors import InvalidRequest
 
 __all__ = ["register_jobs", "register_artifacts", "print_run"]
@@ -61,8 +60,12 @@ def add_submit_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--priority", type=int, default=0, help="higher runs first (default 0)")
     parser.add_argument("--request-id", default=None, help="idempotency key: the same id returns the same run")
     parser.add_argument(
-        "--wait", action="store_true", help="wait for the run to end; exit non-zero unless it succeeded"
+        "--wait", action="store_true", help="wait for the run to end; exit with the run's code (see --help)"
     )
+    if "--restart" not in parser._option_string_actions:  # `targetgen execute` has its own
+        parser.add_argument(
+            "--restart", action="store_true", help="run a target dir that already ran to success again, from its start"
+        )
     json_option(parser)
 
 
@@ -83,11 +86,7 @@ def register_artifacts(sub: argparse._SubParsersAction, common: argparse.Argumen
 
 
 def load_record(ctx: Context, run_id: str) -> RunRecord:
-    path = ctx.state.runs_dir / check_run_id(run_id) / "run_record.json"
-    try:
-        return RunRecord.model_validate(read_json(path))
-    except FileNotFoundError:
-        raise InvalidRequest(f"unknown run id {run_id!r} (no record in {ctx.state.runs_dir})", "run_id") from None
+    return RunRecords(ctx.state).load(check_run_id(run_id))
 
 
 def print_run(record: RunRecord) -> None:
@@ -118,6 +117,7 @@ def _submit(ctx: Context) -> int:
         priority=args.priority,
         request_id=args.request_id,
         source=f"merlin ray jobs submit ({default_holder()})",
+        restart=args.restart,
         state_dir=str(ctx.state.root),
         namespace=ctx.namespace,
         address=ctx.address,
@@ -128,13 +128,14 @@ def _submit(ctx: Context) -> int:
 def finish_submission(ctx: Context, handle: Any) -> int:
     """Print (and with --wait, follow) a submitted run; the exit code says how it went."""
     from broker.core.runs import RunStatus
+    from broker.errors import RUN_EXIT_CODES, RunEnd
 
     record = handle.record
     if record.status is RunStatus.BLOCKED:
         if ctx.args.json:
             emit_json(record.public())
         print(f"merlin: run {record.run_id} blocked: {record.message}", file=sys.stderr)
-        return 10
+        return RUN_EXIT_CODES[RunEnd.NOT_SUBMITTED]
     if ctx.args.wait:
         last = None
         while not handle.record.finished:
@@ -148,8 +149,8 @@ def finish_submission(ctx: Context, handle: Any) -> int:
         emit_json(record.public())
     else:
         print_run(record)
-    if ctx.args.wait and record.status is not RunStatus.SUCCEEDED:
-        return 21
+    if ctx.args.wait:
+        return RUN_EXIT_CODES[record.end or RunEnd.STEP_FAILED]  # one table for both engines
     return 0
 
 
@@ -163,13 +164,7 @@ def _status(ctx: Context) -> int:
 
 
 def _list(ctx: Context) -> int:
-    records = []
-    for path in sorted(ctx.state.runs_dir.glob("run-*/run_record.json")):
-        try:
-            records.append(RunRecord.model_validate(read_json(path)))
-        except (OSError, ValueError):
-            continue
-    records.sort(key=lambda record: record.created_at)
+    records, _unreadable = RunRecords(ctx.state).load_all()
     if ctx.args.active:
         records = [record for record in records if not record.finished]
     if ctx.args.json:
@@ -207,9 +202,9 @@ def _cancel(ctx: Context) -> int:
 
 
 def _artifacts_of(ctx: Context, record: RunRecord) -> list[Artifact]:
-    path = ctx.state.runs_dir / record.run_id / "artifacts.json"
-    if path.exists():
-        return [Artifact.model_validate(item) for item in json.loads(path.read_text())["artifacts"]]
+    recorded = RunRecords(ctx.state).read_artifacts(record.run_id)
+    if recorded is not None:
+        return recorded
     return scan_artifacts(Path(record.artifact_dir))  # still running: what is there now
 
 

@@ -3,14 +3,15 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import signal
 import sys
 from pathlib import Path
 from typing import Any
 
-from broker.cli.common import Context, emit_json, json_option, table, when
+from broker.cli.common import Context, emit_json, json_option, note, table, when
 from broker.client import default_holder
-from broker.errors import InvalidRequest
+from broker.errors import BrokerUnavailable, InvalidRequest
 
 __all__ = ["register"]
 
@@ -40,6 +41,11 @@ def register(top: argparse._SubParsersAction, common: argparse.ArgumentParser) -
     _target_options(execute)
     execute.add_argument("--resume", action="store_true", help="continue after a gate, a crash or a fixed failure")
     execute.add_argument("--restart", action="store_true", help="forget the previous run and start over")
+    execute.add_argument(
+        "--no-broker",
+        action="store_true",
+        help="local engine on a machine with no broker: run hardware steps without taking their leases",
+    )
     from broker.cli.jobs_cmds import add_submit_options
 
     add_submit_options(execute)
@@ -162,8 +168,8 @@ def _bundle(ctx: Context) -> int:
 def _execute(ctx: Context) -> int:
     args = ctx.args
     if args.engine == "ray":
-        if args.resume or args.restart:
-            raise InvalidRequest("--resume/--restart are for --engine local (a Ray run always resumes)", "engine")
+        if args.resume:
+            raise InvalidRequest("--resume is for --engine local (a Ray run always resumes)", "engine")
         from broker.cli.jobs_cmds import finish_submission
         from executor.engines import submit_ray
 
@@ -175,6 +181,7 @@ def _execute(ctx: Context) -> int:
             priority=args.priority,
             request_id=args.request_id,
             source=f"merlin targetgen execute --engine ray ({default_holder()})",
+            restart=args.restart,
             state_dir=str(ctx.state.root),
             namespace=ctx.namespace,
             address=ctx.address,
@@ -184,14 +191,28 @@ def _execute(ctx: Context) -> int:
 
 
 def _execute_local(ctx: Context) -> int:
-    from executor.local import BrokerFence, LocalEngine, exit_code_for
+    from executor.local import BrokerFence, LocalEngine, exit_code_for, held_leases
 
     target_dir = _target_dir(ctx)
-    ensure_bundle(ctx, target_dir)
-    engine = LocalEngine(target_dir, fence=BrokerFence.from_env(), report=lambda line: print(line, flush=True))
-    # Ray stops a job with SIGTERM: stop the running step's process group, record "cancelled".
-    signal.signal(signal.SIGTERM, lambda *_: engine.stop.set())
-    state = engine.run(resume=ctx.args.resume, restart=ctx.args.restart)
+    bundle = ensure_bundle(ctx, target_dir)
+    fence = BrokerFence.from_env()  # a Ray-engine job: the broker leased the key for this run
+    resources = sorted({step.resource for step in bundle.steps if step.resource is not None})
+    with contextlib.ExitStack() as leases:
+        if fence is None and resources and not ctx.args.no_broker:
+            # Nobody leased the hardware for us: take the leases ourselves, for the whole run.
+            holder = default_holder() if ctx.args.holder is None else ctx.args.holder
+            try:
+                client = ctx.client()
+            except BrokerUnavailable as exc:
+                raise BrokerUnavailable(
+                    f"{', '.join(resources)} must be leased before its steps run, and {exc.message}",
+                    "start the broker, or pass --no-broker on a machine that has none",
+                ) from None
+            fence = leases.enter_context(held_leases(client, resources, holder, report=note))
+        engine = LocalEngine(target_dir, fence=fence, report=lambda line: print(line, flush=True))
+        # Ray stops a job with SIGTERM: stop the running step's process group, record "cancelled".
+        signal.signal(signal.SIGTERM, lambda *_: engine.stop.set())
+        state = engine.run(resume=ctx.args.resume, restart=ctx.args.restart)
     if ctx.args.json:
         emit_json(state)
     return exit_code_for(state)

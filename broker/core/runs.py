@@ -14,17 +14,22 @@ import os
 import re
 import secrets
 import time
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, computed_field
 
 from broker.core.compat import StrEnum
-from broker.errors import InvalidRequest
+from broker.errors import RUN_EXIT_CODES, InvalidRequest, RunEnd
 
 __all__ = [
     "RunStatus",
     "TERMINAL_RUN_STATUSES",
+    "RUN_TRANSITIONS",
+    "END_STATUS",
+    "advance",
+    "end_run",
     "RunRequest",
     "RunRecord",
     "StepTiming",
@@ -39,10 +44,6 @@ __all__ = [
 ]
 
 _RUN_ID = re.compile(r"^run-\d{8}-\d{6}-[0-9a-f]{8}$")
-# Exit codes of the local executor that are not plain failures (executor.local.EXIT_*).
-_EXIT_AWAITING_GATE = 20
-_EXIT_CANCELLED = 22
-_EXIT_STALE_TOKEN = 8
 
 
 class RunStatus(StrEnum):
@@ -55,6 +56,31 @@ class RunStatus(StrEnum):
 
 
 TERMINAL_RUN_STATUSES = frozenset({RunStatus.SUCCEEDED, RunStatus.FAILED, RunStatus.STOPPED, RunStatus.BLOCKED})
+
+# The run lifecycle's one table of legal moves (a job may end before anyone saw it running).
+RUN_TRANSITIONS: Mapping[RunStatus, frozenset[RunStatus]] = {
+    RunStatus.PENDING: frozenset({RunStatus.RUNNING, *TERMINAL_RUN_STATUSES}),
+    RunStatus.RUNNING: frozenset({RunStatus.PENDING, *TERMINAL_RUN_STATUSES} - {RunStatus.BLOCKED}),
+    RunStatus.SUCCEEDED: frozenset(),
+    RunStatus.FAILED: frozenset(),
+    RunStatus.STOPPED: frozenset(),
+    RunStatus.BLOCKED: frozenset(),
+}
+# RUNNING -> PENDING: the run lost its lease to an expiry (e.g. the cluster was down) and queues again.
+# PENDING -> BLOCKED: it never reached a broker (recorded so the person sees what to run).
+
+# The status each way of ending leaves a run in.
+END_STATUS: Mapping[RunEnd, RunStatus] = {
+    RunEnd.SUCCEEDED: RunStatus.SUCCEEDED,
+    RunEnd.STALE_TOKEN: RunStatus.FAILED,
+    RunEnd.NOT_SUBMITTED: RunStatus.BLOCKED,
+    RunEnd.AWAITING_GATE: RunStatus.STOPPED,
+    RunEnd.STEP_FAILED: RunStatus.FAILED,
+    RunEnd.CANCELLED: RunStatus.STOPPED,
+    RunEnd.LEASE_LOST: RunStatus.STOPPED,
+    RunEnd.BROKER_ERROR: RunStatus.FAILED,
+}
+_END_OF_EXIT_CODE = {code: end for end, code in RUN_EXIT_CODES.items()}
 
 
 class RunRequest(BaseModel):
@@ -107,11 +133,14 @@ class RunRecord(BaseModel):
     command: str  # the exact entrypoint submitted to Ray
     workdir: str  # the target dir
     artifact_dir: str
-    submission_id: str | None = None
+    job_attempt: int | None = None  # which job this run's current lease launched (None: none yet)
     status: RunStatus = RunStatus.PENDING
     message: str = ""
     exit_code: int | None = None
+    end: RunEnd | None = None  # how it ended (None while it has not)
     lease_id: str | None = None  # on disk only (0600); callers get lease_ref
+    lease_request_id: str | None = None  # random, on disk only: a restarted coordinator re-joins its queue
+    lease_attempt: int = 0  # leases taken so far (a run whose lease expired queues for a new one)
     lease_ref: str | None = None
     fencing_token: int | None = None
     bundle_sha256: str = ""
@@ -127,8 +156,34 @@ class RunRecord(BaseModel):
         return self.status in TERMINAL_RUN_STATUSES
 
     def public(self) -> RunRecord:
-        """The record as any caller may see it: the lease id is the holder's capability."""
-        return self.model_copy(update={"lease_id": None})
+        """The record as any caller may see it: the lease id is the holder's capability, and a
+        request id would let a stranger replay the request and learn it."""
+        return self.model_copy(update={"lease_id": None, "lease_request_id": None, "request_id": ""})
+
+    @computed_field  # type: ignore[prop-decorator]
+    @property
+    def submission_id(self) -> str | None:
+        """The Ray job of the current lease attempt (a new lease gets a new job)."""
+        if self.job_attempt is None:
+            return None
+        return f"merlin-{self.run_id}" if self.job_attempt == 0 else f"merlin-{self.run_id}-{self.job_attempt}"
+
+
+def advance(record: RunRecord, status: RunStatus, now: float, **fields: Any) -> RunRecord:
+    """Move a run through :data:`RUN_TRANSITIONS`; ``InvalidRequest`` names an illegal move."""
+    if status is not record.status and status not in RUN_TRANSITIONS[record.status]:
+        raise InvalidRequest(f"run {record.run_id} cannot go from {record.status.value} to {status.value}", "status")
+    update: dict[str, Any] = {"status": status, **fields}
+    if status is RunStatus.RUNNING and record.started_at is None:
+        update["started_at"] = now
+    if status in TERMINAL_RUN_STATUSES:
+        update.setdefault("ended_at", now)
+    return record.model_copy(update=update)
+
+
+def end_run(record: RunRecord, end: RunEnd, message: str, now: float, **fields: Any) -> RunRecord:
+    """The run's last move: its status follows from how it ended (:data:`END_STATUS`)."""
+    return advance(record, END_STATUS[end], now, end=end, message=message, **fields)
 
 
 def new_run(
@@ -205,24 +260,29 @@ def executor_command(python: str, target_dir: str) -> list[str]:
     ]
 
 
-def run_status_from_job(job_status: str, exit_code: int | None) -> tuple[RunStatus, str]:
-    """Ray job status (+ driver exit code) -> run status and a message. Unknown -> pending."""
+def run_status_from_job(job_status: str, exit_code: int | None) -> tuple[RunStatus, RunEnd | None, str]:
+    """Ray job status (+ the executor's exit code) -> run status, how it ended, a message.
+
+    Unknown statuses are pending (a safe default: the run is watched again).
+    """
     job_status = job_status.upper()
     if job_status == "SUCCEEDED":
-        return RunStatus.SUCCEEDED, "all steps succeeded"
+        return RunStatus.SUCCEEDED, RunEnd.SUCCEEDED, "all steps succeeded"
     if job_status == "STOPPED":
-        return RunStatus.STOPPED, "stopped"
+        return RunStatus.STOPPED, RunEnd.CANCELLED, "stopped"
     if job_status == "FAILED":
-        if exit_code == _EXIT_AWAITING_GATE:
-            return RunStatus.STOPPED, "waiting at an operator gate: approve it, then submit again"
-        if exit_code == _EXIT_CANCELLED:
-            return RunStatus.STOPPED, "cancelled"
-        if exit_code == _EXIT_STALE_TOKEN:
-            return RunStatus.FAILED, "refused: stale fencing token (the lease was lost)"
-        return RunStatus.FAILED, f"the executor exited with code {exit_code}" if exit_code is not None else "failed"
+        end = _END_OF_EXIT_CODE.get(exit_code, RunEnd.STEP_FAILED) if exit_code is not None else RunEnd.STEP_FAILED
+        messages = {
+            RunEnd.AWAITING_GATE: "waiting at an operator gate: approve it, then submit again",
+            RunEnd.CANCELLED: "cancelled",
+            RunEnd.STALE_TOKEN: "refused: stale fencing token (the lease was lost)",
+            RunEnd.LEASE_LOST: "lease lost while a step ran: the step was stopped",
+        }
+        default = f"the executor exited with code {exit_code}" if exit_code is not None else "failed"
+        return END_STATUS[end], end, messages.get(end, default)
     if job_status == "RUNNING":
-        return RunStatus.RUNNING, "running"
-    return RunStatus.PENDING, f"Ray job {job_status.lower()}"
+        return RunStatus.RUNNING, None, "running"
+    return RunStatus.PENDING, None, f"Ray job {job_status.lower()}"
 
 
 def _sha256(path: Path) -> str:

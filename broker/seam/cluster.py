@@ -290,33 +290,6 @@ def client_env(bootstrap: Bootstrap | None, address: str) -> dict[str, str]:
     return env
 
 
-def _refresh_imported_ray(env: dict[str, str]) -> None:
-    """Make an already imported Ray (a notebook imported it first) see the environment we set."""
-    from ray._private import ray_constants
-    from ray._raylet import AuthenticationTokenLoader, Config
-
-    if env.get("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER") == "0":
-        ray_constants.ENABLE_RAY_CLUSTER = False  # read per call, not only at import
-    Config.initialize("")  # re-reads RAY_AUTH_MODE, as Ray's own token setup does
-    AuthenticationTokenLoader.instance().reset_cache()
-
-
-def _route_ray_messages_to_stderr() -> None:
-    """Ray prints cluster messages ("(raylet) A worker died ...") on the driver's stdout, even with
-    ``log_to_driver=False``; a CLI's stdout is data (``--json``), so send them to stderr."""
-    import ray._private.worker as ray_worker
-
-    original = ray_worker.print_to_stdstream
-    if getattr(original, "_merlin_stderr", False):
-        return
-
-    def to_stderr(data: dict[str, Any], ignore_prefix: bool) -> None:
-        original({**data, "is_err": True}, ignore_prefix)
-
-    to_stderr._merlin_stderr = True  # type: ignore[attr-defined]
-    ray_worker.print_to_stdstream = to_stderr
-
-
 def connect_ray(state: StateDir, *, address: str | None = None, namespace: str) -> Bootstrap | None:
     """Connect this process to the cluster as a driver, or raise ``BrokerUnavailable`` quickly.
 
@@ -346,13 +319,15 @@ def connect_ray(state: StateDir, *, address: str | None = None, namespace: str) 
         raise BrokerUnavailable(
             "Ray is not installed in this Python", "install the project: `make setup` (or pip install -e .)"
         ) from None
+    from broker.seam.ray_private import refresh_imported_ray, route_ray_messages_to_stderr
+
     if ray.is_initialized():
         return bootstrap
     if imported_before:
-        _refresh_imported_ray(env)
+        refresh_imported_ray(env)
     if ":" in target and not target.startswith(("ray://", "auto")) and not _probe(target):
         raise BrokerUnavailable(f"no Ray cluster answers at {target}", "run `merlin ray cluster start-local`")
-    _route_ray_messages_to_stderr()
+    route_ray_messages_to_stderr()
     try:
         ray.init(address=target, namespace=namespace, logging_level="ERROR", log_to_driver=False)
     except Exception as exc:  # noqa: BLE001 - ray raises many types here (auth, version, connection)

@@ -10,15 +10,16 @@ from typing import Any
 
 __all__ = [
     "COORDINATOR_NAME",
+    "RESOURCE_ACTOR_PREFIX",
     "DEFAULT_NAMESPACE",
     "namespace_from_env",
     "resource_actor_name",
     "actor_options",
     "MAX_CONCURRENCY",
-    "head_node_id",
 ]
 
 COORDINATOR_NAME = "broker"
+RESOURCE_ACTOR_PREFIX = "resource:"
 DEFAULT_NAMESPACE = "merlin"
 # Every waiting reserve occupies one concurrent call slot for as long as it waits.
 MAX_CONCURRENCY = 10_000
@@ -29,7 +30,7 @@ def namespace_from_env() -> str:
 
 
 def resource_actor_name(key: str) -> str:
-    return f"resource:{key}"
+    return f"{RESOURCE_ACTOR_PREFIX}{key}"
 
 
 def actor_options(name: str, namespace: str, head_node_id: str | None) -> dict[str, Any]:
@@ -54,13 +55,3 @@ def actor_options(name: str, namespace: str, head_node_id: str | None) -> dict[s
         # The ledger lives on the head node's disk; the actors must live there too.
         options["scheduling_strategy"] = NodeAffinitySchedulingStrategy(node_id=head_node_id, soft=False)
     return options
-
-
-def head_node_id() -> str | None:
-    """The id of the cluster's head node (needs a connected Ray driver or worker)."""
-    import ray
-
-    for node in ray.nodes():
-        if node.get("Alive") and "node:__internal_head__" in node.get("Resources", {}):
-            return node["NodeID"]
-    return None

@@ -92,7 +92,7 @@ def test_detached_actors_outlive_the_driver_that_made_them(ray_cluster, tmp_path
 QUEUE_AND_LEAVE = """
 import sys, time, ray, broker
 client = broker.connect()
-handle = client._broker()
+handle = ray.get_actor("broker")  # the notebook way: plain Ray, the namespace from connect()
 handle.reserve.remote("firesim_u250", "bob", wait=True, request_id="bob-req-1", ttl_s=600)
 deadline = time.time() + 60
 while time.time() < deadline and not client.resources()[0].queue:

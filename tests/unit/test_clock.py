@@ -16,6 +16,7 @@ from broker.core.book import LeaseBook
 from broker.core.clock import ActorClock
 from broker.errors import StaleFencingToken
 from broker.models import EndReason, LeaseState, ReserveRequest
+from broker.seam.fake import FakeSystem
 
 KEY = "spacemit_x60_board_01"
 HOUR = 3600.0
@@ -84,11 +85,10 @@ def test_a_restart_rebases_on_the_wall_clock_and_reads_deadlines_against_it():
 @pytest.mark.parametrize("step_s", [HOUR, -HOUR])
 def test_the_resource_actor_reads_time_only_from_its_clock(tmp_path, monkeypatch, step_s):
     """The shell: ``_apply``, ``check_fence``, the expiry timer all run on the actor's clock."""
-    monkeypatch.setattr(ResourceActor, "_push", lambda self: None)  # the coordinator (Ray) is not part of this test
     sources = Sources()
 
     async def scenario() -> None:
-        actor = ResourceActor(KEY, str(tmp_path), "unit")
+        actor = ResourceActor(KEY, str(tmp_path), "unit", system=FakeSystem())  # no Ray, no coordinator
         actor._clock = ActorClock(wall=sources.wall, monotonic=sources.monotonic)
         loop = asyncio.get_running_loop()
         lease = await actor.reserve("ci", ttl_s=60.0, request_id="ci-1")
@@ -111,7 +111,6 @@ def test_the_resource_actor_reads_time_only_from_its_clock(tmp_path, monkeypatch
         actor._on_timer()
         ended = await actor.lease(lease.lease_id)
         assert ended.state is LeaseState.EXPIRED and ended.ended_at == renewed.expires_at
-        if actor._timer is not None:
-            actor._timer.cancel()
+        actor.close()
 
     asyncio.run(scenario())

@@ -1,0 +1,152 @@
+"""An in-process actor system: the broker's actors as plain objects on one asyncio loop.
+
+For unit tests of the shells (resource actor, coordinator, run manager) without
+a cluster. It keeps the parts of Ray's behaviour the shells depend on:
+arguments and answers are copied by pickling (so an unpicklable value or a
+shared mutable object fails here as it would on Ray), an actor's exception
+reaches the caller with its type, and :meth:`FakeSystem.crash` kills an actor
+the way kill -9 does — calls in flight fail, its timers stop — after which
+:meth:`FakeSystem.restart` runs its constructor again on the same state dir,
+as Ray's ``max_restarts=-1`` does. What only Ray can show (real processes,
+restarts under load, jobs, auth) stays in the integration tests.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import pickle
+from dataclasses import dataclass
+from typing import Any
+
+from broker.seam.actors import ActorRef, ActorSystem, CallFailed, Spawn
+from broker.seam.jobs import FakeJobRunner
+from broker.seam.retry import Failure, RetryPolicy
+
+__all__ = ["FakeSystem"]
+
+
+@dataclass
+class _Hosted:
+    spawn: Spawn
+    instance: Any = None
+    alive: bool = False
+    died: asyncio.Future[None] | None = None  # set when the instance is killed
+
+
+@dataclass(frozen=True)
+class _Handle:
+    namespace: str
+    name: str
+
+
+def _copied(value: Any) -> Any:
+    return pickle.loads(pickle.dumps(value))
+
+
+class FakeSystem(ActorSystem):
+    """Hosts actors in this process; ``jobs`` is the shared :class:`FakeJobRunner`."""
+
+    def __init__(self, policy: RetryPolicy | None = None):
+        super().__init__(policy or RetryPolicy(window_s=2.0, first_delay_s=0.01, max_delay_s=0.05))
+        self.jobs = FakeJobRunner()
+        self._hosted: dict[tuple[str, str], _Hosted] = {}
+        self.node_id = "fake-head-node"
+
+    # ------------------------------------------------------------------ ActorSystem
+
+    def create(self, spawn: Spawn, name: str, namespace: str) -> Any:
+        key = (namespace, name)
+        if key not in self._hosted:
+            self._hosted[key] = _Hosted(spawn)
+            self._start(key)
+        return _Handle(namespace, name)
+
+    def lookup(self, name: str, namespace: str) -> Any | None:
+        hosted = self._hosted.get((namespace, name))
+        return _Handle(namespace, name) if hosted is not None and hosted.alive else None
+
+    def kill(self, ref: ActorRef) -> None:
+        ref.forget()
+        self.crash(ref.name, ref.namespace)
+        self._hosted.pop((ref.namespace, ref.name), None)
+
+    def names(self, namespace: str) -> list[str]:
+        return [name for (ns, name), hosted in self._hosted.items() if ns == namespace and hosted.alive]
+
+    def current_node_id(self) -> str | None:
+        return self.node_id
+
+    def job_runner(self) -> FakeJobRunner:
+        return self.jobs
+
+    async def invoke(self, handle: Any, method: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        hosted = self._hosted.get((handle.namespace, handle.name))
+        if hosted is None or not hosted.alive:
+            raise CallFailed(Failure.DEAD, f"{handle.name} is not running")
+        args, kwargs = _copied((args, kwargs))
+        died = hosted.died
+        assert died is not None
+        task = asyncio.ensure_future(self._run(hosted.instance, method, args, kwargs))
+        try:
+            await asyncio.wait({task, died}, return_when=asyncio.FIRST_COMPLETED)
+        except asyncio.CancelledError:
+            task.cancel()  # the caller gave up (ray.cancel): the actor's task is cancelled, as on Ray
+            raise
+        if not task.done():
+            # Killed under the call: like kill -9, none of the actor's code runs after this
+            # (its task is abandoned, not cancelled, so no cleanup handler writes anything).
+            raise CallFailed(Failure.DEAD, f"{handle.name} died during {method}")
+        return _copied(task.result())
+
+    def tell(self, ref: ActorRef, method: str, *args: Any) -> None:
+        hosted = self._hosted.get((ref.namespace, ref.name))
+        if hosted is None or not hosted.alive:
+            return
+        task = asyncio.ensure_future(self._run(hosted.instance, method, _copied(args), {}))
+        task.add_done_callback(lambda done: done.cancelled() or done.exception())  # never "never retrieved"
+
+    # ------------------------------------------------------------------ faults
+
+    def instance(self, name: str, namespace: str) -> Any:
+        """The live object behind ``name`` (for a test to read its state)."""
+        return self._hosted[(namespace, name)].instance
+
+    def crash(self, name: str, namespace: str) -> None:
+        """kill -9: calls in flight fail with a dead actor, timers stop, nothing more is written."""
+        hosted = self._hosted.get((namespace, name))
+        if hosted is None or not hosted.alive:
+            return
+        hosted.alive = False
+        if hosted.died is not None and not hosted.died.done():
+            hosted.died.set_result(None)
+        close = getattr(hosted.instance, "close", None)
+        if close is not None:
+            close()
+        hosted.instance = None
+
+    def restart(self, name: str, namespace: str) -> Any:
+        """Ray's restart: the constructor runs again (state comes back from the disk)."""
+        self.crash(name, namespace)
+        return self._start((namespace, name))
+
+    def _start(self, key: tuple[str, str]) -> Any:
+        hosted = self._hosted[key]
+        hosted.died = asyncio.get_running_loop().create_future()
+        hosted.instance = hosted.spawn.cls(*_copied(tuple(hosted.spawn.args)), system=self)
+        hosted.alive = True
+        return hosted.instance
+
+    @staticmethod
+    async def _run(instance: Any, method: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        try:
+            result = getattr(instance, method)(*args, **kwargs)
+            if asyncio.iscoroutine(result):
+                result = await result
+            return result
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - what the actor raised reaches the caller, as on Ray
+            with contextlib.suppress(Exception):
+                exc = _copied(exc)
+            raise CallFailed(Failure.REMOTE_ERROR, cause=exc) from None

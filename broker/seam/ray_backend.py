@@ -1,0 +1,202 @@
+"""All Ray API calls of the broker are made here (Ray Serve's ``ActorReplicaWrapper`` idea).
+
+:class:`RaySystem` implements :class:`~broker.seam.actors.ActorSystem` on Ray:
+detached named actors with the options of :func:`broker.seam.placement.actor_options`,
+Ray's exceptions classified once (:func:`classify`), the shim's synchronous
+call with the same retry policy, and :class:`RayJobRunner` for Ray Jobs. The
+private Ray APIs the broker cannot avoid live in :mod:`broker.seam.ray_private`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import time
+from collections.abc import Callable
+from typing import Any
+
+import ray
+from ray.exceptions import ActorUnavailableError, GetTimeoutError, RayActorError, RayTaskError
+
+from broker.seam.actors import ActorRef, ActorSystem, CallFailed, Spawn
+from broker.seam.jobs import JobInfo, JobSpec
+from broker.seam.placement import actor_options
+from broker.seam.retry import Failure, RetryPolicy
+
+__all__ = ["RaySystem", "RayJobRunner", "classify", "remote_class", "head_node_id"]
+
+
+def classify(err: BaseException) -> CallFailed | None:
+    """Ray's exception for a failed actor call -> the seam's :class:`CallFailed`; None if not Ray's."""
+    if isinstance(err, RayTaskError):
+        return CallFailed(Failure.REMOTE_ERROR, cause=err.cause)
+    if isinstance(err, ActorUnavailableError):  # a subclass of RayActorError: check it first
+        return CallFailed(Failure.RESTARTING, str(err)[:200])
+    if isinstance(err, RayActorError):
+        return CallFailed(Failure.DEAD, str(err)[:200])
+    if isinstance(err, GetTimeoutError):
+        return CallFailed(Failure.TIMED_OUT, str(err)[:200])
+    return None
+
+
+@functools.cache
+def remote_class(cls: type) -> Any:
+    """``ray.remote(cls)``, once per class (the plain class stays importable and testable)."""
+    return ray.remote(cls)
+
+
+def head_node_id() -> str | None:
+    """The id of the cluster's head node (needs a connected Ray driver or worker)."""
+    for node in ray.nodes():
+        if node.get("Alive") and "node:__internal_head__" in node.get("Resources", {}):
+            return str(node["NodeID"])
+    return None
+
+
+class RaySystem(ActorSystem):
+    """Named detached actors on the Ray cluster this process is connected to."""
+
+    def __init__(self, policy: RetryPolicy | None = None):
+        super().__init__(policy)
+
+    def create(self, spawn: Spawn, name: str, namespace: str) -> Any:
+        options = actor_options(name, namespace, spawn.node_id)
+        return remote_class(spawn.cls).options(**options).remote(*spawn.args)
+
+    def lookup(self, name: str, namespace: str) -> Any | None:
+        try:
+            return ray.get_actor(name, namespace=namespace)
+        except ValueError:
+            return None
+
+    def kill(self, ref: ActorRef) -> None:
+        handle = self.lookup(ref.name, ref.namespace)
+        ref.forget()
+        if handle is not None:
+            with contextlib.suppress(ValueError):
+                ray.kill(handle, no_restart=True)
+
+    def names(self, namespace: str) -> list[str]:
+        return [
+            actor["name"]
+            for actor in ray.util.list_named_actors(all_namespaces=True)
+            if actor["namespace"] == namespace
+        ]
+
+    def current_node_id(self) -> str | None:
+        return str(ray.get_runtime_context().get_node_id())
+
+    def job_runner(self) -> RayJobRunner:
+        return RayJobRunner()
+
+    async def invoke(self, handle: Any, method: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        try:
+            return await getattr(handle, method).remote(*args, **kwargs)
+        except (RayTaskError, RayActorError, GetTimeoutError) as err:
+            raise _classified(err) from None
+
+    def tell(self, ref: ActorRef, method: str, *args: Any) -> None:
+        try:
+            getattr(ref.handle(), method).remote(*args)
+        except Exception:  # noqa: BLE001 - fire and forget: the receiver may be gone, that is fine
+            ref.forget()
+
+    # ------------------------------------------------------------------ the shim's synchronous call
+
+    def call_sync(
+        self,
+        ref: ActorRef,
+        method: str,
+        *args: Any,
+        answer_within_s: float | None = None,
+        progress: Callable[[], None] | None = None,
+        **kwargs: Any,
+    ) -> Any:
+        """:meth:`ActorSystem.call` for a driver outside any event loop (the shim, the CLI).
+
+        ``progress`` is called about twice a second while the call is pending;
+        Ctrl-C cancels the pending call and propagates.
+        """
+        window = self.policy.window()
+        while True:
+            object_ref = getattr(ref.handle(), method).remote(*args, **kwargs)
+            try:
+                if progress is not None:
+                    while not ray.wait([object_ref], timeout=0.5)[0]:
+                        progress()
+                return ray.get(object_ref, timeout=answer_within_s)
+            except (RayTaskError, RayActorError, GetTimeoutError) as err:
+                failed = _classified(err)
+                if failed.failure is Failure.TIMED_OUT:
+                    ray.cancel(object_ref)
+                if failed.failure is Failure.DEAD or failed.failure is Failure.RESTARTING:
+                    ref.forget()
+                delay = window.next_delay(failed.failure)
+                if delay is None:
+                    raise self.unwrap(ref, method, failed) from None
+                time.sleep(delay)
+            except KeyboardInterrupt:
+                ray.cancel(object_ref)
+                raise
+
+
+def _classified(err: BaseException) -> CallFailed:
+    failed = classify(err)
+    if failed is None:  # not reachable for the exception types the callers catch
+        return CallFailed(Failure.REMOTE_ERROR, cause=err)
+    return failed
+
+
+class RayJobRunner:
+    """:class:`~broker.seam.jobs.JobRunner` on Ray's job API (the dashboard's HTTP endpoint)."""
+
+    def __init__(self, dashboard_url: str | None = None):
+        self._url = dashboard_url
+        self._client: Any = None
+
+    def _jobs(self) -> Any:
+        if self._client is None:
+            from ray.job_submission import JobSubmissionClient
+
+            from broker.seam.ray_private import dashboard_url
+
+            self._client = JobSubmissionClient(self._url or dashboard_url())
+        return self._client
+
+    async def submit(self, spec: JobSpec) -> bool:
+        if await self.info(spec.submission_id) is not None:
+            return False  # idempotent by submission id: a restarted coordinator finds its job
+        kwargs: dict[str, Any] = {
+            "entrypoint": spec.entrypoint,
+            "submission_id": spec.submission_id,
+            "runtime_env": {"env_vars": dict(spec.env)},
+            "entrypoint_num_cpus": spec.num_cpus,
+            "metadata": dict(spec.metadata),
+        }
+        if spec.memory_bytes:
+            kwargs["entrypoint_memory"] = spec.memory_bytes
+        if spec.resources:
+            kwargs["entrypoint_resources"] = dict(spec.resources)
+        try:
+            await asyncio.to_thread(self._jobs().submit_job, **kwargs)
+        except RuntimeError:
+            if await self.info(spec.submission_id) is None:
+                raise
+            return False  # submitted by a call that raced this one
+        return True
+
+    async def info(self, submission_id: str) -> JobInfo | None:
+        from broker.seam.ray_private import job_info_or_none
+
+        raw = await asyncio.to_thread(job_info_or_none, self._jobs(), submission_id)
+        if raw is None:
+            return None
+        status = str(getattr(raw.status, "value", raw.status))
+        return JobInfo(submission_id=submission_id, status=status, exit_code=raw.driver_exit_code)
+
+    async def stop(self, submission_id: str) -> None:
+        await asyncio.to_thread(self._jobs().stop_job, submission_id)
+
+    async def logs(self, submission_id: str) -> str:
+        return str(await asyncio.to_thread(self._jobs().get_job_logs, submission_id))
