@@ -61,7 +61,9 @@ def test_bundles_on_one_key_run_in_turn_and_another_key_runs_alongside(broker_en
     b = client.call("submit", str(target(tmp_path, "b", "firesim_u250", 2.0)), holder="bob")
     c = client.call("submit", str(target(tmp_path, "c", "spacemit_x60_board_01", 3.0)), holder="carol")
     a, b, c = (finished(client, run.run_id) for run in (a, b, c))
-    assert {a.status, b.status, c.status} == {RunStatus.SUCCEEDED}
+    assert {a.status, b.status, c.status} == {RunStatus.SUCCEEDED}, [
+        (r.message, client.call("logs", r.run_id)[-2000:]) for r in (a, b, c) if r.status is not RunStatus.SUCCEEDED
+    ]
     (a0, a1), (b0, b1), (c0, c1) = span(a), span(b), span(c)
     assert a1 <= b0 or b1 <= a0, "two runs held firesim_u250 at once"
     overlaps = lambda x0, x1, y0, y1: x0 < y1 and y0 < x1  # noqa: E731
