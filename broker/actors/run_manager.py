@@ -251,6 +251,8 @@ class RunManager:
         try:
             while True:
                 record = self._records[run_id]
+                if record.finished:
+                    return  # ended while re-attaching (its lease was revoked meanwhile)
                 if record.resource is not None and record.lease_id is None:
                     record = await self._acquire(record)
                 elif record.resource is not None:
