@@ -95,6 +95,7 @@ def test_cancel_a_queued_run_and_a_running_one(broker_env, tmp_path):
     assert stopped.status is RunStatus.STOPPED
     assert [entry.holder for entry in client.resources()[0].queue] == ["carol"]
 
+    until(lambda: _step_started(Path(long.workdir)), "the long run's step to start")
     started = time.monotonic()
     cancelled = client.call("cancel", long.run_id)
     assert cancelled.status is RunStatus.STOPPED and time.monotonic() - started < 30
