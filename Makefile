@@ -7,7 +7,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 export MERLIN_STATE_DIR ?= $(CURDIR)/build/generated/ray
 
-.PHONY: setup tools demo test stop clean
+.PHONY: setup tools demo test lint stop clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -48,8 +48,14 @@ demo: setup
 	$(BIN)/merlin ray events --since 10m
 	@echo 'The broker keeps running. Stop it with: make stop'
 
-test: setup tools
+test: setup tools lint
 	$(BIN)/python -m pytest
+
+# ruff (lint + format check) and mypy, configured in pyproject.toml; CI runs it with the tests.
+lint: setup
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy
 
 stop:
 	-$(BIN)/merlin broker down

@@ -113,7 +113,9 @@ class BrokerClient:
         """
         holder = default_holder() if holder is None else holder
         request_id = uuid.uuid4().hex if request_id is None else request_id
-        kwargs = dict(ttl_s=ttl_s, wait=wait, timeout_s=timeout_s, priority=priority, request_id=request_id, note=note)
+        kwargs: dict[str, Any] = dict(
+            ttl_s=ttl_s, wait=wait, timeout_s=timeout_s, priority=priority, request_id=request_id, note=note
+        )
         progress = None
         if on_position is not None and wait:
             last: list[int | None] = [-1]

@@ -176,7 +176,7 @@ class BrokerFence:
     def __init__(self, lease_id: str, token: int):
         self.lease_id = lease_id
         self.token = token
-        self._client = None
+        self._client: Any = None
 
     @classmethod
     def from_env(cls) -> BrokerFence | None:
@@ -359,11 +359,11 @@ class LocalEngine:
         started = time.monotonic()
         code, message = self._execute(step, attempt)
         if isinstance(message, StaleFencingToken):
-            stale = message
+            lost = message
             state = move(state, step.id, StepStatus.FAILED, self.clock(), ended_at=self.clock(), exit_code=code,
-                         message=f"stopped: the lease was lost ({stale})")  # fmt: skip
-            self._finish(state, BundleStatus.FAILED, f"step {step.id!r} stopped: the lease was lost ({stale})")
-            raise stale
+                         message=f"stopped: the lease was lost ({lost})")  # fmt: skip
+            self._finish(state, BundleStatus.FAILED, f"step {step.id!r} stopped: the lease was lost ({lost})")
+            raise lost
         if code == 0:
             missing = [path for path in step.artifacts if not (self.target_dir / path).exists()]
             if missing:

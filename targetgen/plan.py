@@ -239,16 +239,18 @@ def support_plan(spec: TargetSpec, catalog: Catalog) -> SupportPlan:
     after: tuple[str, ...] = ()
     try:
         for name in names:
-            default, override = defaults.get(name), spec.ladder.get(name)
+            default, rung_override = defaults.get(name), spec.ladder.get(name)
             resource = key if hardware(name) else None
-            if override is not None and override.steps is not None:
+            if rung_override is not None and rung_override.steps is not None:
                 steps = _override_steps(spec, name, default, resource, after)
                 standin = False
             else:
                 assert default is not None  # new rungs without steps were refused above
                 steps = [_standin_step(default, spec.target, resource, after)]
                 standin = True
-            purpose = (override.purpose if override is not None else None) or (default.purpose if default else "")
+            purpose = (rung_override.purpose if rung_override is not None else None) or (
+                default.purpose if default else ""
+            )
             rungs.append(Rung(name=name, purpose=purpose, resource=resource, standin=standin, steps=tuple(steps)))
             after = _last_steps(steps)
     except ValidationError as exc:  # the spec's checks run first; this is a guard, not the usual path

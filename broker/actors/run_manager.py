@@ -241,12 +241,18 @@ class RunManager:
         self._wake[run_id] = asyncio.Event()
         task = asyncio.get_running_loop().create_task(self._drive(run_id))
         self._tasks[run_id] = task
-        task.add_done_callback(lambda _task, run_id=run_id: self._tasks.pop(run_id, None))
+
+        def forget(_task: asyncio.Task[None]) -> None:
+            self._tasks.pop(run_id, None)
+
+        task.add_done_callback(forget)
 
     async def _drive(self, run_id: str) -> None:
         try:
             while True:
                 record = self._records[run_id]
+                if record.finished:
+                    return  # ended while re-attaching (its lease was revoked meanwhile)
                 if record.resource is not None and record.lease_id is None:
                     record = await self._acquire(record)
                 elif record.resource is not None:
@@ -410,7 +416,8 @@ class RunManager:
 
     async def _watch(self, record: RunRecord) -> _Next:
         """Follow the job until it ends, renewing the lease; a lease loss is handled at once."""
-        assert record.submission_id is not None
+        submission_id = record.submission_id
+        assert submission_id is not None
         renew_every = RUN_LEASE_TTL_S / 3
         last_renew = time.monotonic() - renew_every  # renew at once: a re-attach may be late
         wake = self._wake.setdefault(record.run_id, asyncio.Event())
@@ -422,10 +429,10 @@ class RunManager:
             if lost is not None:
                 record = await self._after_lease_loss(record, lost)
                 return _Next.DONE if record.finished else _Next.REQUEUE
-            info = await self._jobs.info(record.submission_id)
+            info = await self._jobs.info(submission_id)
             if info is None:
-                raise BrokerUnavailable(f"the cluster no longer knows job {record.submission_id}")
-            status, end, message = run_status_from_job(info.status, info.exit_code)
+                raise BrokerUnavailable(f"the cluster no longer knows job {submission_id}")
+            status, end, message = run_status_from_job(info.status, info.exit_code, info.message)
             if status is RunStatus.RUNNING and record.status is not RunStatus.RUNNING:
                 record = self._save(advance(record, RunStatus.RUNNING, time.time(), message=message))
                 self._recount()

@@ -191,11 +191,11 @@ def _execute(ctx: Context) -> int:
 
 
 def _execute_local(ctx: Context) -> int:
-    from executor.local import BrokerFence, LocalEngine, exit_code_for, held_leases
+    from executor.local import BrokerFence, FenceCheck, LocalEngine, exit_code_for, held_leases
 
     target_dir = _target_dir(ctx)
     bundle = ensure_bundle(ctx, target_dir)
-    fence = BrokerFence.from_env()  # a Ray-engine job: the broker leased the key for this run
+    fence: FenceCheck | None = BrokerFence.from_env()  # a Ray-engine job: the broker leased the key for this run
     resources = sorted({step.resource for step in bundle.steps if step.resource is not None})
     with contextlib.ExitStack() as leases:
         if fence is None and resources and not ctx.args.no_broker:
@@ -223,6 +223,7 @@ def _approve(ctx: Context) -> int:
 
     state = approve_step(Path(ctx.args.target_dir), ctx.args.step, ctx.args.by or default_holder(), skip=ctx.args.skip)
     decision = state.step(ctx.args.step).approval
+    assert decision is not None  # approve_step has just recorded it
     verb = "skipped" if decision.decision == "skip" else "approved"
     print(f"{ctx.args.step}: {verb} by {decision.by} at {when(decision.at, relative=False)}; run with --resume")
     return 0

@@ -260,7 +260,9 @@ def executor_command(python: str, target_dir: str) -> list[str]:
     ]
 
 
-def run_status_from_job(job_status: str, exit_code: int | None) -> tuple[RunStatus, RunEnd | None, str]:
+def run_status_from_job(
+    job_status: str, exit_code: int | None, job_message: str = ""
+) -> tuple[RunStatus, RunEnd | None, str]:
     """Ray job status (+ the executor's exit code) -> run status, how it ended, a message.
 
     Unknown statuses are pending (a safe default: the run is watched again).
@@ -279,6 +281,8 @@ def run_status_from_job(job_status: str, exit_code: int | None) -> tuple[RunStat
             RunEnd.LEASE_LOST: "lease lost while a step ran: the step was stopped",
         }
         default = f"the executor exited with code {exit_code}" if exit_code is not None else "failed"
+        if exit_code is None and job_message:
+            default = f"failed: {job_message}"
         return END_STATUS[end], end, messages.get(end, default)
     if job_status == "RUNNING":
         return RunStatus.RUNNING, None, "running"

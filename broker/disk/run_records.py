@@ -39,7 +39,7 @@ class RunRecords:
         atomic_write(run_dir / REQUEST_FILE, request.model_dump_json(indent=2).encode())
         self.save(record)
 
-    def save(self, record: RecordLike) -> None:
+    def save(self, record: RunRecord) -> None:
         atomic_write(self.run_dir(record.run_id) / RECORD_FILE, record.model_dump_json(indent=2).encode())
 
     def load(self, run_id: str) -> RunRecord:
@@ -79,7 +79,5 @@ class RunRecords:
             body = read_json(self.run_dir(run_id) / ARTIFACTS_FILE)
         except FileNotFoundError:
             return None
-        return [Artifact.model_validate(item) for item in body.get("artifacts", [])]
-
-
-RecordLike = RunRecord
+        items = body.get("artifacts", []) if isinstance(body, dict) else []
+        return [Artifact.model_validate(item) for item in items]

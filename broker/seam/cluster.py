@@ -16,6 +16,7 @@ import contextlib
 import hashlib
 import importlib.metadata
 import json
+import logging
 import os
 import secrets
 import signal
@@ -329,7 +330,7 @@ def connect_ray(state: StateDir, *, address: str | None = None, namespace: str) 
         raise BrokerUnavailable(f"no Ray cluster answers at {target}", "run `merlin ray cluster start-local`")
     route_ray_messages_to_stderr()
     try:
-        ray.init(address=target, namespace=namespace, logging_level="ERROR", log_to_driver=False)
+        ray.init(address=target, namespace=namespace, logging_level=logging.ERROR, log_to_driver=False)
     except Exception as exc:  # noqa: BLE001 - ray raises many types here (auth, version, connection)
         first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
         raise BrokerUnavailable(

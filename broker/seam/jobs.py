@@ -35,6 +35,7 @@ class JobInfo:
     submission_id: str
     status: str
     exit_code: int | None = None
+    message: str = ""  # the job system's own words (why a job failed before its entrypoint could say)
 
 
 class JobRunner(Protocol):

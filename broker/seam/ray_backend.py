@@ -193,7 +193,12 @@ class RayJobRunner:
         if raw is None:
             return None
         status = str(getattr(raw.status, "value", raw.status))
-        return JobInfo(submission_id=submission_id, status=status, exit_code=raw.driver_exit_code)
+        return JobInfo(
+            submission_id=submission_id,
+            status=status,
+            exit_code=raw.driver_exit_code,
+            message=str(raw.message or "")[:300],
+        )
 
     async def stop(self, submission_id: str) -> None:
         await asyncio.to_thread(self._jobs().stop_job, submission_id)

@@ -22,7 +22,7 @@ def refresh_imported_ray(env: dict[str, str]) -> None:
     Ray reads the loopback switch and the auth mode at import; there is no public way to re-read them.
     """
     from ray._private import ray_constants
-    from ray._raylet import AuthenticationTokenLoader, Config
+    from ray._raylet import AuthenticationTokenLoader, Config  # type: ignore[attr-defined]  # compiled, no stubs
 
     if env.get("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER") == "0":
         ray_constants.ENABLE_RAY_CLUSTER = False  # read per call, not only at import

@@ -5,9 +5,10 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-import time
 
 import pytest
+
+from tests.waiting import StderrWatch
 
 pytestmark = pytest.mark.ray
 
@@ -64,12 +65,11 @@ def test_reserve_wait_shows_its_place_in_the_queue(broker_env):
          "--wait", "--timeout", "60s", "--json"],
         env=broker_env.env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )  # fmt: skip
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline and not broker_env.client.resources()[0].queue:
-        time.sleep(0.1)
-    time.sleep(1.0)  # let the waiter print its place at least once
+    stderr = StderrWatch(proc)
+    stderr.wait_for("place 1 in the queue")
     broker_env.client.release(alice.lease_id)
-    out, err = proc.communicate(timeout=60)
+    out, _ = proc.communicate(timeout=60)
+    err = stderr.text()
     assert proc.returncode == 0, err
     assert "place 1 in the queue" in err
     assert json.loads(out)["holder"] == "bob"

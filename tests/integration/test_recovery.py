@@ -14,6 +14,7 @@ import pytest
 import yaml
 
 from broker.models import LeaseState
+from tests.waiting import StderrWatch, until
 
 pytestmark = pytest.mark.ray
 
@@ -43,9 +44,9 @@ def test_kill_9_of_a_resource_actor_keeps_its_lease_and_queue(broker_env):
         results[holder] = client.reserve("firesim_u250", holder, wait=True, timeout_s=120, priority=priority)
 
     threads = [threading.Thread(target=waiter, args=(h, p)) for h, p in (("bob", 0), ("carol", 0))]
-    for thread in threads:
+    for count, thread in enumerate(threads, start=1):
         thread.start()
-        time.sleep(0.5)  # bob strictly before carol
+        until(lambda count=count: len(client.resources()[0].queue) == count, "the waiter queued")  # in order
     assert [e.holder for e in client.resources()[0].queue] == ["bob", "carol"]
 
     _kill_and_wait_for_new_pid(broker_env, "resource:firesim_u250")
@@ -146,9 +147,11 @@ def test_cluster_stop_and_start_restores_leases_and_queue(tmp_path):
              "--request-id", "bob-req-1", "--wait", "--timeout", "60s", "--json"],
             env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT,
         )  # fmt: skip
-        time.sleep(3)
+        stderr = StderrWatch(waiting)
+        stderr.wait_for("place 1 in the queue")  # bob's new call has joined his recovered request
         assert merlin("ray", "resources", "release", alice["lease_id"]).returncode == 0
-        out, err = waiting.communicate(timeout=120)
+        out, _ = waiting.communicate(timeout=120)
+        err = stderr.text()
         bob = json.loads(out)
         assert bob["state"] == "granted" and bob["fencing_token"] == alice["fencing_token"] + 1, err
         assert bob["expires_at"] - bob["granted_at"] > 500  # he came back: his full TTL, not the claim window
@@ -165,7 +168,7 @@ def test_a_long_waiter_survives_a_restart_after_the_retry_window(broker_env):
         target=lambda: got.update(lease=client.reserve("firesim_u250", "bob", wait=True, timeout_s=120))
     )
     waiter.start()
-    time.sleep(10.0)  # longer than the retry window
+    time.sleep(10.0)  # not a synchronisation: the wait must outlast the retry window before the kill
     _kill_and_wait_for_new_pid(broker_env, "resource:firesim_u250")
     client.release(alice.lease_id)
     waiter.join(60)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -12,9 +13,12 @@ from pathlib import Path
 import pytest
 
 from broker.core.runs import RunStatus
-from broker.errors import InvalidRequest, UnknownResource
+from broker.errors import InvalidRequest, RunEnd, UnknownResource
 from broker.models import ResourceState
+from executor.local import load_state
+from executor.state import BundleStatus, StepStatus
 from targetgen.bundle import ExecutionBundle, write_bundle
+from tests.waiting import until
 
 pytestmark = pytest.mark.ray
 PY = sys.executable
@@ -61,7 +65,9 @@ def test_bundles_on_one_key_run_in_turn_and_another_key_runs_alongside(broker_en
     b = client.call("submit", str(target(tmp_path, "b", "firesim_u250", 2.0)), holder="bob")
     c = client.call("submit", str(target(tmp_path, "c", "spacemit_x60_board_01", 3.0)), holder="carol")
     a, b, c = (finished(client, run.run_id) for run in (a, b, c))
-    assert {a.status, b.status, c.status} == {RunStatus.SUCCEEDED}
+    assert {a.status, b.status, c.status} == {RunStatus.SUCCEEDED}, [
+        (r.message, client.call("logs", r.run_id)[-2000:]) for r in (a, b, c) if r.status is not RunStatus.SUCCEEDED
+    ]
     (a0, a1), (b0, b1), (c0, c1) = span(a), span(b), span(c)
     assert a1 <= b0 or b1 <= a0, "two runs held firesim_u250 at once"
     overlaps = lambda x0, x1, y0, y1: x0 < y1 and y0 < x1  # noqa: E731
@@ -89,12 +95,16 @@ def test_cancel_a_queued_run_and_a_running_one(broker_env, tmp_path):
     assert stopped.status is RunStatus.STOPPED
     assert [entry.holder for entry in client.resources()[0].queue] == ["carol"]
 
+    until(lambda: _step_started(Path(long.workdir)), "the long run's step to start")
     started = time.monotonic()
     cancelled = client.call("cancel", long.run_id)
     assert cancelled.status is RunStatus.STOPPED and time.monotonic() - started < 30
     assert finished(client, after.run_id).status is RunStatus.SUCCEEDED
     assert client.call("cancel", long.run_id).status is RunStatus.STOPPED  # idempotent
     assert not (Path(long.workdir) / "artifacts/out.txt").exists()  # stopped before its step finished
+    state = load_state(Path(long.workdir))  # the target dir says how it ended, never "running"
+    assert state.status in (BundleStatus.CANCELLED, BundleStatus.FAILED), state.status
+    assert all(step.status is not StepStatus.RUNNING for step in state.steps)
 
 
 def test_a_failing_job_fails_the_run_with_its_exit_code_and_frees_the_key(broker_env, tmp_path):
@@ -118,6 +128,64 @@ def test_killing_the_coordinator_mid_run_loses_nothing(broker_env, tmp_path):
     assert lane.state is ResourceState.FREE
     events = [json.loads(line) for line in broker_env.state.events_path.read_text().splitlines()]
     assert any(e["event"] == "run.reattached" and e["run_id"] == run.run_id for e in events)
+
+
+def test_revoking_a_running_runs_lease_stops_its_job_at_once(broker_env, tmp_path):
+    client = broker_env.client
+    run = client.call("submit", str(target(tmp_path, "victim", "firesim_u250", 60.0)), holder="alice")
+    wait_for(client, run.run_id, {RunStatus.RUNNING})
+    until(lambda: _step_started(Path(run.workdir)), "the hardware step to start")
+    revoked_at = time.monotonic()
+    client.revoke("firesim_u250", "the board is needed for a demo", by="bob")
+    record = finished(client, run.run_id)
+    stopped_after = time.monotonic() - revoked_at
+    print(f"revoke -> the run's record ended {record.status.value}: {stopped_after:.2f} s")
+    assert record.status is RunStatus.STOPPED and record.end is RunEnd.LEASE_LOST, record.message
+    assert record.message.startswith("lease lost: revoked by bob"), record.message
+    assert not (Path(run.workdir) / "artifacts/out.txt").exists()  # the step never finished its work
+    state = load_state(Path(run.workdir))
+    assert state.status is not BundleStatus.RUNNING and state.status is not BundleStatus.SUCCEEDED
+    assert "lease" in state.message
+
+
+def test_a_succeeded_target_dir_runs_again_only_with_restart(broker_env, tmp_path):
+    client = broker_env.client
+    directory = target(tmp_path, "again", "radiance_sim_lane_a", 0.1)
+    first = finished(client, client.call("submit", str(directory), holder="ci").run_id)
+    assert first.status is RunStatus.SUCCEEDED
+    with pytest.raises(InvalidRequest, match="--restart"):
+        client.call("submit", str(directory), holder="ci")
+    again = finished(client, client.call("submit", str(directory), holder="ci", restart=True).run_id)
+    assert again.status is RunStatus.SUCCEEDED and again.run_id != first.run_id
+    assert again.steps[0].started_at > first.steps[0].ended_at  # the step ran again, from the start
+    assert again.fencing_token == first.fencing_token + 1
+
+
+def test_the_local_engine_takes_the_lease_itself_and_waits_its_turn(broker_env, tmp_path):
+    client = broker_env.client
+    alice = client.reserve("spacemit_x60_board_01", "alice")
+    directory = target(tmp_path, "local", "spacemit_x60_board_01", 0.1)
+    proc = subprocess.Popen(
+        [PY, "-m", "broker.cli", "targetgen", "execute", "--engine", "local", "--from-dir", str(directory),
+         "--holder", "ci-local"],
+        env=broker_env.env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    board = lambda: next(s for s in client.resources() if s.key == "spacemit_x60_board_01")  # noqa: E731
+    until(lambda: [entry.holder for entry in board().queue] == ["ci-local"], "the local engine to queue")
+    assert not (directory / "artifacts/out.txt").exists()  # no hardware step while alice holds it
+    client.release(alice.lease_id)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err
+    assert "bundle local: succeeded" in out
+    assert board().holder is None  # released at the end
+    history = [json.loads(line) for line in broker_env.state.events_path.read_text().splitlines()]
+    granted = [e for e in history if e["event"] == "lease.granted" and e.get("holder") == "ci-local"]
+    assert len(granted) == 1 and granted[0]["fencing_token"] == alice.fencing_token + 1
+
+
+def _step_started(directory: Path) -> bool:
+    state = load_state(directory)
+    return state is not None and any(step.status is StepStatus.RUNNING for step in state.steps)
 
 
 def test_bad_submissions_change_nothing(broker_env, tmp_path):

@@ -16,6 +16,7 @@ from executor.handles import BlockedJobHandle, JobFailed, JobStatus, LocalJobHan
 from executor.local import EXIT_AWAITING_GATE, LocalEngine, approve_step, exit_code_for, load_state
 from executor.state import STEP_TRANSITIONS, BundleStatus, StepStatus, move, new_state
 from targetgen.bundle import ExecutionBundle, write_bundle
+from tests.waiting import until
 
 PY = sys.executable
 
@@ -114,16 +115,17 @@ def test_a_crash_mid_step_is_rerun_on_resume(tmp_path):
 
 
 def test_a_timeout_kills_the_whole_process_group(tmp_path):
-    marker = tmp_path / "child-alive"
-    child = f"import time,pathlib; time.sleep(3); pathlib.Path({str(marker)!r}).write_text('still here')"
-    code = f"import subprocess,sys,time; subprocess.Popen([sys.executable,'-c',{child!r}]); time.sleep(60)"
+    pid_file = tmp_path / "child.pid"
+    child = "import time; time.sleep(60)"
+    code = (
+        f"import pathlib,subprocess,sys,time; p = subprocess.Popen([sys.executable,'-c',{child!r}]); "
+        f"pathlib.Path({str(pid_file)!r}).write_text(str(p.pid)); time.sleep(60)"
+    )
     target = make_target(tmp_path, [step("hang", code, timeout_s=1.0)])
-    started = time.monotonic()
     state = LocalEngine(target).run()
     assert state.status is BundleStatus.FAILED and "timed out" in state.step("hang").message
-    assert time.monotonic() - started < 30
-    time.sleep(4)
-    assert not marker.exists(), "the step's child outlived the timeout"
+    child_pid = int(pid_file.read_text())
+    until(lambda: not _alive(child_pid), "the step's child to be killed with its group", timeout_s=20)
 
 
 def test_missing_declared_artifacts_fail_the_step(tmp_path):
@@ -152,7 +154,7 @@ def test_a_stale_fencing_token_refuses_the_hardware_step(tmp_path):
 def test_one_executor_per_target_dir(tmp_path):
     target = make_target(tmp_path, [step("slow", "import time; time.sleep(2)")])
     handle = LocalJobHandle(target)
-    time.sleep(0.5)
+    until(lambda: _step_running(target, "slow"), "the step to start")
     with pytest.raises(InvalidRequest, match="another executor"):
         LocalEngine(target).run()
     assert handle.wait(30) is JobStatus.SUCCEEDED
@@ -161,7 +163,7 @@ def test_one_executor_per_target_dir(tmp_path):
 def test_terminate_cancels_a_running_bundle(tmp_path):
     target = make_target(tmp_path, [step("slow", "import time; time.sleep(60)"), step("after", "print(1)")])
     handle = LocalJobHandle(target)
-    time.sleep(0.5)
+    until(lambda: _step_running(target, "slow"), "the step to start")
     handle.terminate()
     assert handle.status() is JobStatus.STOPPED
     assert load_state(target).status is BundleStatus.CANCELLED
@@ -213,5 +215,17 @@ def test_threads_do_not_leak(tmp_path):
     before = threading.active_count()
     target = make_target(tmp_path, [step("a", "print(1)")])
     LocalJobHandle(target).wait(30)
-    time.sleep(0.2)
-    assert threading.active_count() <= before
+    until(lambda: threading.active_count() <= before, "the handle's thread to end", timeout_s=10)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as handle:
+            return handle.read().rsplit(b")", 1)[1].split()[0] != b"Z"
+    except OSError:
+        return False
+
+
+def _step_running(target, step_id: str) -> bool:
+    state = load_state(target)
+    return state is not None and state.step(step_id).status is StepStatus.RUNNING

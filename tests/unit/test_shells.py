@@ -282,3 +282,24 @@ def test_a_succeeded_target_dir_needs_restart_to_run_again(tmp_path):
         assert spec.entrypoint == record.command
 
     run(body)
+
+
+def test_a_run_whose_lease_was_revoked_while_the_coordinator_was_away_ends_lease_lost(tmp_path):
+    async def body() -> None:
+        system = FakeSystem()
+        broker = await up(tmp_path / "state", system)
+        record = await system.call(broker, "submit", str(bundle_dir(tmp_path, "a", "firesim_u250")), holder="ci")
+        (spec,) = await system.jobs.submitted(1)
+        system.jobs.set_status(spec.submission_id, "RUNNING")
+        await until(_status_is(system, broker, record.run_id, RunStatus.RUNNING), "running")
+        system.crash(COORDINATOR_NAME, NS)
+        resource = ActorRef(system, "resource:firesim_u250", NS)
+        await system.call(resource, "revoke", "needed elsewhere", by="bob")
+        system.restart(COORDINATOR_NAME, NS)
+        final = await until(_status_is(system, broker, record.run_id, RunStatus.STOPPED), "stopped")
+        assert final.end.value == "lease_lost" and "revoked by bob" in final.message
+        assert system.jobs.stopped == [spec.submission_id]
+        assert queue_of(system, "firesim_u250") == 0  # it did not queue for the key again
+        assert len(system.jobs.specs) == 1
+
+    run(body)

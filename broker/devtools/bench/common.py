@@ -10,11 +10,13 @@ import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import ray
 
 from broker.disk.store import StateDir
+
+N = TypeVar("N", int, float)
 
 __all__ = ["BenchContext", "timed", "interleaved", "run_workers", "extra_broker"]
 
@@ -26,7 +28,7 @@ class BenchContext:
     keys: list[str]
     quick: bool
 
-    def samples(self, full: int, quick: int) -> int:
+    def samples(self, full: N, quick: N) -> N:
         return quick if self.quick else full
 
     def broker(self) -> Any:

@@ -100,7 +100,7 @@ def holder_death(ctx: BenchContext) -> Result:
         proc = subprocess.Popen(
             [sys.executable, "-c", HOLDER, key, str(ttl)], env=env, stdout=subprocess.PIPE, text=True
         )
-        if not proc.stdout.readline().startswith("held"):
+        if proc.stdout is None or not proc.stdout.readline().startswith("held"):
             raise RuntimeError("the holder process did not get its lease")
         waiter = broker.reserve.remote(key, "bench-next", wait=True, timeout_s=60, request_id=uuid.uuid4().hex)
         time.sleep(ttl * 1.5)  # heartbeats have renewed it by now

@@ -131,10 +131,9 @@ def footprint(ctx: BenchContext) -> Result:
         result.figures[f"broker up with {size} keys (s)"] = wall
         result.figures[f"start time per key at {size} keys (s)"] = wall / size
         broker_down(namespace)
-    ratio = (
-        result.figures[f"resource actor USS at {ctx.samples(50, 10)} keys (MB)"]
-        / result.figures["bare idle actor USS (MB)"]
-    )  # type: ignore[operator]
+    ratio = float(result.figures[f"resource actor USS at {ctx.samples(50, 10)} keys (MB)"]) / float(  # type: ignore[arg-type]
+        result.figures["bare idle actor USS (MB)"]  # type: ignore[arg-type]
+    )  # both are plain medians (floats), not Summaries
     result.figures["USS per key / bare actor"] = ratio
     result.targets.append(Target("memory per key <= 1.2x a bare idle actor's USS", ratio, 1.2))
     result.notes.append("USS = Private_Clean + Private_Dirty from /proc/<pid>/smaps_rollup")

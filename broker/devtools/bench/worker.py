@@ -19,6 +19,7 @@ import json
 import sys
 import time
 import uuid
+from collections.abc import Callable
 from typing import Any
 
 
@@ -34,7 +35,9 @@ def _acquire_release(spec: dict[str, Any]) -> tuple[Any, Any]:
         return (lambda: ray.get(lock.acquire.remote())), (lambda _: ray.get(lock.release.remote()))
     if target == "direct":
         actor = ray.get_actor(f"resource:{spec['key']}", namespace=namespace)
-        reserve = lambda: ray.get(actor.reserve.remote(holder, wait=wait, request_id=uuid.uuid4().hex))  # noqa: E731
+        reserve: Callable[[], Any] = lambda: ray.get(  # noqa: E731
+            actor.reserve.remote(holder, wait=wait, request_id=uuid.uuid4().hex)
+        )
         return reserve, (lambda lease: ray.get(actor.release.remote(lease.lease_id)))
     broker = ray.get_actor("broker", namespace=namespace)
     reserve = lambda: ray.get(broker.reserve.remote(spec["key"], holder, wait=wait, request_id=uuid.uuid4().hex))  # noqa: E731
