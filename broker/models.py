@@ -297,7 +297,7 @@ class ResourceStatus(BaseModel):
     description: str = ""
 
 
-class ResourceTable(list):  # type: ignore[type-arg]
+class ResourceTable(list[Any]):
     """What ``client.resources()`` returns: a plain list that renders as a table in Jupyter."""
 
     def _repr_html_(self) -> str:
