@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from datetime import datetime, timezone
+from pathlib import Path
 from typing import Any
 
 from pydantic import BaseModel
@@ -26,6 +28,7 @@ __all__ = [
     "when",
     "table",
     "note",
+    "state_dir_error",
 ]
 
 
@@ -120,6 +123,28 @@ class Context:
         from broker.seam.cluster import connect_ray
 
         return connect_ray(self.state, address=self.address, namespace=self.namespace)
+
+
+def state_dir_error(err: OSError, root: Path) -> Any | None:
+    """``BrokerUnavailable`` (exit 10) when ``err`` is about the state dir itself, else None.
+
+    A state dir whose parent is a file, or under ``/proc``, fails deep inside
+    whatever touched it first; the user needs to hear which dir and why.
+    """
+    from broker.errors import BrokerUnavailable
+
+    for name in (err.filename, err.filename2):
+        if name is None:
+            continue
+        path = Path(os.fsdecode(name)) if isinstance(name, (str, bytes, os.PathLike)) else None
+        if path is not None and (path == root or root in path.parents):
+            why = err.strerror or type(err).__name__
+            where = "" if path == root else f" ({path})"
+            return BrokerUnavailable(
+                f"state dir {root} cannot be used: {why}{where}",
+                "point --state-dir or MERLIN_STATE_DIR at a directory you can write",
+            )
+    return None
 
 
 def _plain(value: Any) -> Any:
