@@ -55,6 +55,7 @@ class Change:
 
     event: str
     lease: Lease | None = None
+    by: str = ""  # who asked, for changes without a lease (maintenance off)
 
 
 @dataclass
@@ -362,14 +363,15 @@ class LeaseBook:
                 raise LeaseNotHeld(
                     lease_ref(granted.lease_id),
                     granted.state.value,
-                    f"{self.resource!r} is held by {granted.holder!r}, not {expected_holder!r}",
+                    f"{self.resource!r} is held by {granted.holder!r}, not {expected_holder!r}: nothing was revoked",
+                    holder=granted.holder,
                 )
             self._end(granted, LeaseState.REVOKED, now, reason, outcome, by=by, request_id=request_id)
             self._advance(now, outcome)
             outcome.result = self._leases[granted.lease_id]
             return outcome
 
-    def cancel(self, lease_id: str, now: float, reason: str = "cancelled") -> Outcome:
+    def cancel(self, lease_id: str, now: float, reason: str = "cancelled", *, by: str = "") -> Outcome:
         """Withdraw a queued request; idempotent once cancelled."""
         with self._transaction(now) as outcome:
             self._advance(now, outcome)
@@ -380,7 +382,7 @@ class LeaseBook:
             if lease.state is not LeaseState.QUEUED:
                 detail = "granted: release it instead" if lease.state is LeaseState.GRANTED else lease.end_reason
                 raise LeaseNotHeld(lease_id, lease.state.value, detail)
-            self._end(lease, LeaseState.CANCELLED, now, reason, outcome)
+            self._end(lease, LeaseState.CANCELLED, now, reason, outcome, by=by)
             outcome.result = self._leases[lease_id]
             return outcome
 
@@ -399,7 +401,7 @@ class LeaseBook:
                 self._maintenance = None
                 outcome.maintenance_changed = True
             if outcome.maintenance_changed:
-                outcome.changes.append(Change("resource.maintenance"))
+                outcome.changes.append(Change("resource.maintenance", by=by))
             self._advance(now, outcome)
             return outcome
 
