@@ -44,9 +44,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Merlin hardware broker: leases on scarce lab hardware, on Ray.",
         epilog=_EXIT_HELP,
     )
-    top = parser.add_subparsers(
-        dest="area", required=True, metavar="{broker,ray,targetgen,bench,chaos,completion}"
-    )
+    top = parser.add_subparsers(dest="area", required=True, metavar="{broker,ray,targetgen,bench,chaos,completion}")
     broker_cmds.register(top, common)
     targetgen_cmds.register(top, common)
     bench_cmds.register(top, common)
