@@ -180,7 +180,7 @@ def when(ts: float | None, *, relative: bool = True) -> str:
     if not relative:
         return stamp
     delta = ts - time.time()
-    rel = f"in {format_duration(delta)}" if delta >= 0 else f"{format_duration(-delta)} ago"
+    rel = f"in {format_duration(delta, units=2)}" if delta >= 0 else f"{format_duration(-delta, units=2)} ago"
     return f"{stamp} ({rel})"
 
 
