@@ -96,6 +96,7 @@ class Context:
         if self._client is None:
             from broker.client import connect
 
+            self._check_state_dir()
             self._client = connect(self.address, namespace=self.namespace, state_dir=str(self.state.root))
         return self._client
 
@@ -119,9 +120,20 @@ class Context:
         except (OSError, ValueError):
             return None
 
+    def _check_state_dir(self) -> None:
+        """A state dir under a file cannot hold a cluster record: say so, not "no cluster recorded"."""
+        path = self.state.root
+        while not path.exists() and path != path.parent:
+            path = path.parent
+        if not path.is_dir():
+            unusable = state_dir_error(NotADirectoryError(20, "Not a directory", str(path)), self.state.root)
+            if unusable is not None:
+                raise unusable
+
     def connect_ray(self) -> Any:
         from broker.seam.cluster import connect_ray
 
+        self._check_state_dir()
         return connect_ray(self.state, address=self.address, namespace=self.namespace)
 
 
@@ -137,7 +149,8 @@ def state_dir_error(err: OSError, root: Path) -> Any | None:
         if name is None:
             continue
         path = Path(os.fsdecode(name)) if isinstance(name, (str, bytes, os.PathLike)) else None
-        if path is not None and (path == root or root in path.parents):
+        # the dir, something in it, or an ancestor that is not a directory (a file where a dir should be)
+        if path is not None and (path == root or root in path.parents or path in root.parents):
             why = err.strerror or type(err).__name__
             where = "" if path == root else f" ({path})"
             return BrokerUnavailable(
