@@ -555,12 +555,13 @@ class BrokerActor:
             paths = []
         for path in paths:
             try:
-                record = read_json(Path(path))
+                record: Any = read_json(Path(path))
                 holder, request_id, key = record["holder"], record["request_id"], record["resource"]
                 at = now if record.get("ended_at") is None else float(record["ended_at"])
-            except (OSError, ValueError, KeyError, TypeError):
+            except (OSError, ValueError, KeyError, TypeError, AttributeError):
                 continue  # the resource actor moves corrupt records aside
-            index.learn(holder, request_id, key, at)
+            if isinstance(holder, str) and isinstance(request_id, str) and isinstance(key, str):
+                index.learn(holder, request_id, key, at)
         index.settle(now)
         return index
 

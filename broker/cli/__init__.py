@@ -19,8 +19,11 @@ from broker.errors import EXIT_CODES, BrokerError, Surface, error_json
 
 __all__ = ["main", "build_parser", "UsageError"]
 
-_EXIT_HELP = "exit codes: 0 ok, 1 internal error, 2 usage, " + ", ".join(
-    f"{code} {name}" for name, code in sorted(EXIT_CODES.items(), key=lambda item: item[1])
+_EXIT_HELP = (
+    "exit codes: 0 ok, 1 internal error, 2 usage, "
+    + ", ".join(f"{code} {name}" for name, code in sorted(EXIT_CODES.items(), key=lambda item: item[1]))
+    + ", 130 interrupted, 143 terminated. Under --json an error is also "
+    '{"error": {"type", "message", "exit_code", ...}} on stdout.'
 )
 
 
