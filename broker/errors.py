@@ -19,9 +19,22 @@ Every class passes all of its constructor arguments to ``Exception.__init__``
 and formats its message in ``__str__``: Ray pickles an error raised in an
 actor and re-raises it on the caller, so ``except ResourceBusy:`` works in a
 notebook and the fields survive the trip.
+
+Messages are one line and say what to do next in the caller's own words:
+the hint is a :class:`Hint`, spelled per :class:`Surface` by the ``HINTS``
+table (``wait=True`` in Python, ``--wait`` on the command line), so the
+message itself never mixes them. ``str(err)`` is the Python spelling;
+:meth:`BrokerError.describe` gives any surface's; :func:`error_json` is the
+``{"error": {...}}`` object the CLI prints under ``--json``. Even the class
+Ray builds when it re-raises an actor's error (``RayTaskError(ResourceBusy)``,
+whose ``str`` is the remote traceback) prints the one line: see
+:meth:`BrokerError.__init_subclass__`.
 """
 
 from __future__ import annotations
+
+import inspect
+from typing import Any, ClassVar
 
 from broker.core.compat import StrEnum
 
@@ -39,16 +52,102 @@ __all__ = [
     "EXIT_CODES",
     "RunEnd",
     "RUN_EXIT_CODES",
+    "Surface",
+    "Hint",
+    "HINTS",
+    "error_json",
 ]
 
 
+class Surface(StrEnum):
+    """Where an error is shown: each spells its hint in its own terms."""
+
+    PYTHON = "python"
+    CLI = "cli"
+    HTTP = "http"
+
+
+class Hint(StrEnum):
+    """What the caller can do next; spelled per surface in ``HINTS``."""
+
+    QUEUE = "queue"
+    QUEUE_MAINTENANCE = "queue_maintenance"
+    LONGER_TIMEOUT = "longer_timeout"
+    ADMIN_SECRET = "admin_secret"
+
+
+HINTS: dict[Hint, dict[Surface, str]] = {
+    Hint.QUEUE: {
+        Surface.PYTHON: "pass wait=True to queue",
+        Surface.CLI: "use --wait to queue",
+        Surface.HTTP: 'send "wait": true to queue',
+    },
+    Hint.QUEUE_MAINTENANCE: {
+        Surface.PYTHON: "wait=True queues until it is back",
+        Surface.CLI: "--wait queues until it is back",
+        Surface.HTTP: '"wait": true queues until it is back',
+    },
+    Hint.LONGER_TIMEOUT: {
+        Surface.PYTHON: "the request left the queue; retry with a longer timeout_s",
+        Surface.CLI: "the request left the queue; retry with a longer --timeout",
+        Surface.HTTP: 'the request left the queue; retry with a longer "timeout_s"',
+    },
+    Hint.ADMIN_SECRET: {
+        Surface.PYTHON: "pass admin_secret= or set MERLIN_ADMIN_SECRET; refused and journaled",
+        Surface.CLI: "set MERLIN_ADMIN_SECRET or pass --admin-secret-file; refused and journaled",
+        Surface.HTTP: "send the admin secret; refused and journaled",
+    },
+}
+
+
 class BrokerError(Exception):
-    """Root of every error the broker raises on purpose."""
+    """Root of every error the broker raises on purpose.
+
+    Subclasses implement :meth:`summary` (the one-line fact, no hint) and may
+    name a :class:`Hint`; ``__str__`` joins them in Python's spelling.
+    """
 
     exit_code = 1
+    hint_kind: ClassVar[Hint | None] = None
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        # Ray re-raises an actor's error as ``class RayTaskError(<ours>)`` whose
+        # ``__str__`` is the whole remote traceback (14 lines for a busy key in a
+        # notebook). That class is a subclass of ours, so it passes through here:
+        # give it our one line back; ``err.remote_traceback()`` still has the rest.
+        super().__init_subclass__(**kwargs)
+        if any(base.__name__ == "RayTaskError" for base in cls.__mro__[1:]) and "__str__" in vars(cls):
+            cls.remote_traceback = vars(cls)["__str__"]  # type: ignore[attr-defined]
+
+            def one_line(self: Any) -> str:
+                cause = self.cause
+                return str(cause) if isinstance(cause, BrokerError) else Exception.__str__(self)
+
+            cls.__str__ = one_line  # type: ignore[method-assign]
+
+    def summary(self) -> str:
+        """The fact, in one line, without a hint."""
+        return str(self.args[0]) if self.args else type(self).__name__
+
+    def hint_for(self, surface: Surface) -> str:
+        hint = self._hint()
+        return HINTS[hint][surface] if hint is not None else ""
+
+    def _hint(self) -> Hint | None:
+        return type(self).hint_kind
+
+    def describe(self, surface: Surface = Surface.PYTHON) -> str:
+        """The one-line message with the hint spelled for ``surface``."""
+        hint = self.hint_for(surface)
+        return f"{self.summary()} ({hint})" if hint else self.summary()
+
+    def fields(self) -> dict[str, Any]:
+        """The constructor's arguments by name (what the error is about), for JSON."""
+        names = [name for name in inspect.signature(type(self).__init__).parameters if name != "self"]
+        return {name: _plain(getattr(self, name, None)) for name in names}
 
     def __str__(self) -> str:
-        return str(self.args[0]) if self.args else type(self).__name__
+        return self.describe(Surface.PYTHON)
 
 
 class InvalidRequest(BrokerError):
@@ -66,7 +165,7 @@ class InvalidRequest(BrokerError):
         self.message = message
         self.field = field
 
-    def __str__(self) -> str:
+    def summary(self) -> str:
         return self.message
 
 
@@ -80,9 +179,9 @@ class UnknownResource(BrokerError):
         self.resource = resource
         self.known = tuple(known)
 
-    def __str__(self) -> str:
-        hint = f" (known: {', '.join(self.known)})" if self.known else ""
-        return f"unknown resource {self.resource!r}{hint}"
+    def summary(self) -> str:
+        known = f" (known: {', '.join(self.known)})" if self.known else ""
+        return f"unknown resource {self.resource!r}{known}"
 
 
 class ResourceBusy(BrokerError):
@@ -105,34 +204,39 @@ class ResourceBusy(BrokerError):
         self.queue_length = queue_length
         self.maintenance_reason = maintenance_reason
 
-    def __str__(self) -> str:
+    def _hint(self) -> Hint:
+        return Hint.QUEUE if self.maintenance_reason is None else Hint.QUEUE_MAINTENANCE
+
+    def summary(self) -> str:
+        waiting = f"{self.queue_length} waiting" if self.queue_length else "nobody waiting"
         if self.maintenance_reason is not None:
             why = f": {self.maintenance_reason}" if self.maintenance_reason else ""
-            return f"resource {self.resource!r} is in maintenance{why}"
-        parts = [f"resource {self.resource!r} is busy"]
-        if self.holder is not None:
-            parts.append(f"held by {self.holder}")
+            return f"resource {self.resource!r} is in maintenance{why}, {waiting}"
+        held = f" by {self.holder}" if self.holder is not None else ""
         if self.expires_at is not None:
             from datetime import datetime, timezone
 
             until = datetime.fromtimestamp(self.expires_at, tz=timezone.utc)
-            parts.append(f"until {until:%Y-%m-%dT%H:%M:%SZ}")
-        if self.queue_length:
-            parts.append(f"{self.queue_length} waiting")
-        return ", ".join(parts) + " (use wait=True / --wait to queue)"
+            held += f" until {until:%Y-%m-%dT%H:%M:%SZ}"
+        return f"resource {self.resource!r} is held{held}, {waiting}"
 
 
 class LeaseNotFound(BrokerError):
-    """No lease with this id exists (never did, or not on this broker)."""
+    """No lease with this id exists (never did, or not on this broker).
+
+    ``detail`` replaces the message when the lookup was not by lease id
+    (e.g. a request id nobody queued).
+    """
 
     exit_code = 6
 
-    def __init__(self, lease_id: str):
-        super().__init__(lease_id)
+    def __init__(self, lease_id: str, detail: str = ""):
+        super().__init__(lease_id, detail)
         self.lease_id = lease_id
+        self.detail = detail
 
-    def __str__(self) -> str:
-        return f"no lease {self.lease_id!r}"
+    def summary(self) -> str:
+        return self.detail or f"no lease {self.lease_id!r}"
 
 
 class LeaseNotHeld(BrokerError):
@@ -142,17 +246,22 @@ class LeaseNotHeld(BrokerError):
         lease_id: the lease asked about.
         state: the state it is in (``expired``, ``revoked``, ``queued``, ...).
         detail: why the action was refused, e.g. who holds the key instead.
+        holder: who holds the lease, when the refusal is that it is someone
+            else's (a revoke whose expected holder does not match).
     """
 
     exit_code = 7
 
-    def __init__(self, lease_id: str, state: str, detail: str = ""):
-        super().__init__(lease_id, state, detail)
+    def __init__(self, lease_id: str, state: str, detail: str = "", holder: str | None = None):
+        super().__init__(lease_id, state, detail, holder)
         self.lease_id = lease_id
         self.state = state
         self.detail = detail
+        self.holder = holder
 
-    def __str__(self) -> str:
+    def summary(self) -> str:
+        if self.holder is not None:  # it is held, by someone else: say by whom
+            return self.detail or f"lease {self.lease_id!r} is held by {self.holder!r}"
         tail = f": {self.detail}" if self.detail else ""
         return f"lease {self.lease_id!r} is not held (state {self.state}){tail}"
 
@@ -168,7 +277,7 @@ class StaleFencingToken(BrokerError):
         self.token = token
         self.current_token = current_token
 
-    def __str__(self) -> str:
+    def summary(self) -> str:
         now = "nobody holds it" if self.current_token is None else f"current token is {self.current_token}"
         return f"stale fencing token {self.token} for {self.resource!r}: {now}"
 
@@ -177,6 +286,7 @@ class WaitTimeout(BrokerError):
     """A waiting reserve was not granted in time; its request left the queue."""
 
     exit_code = 9
+    hint_kind = Hint.LONGER_TIMEOUT
 
     def __init__(self, resource: str, timeout_s: float, lease_id: str | None = None):
         super().__init__(resource, timeout_s, lease_id)
@@ -184,8 +294,10 @@ class WaitTimeout(BrokerError):
         self.timeout_s = timeout_s
         self.lease_id = lease_id
 
-    def __str__(self) -> str:
-        return f"timed out after {self.timeout_s:g}s waiting for {self.resource!r}"
+    def summary(self) -> str:
+        from broker.core.durations import format_duration
+
+        return f"timed out after {format_duration(self.timeout_s)} waiting for {self.resource!r}"
 
 
 class BrokerUnavailable(BrokerError):
@@ -198,7 +310,13 @@ class BrokerUnavailable(BrokerError):
         self.message = message
         self.hint = hint
 
-    def __str__(self) -> str:
+    def summary(self) -> str:
+        return self.message
+
+    def hint_for(self, surface: Surface) -> str:
+        return self.hint  # names a command to run: the same on every surface
+
+    def describe(self, surface: Surface = Surface.PYTHON) -> str:
         return f"{self.message}; {self.hint}" if self.hint else self.message
 
 
@@ -206,14 +324,15 @@ class NotAuthorized(BrokerError):
     """``revoke``, ``set_maintenance`` or ``broker down`` without the admin secret the catalog requires."""
 
     exit_code = 11
+    hint_kind = Hint.ADMIN_SECRET
 
     def __init__(self, act: str, by: str = ""):
         super().__init__(act, by)
         self.act = act
         self.by = by
 
-    def __str__(self) -> str:
-        return f"{self.act} needs the admin secret (MERLIN_ADMIN_SECRET or --admin-secret-file); refused and journaled"
+    def summary(self) -> str:
+        return f"{self.act} needs the admin secret"
 
 
 EXIT_CODES: dict[str, int] = {
@@ -257,3 +376,37 @@ RUN_EXIT_CODES: dict[RunEnd, int] = {
     RunEnd.LEASE_LOST: 23,
     RunEnd.BROKER_ERROR: 24,
 }
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, tuple):
+        return list(value)
+    return value
+
+
+def error_json(err: BaseException, surface: Surface = Surface.CLI, exit_code: int | None = None) -> dict[str, Any]:
+    """``{"error": {"type", "message", "exit_code", <fields>}}``: an error as a script reads it.
+
+    A ``BrokerError`` brings its constructor's fields (``resource``, ``holder``,
+    ``queue_length``, ...); anything else is an internal error (exit 1).
+    """
+    cause = getattr(err, "cause", None)  # Ray's RayTaskError(<ours>): report ours
+    if isinstance(cause, BrokerError):
+        err = cause
+    if isinstance(err, BrokerError):
+        body: dict[str, Any] = {
+            "type": type(err).__name__,
+            "message": err.describe(surface),
+            "exit_code": err.exit_code if exit_code is None else exit_code,
+        }
+        for name, value in err.fields().items():
+            body.setdefault(name, value)
+        return {"error": body}
+    text = str(err).strip().splitlines()[0][:300] if str(err).strip() else ""
+    return {
+        "error": {
+            "type": type(err).__name__,
+            "message": text,
+            "exit_code": 1 if exit_code is None else exit_code,
+        }
+    }

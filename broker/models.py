@@ -44,6 +44,7 @@ __all__ = [
     "LeaseTransition",
     "Lease",
     "lease_ref",
+    "ttl_capped_by_max_hold",
     "resource_of_lease_id",
     "ResourceState",
     "QueueEntry",
@@ -161,6 +162,16 @@ def check_transition(lease_id: str, current: LeaseState, target: LeaseState) -> 
         raise LeaseNotHeld(lease_id, current.value, f"cannot move from {current.value} to {target.value}")
 
 
+def ttl_capped_by_max_hold(lease: Lease, asked_at: float | None) -> bool:
+    """Whether ``lease``'s TTL counted from ``asked_at`` (its grant, or a renewal) runs past its max hold."""
+    if lease.state is not LeaseState.GRANTED or asked_at is None:
+        return False
+    if lease.must_end_by is None or lease.expires_at is None:
+        return False
+    # 1 ms of slack: the broker's clock read and ours differ by the call's latency.
+    return lease.expires_at >= lease.must_end_by - 1e-3 and asked_at + lease.ttl_s > lease.must_end_by + 1e-3
+
+
 def lease_ref(lease_id: str) -> str:
     """A public name for a lease: safe to log, list and journal, useless as a capability."""
     return hashlib.sha256(lease_id.encode()).hexdigest()[:12]
@@ -252,6 +263,19 @@ class Lease(BaseModel):
     def active(self) -> bool:
         return self.state in ACTIVE_STATES
 
+    @property
+    def ttl_capped_by_max_hold(self) -> bool:
+        """Granted for less than its TTL because the resource's max hold ends it sooner."""
+        return ttl_capped_by_max_hold(self, self.granted_at)
+
+    def for_holder(self, asked_at: float | None = None) -> dict[str, Any]:
+        """The lease as its holder sees it (CLI ``--json``): with its public ``ref`` and whether the
+        TTL asked for at ``asked_at`` (default: the grant) was cut by the resource's max hold."""
+        data = self.model_dump(mode="json")
+        data["ref"] = self.ref
+        data["ttl_capped_by_max_hold"] = ttl_capped_by_max_hold(self, self.granted_at if asked_at is None else asked_at)
+        return data
+
     def public(self) -> dict[str, Any]:
         """The lease as others may see it: everything but the capability."""
         data = self.model_dump(mode="json", exclude={"lease_id", "request_id", "end_request_id"})
@@ -304,6 +328,8 @@ class ResourceTable(list[Any]):
         import html
         import time
 
+        from broker.core.durations import format_duration
+
         def cell(value: object) -> str:
             return f"<td>{html.escape(str(value))}</td>"
 
@@ -311,7 +337,7 @@ class ResourceTable(list[Any]):
         for status in self:
             expires = "-"
             if status.expires_at is not None:
-                expires = f"in {max(0, int(status.expires_at - time.time()))}s"
+                expires = f"in {format_duration(max(0.0, status.expires_at - time.time()), units=2)}"
             queue = ", ".join(entry.holder for entry in status.queue) or "-"
             labels = ", ".join(f"{k}={v}" for k, v in status.labels.items())
             rows.append(
@@ -408,7 +434,7 @@ def checked(kind: Any, value: Any, field: str) -> Any:
     try:
         return adapter.validate_python(value)
     except ValidationError as exc:
-        raise InvalidRequest(f"invalid {field}={_shown(value)}: {exc.errors()[0]['msg']}", field) from None
+        raise InvalidRequest(_invalid(field, value, exc.errors()[0]), field) from None
 
 
 def _shown(value: Any) -> str:
@@ -423,4 +449,21 @@ def validated(model: type[BaseModel], **fields: Any) -> Any:
     except ValidationError as exc:
         err = exc.errors()[0]
         where = ".".join(str(part) for part in err["loc"]) or model.__name__
-        raise InvalidRequest(f"invalid {where}={_shown(err.get('input'))}: {err['msg']}", where) from None
+        raise InvalidRequest(_invalid(where, err.get("input"), err), where) from None
+
+
+# Bounds on a duration (a field ending in _s), said as a duration: "at most 7d", not "604800".
+_BOUND_WORDS = {"less_than_equal": ("le", "at most"), "less_than": ("lt", "less than"),
+                "greater_than": ("gt", "more than"), "greater_than_equal": ("ge", "at least")}  # fmt: skip
+
+
+def _invalid(where: str, value: Any, err: Any) -> str:
+    """``invalid <field>=<value>: <why>``; durations in ``90s``/``2h``/``7d``, not seconds."""
+    bound = _BOUND_WORDS.get(err.get("type", ""))
+    limit = (err.get("ctx") or {}).get(bound[0]) if bound else None
+    if where.endswith("_s") and isinstance(value, (int, float)) and isinstance(limit, (int, float)):
+        from broker.core.durations import format_duration
+
+        shown = format_duration(float(value)) if math.isfinite(value) and value >= 0 else _shown(value)
+        return f"invalid {where}={shown}: must be {bound[1]} {format_duration(float(limit))}"  # type: ignore[index]
+    return f"invalid {where}={_shown(value)}: {err['msg']}"

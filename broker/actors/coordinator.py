@@ -38,11 +38,19 @@ from typing import Any
 from broker.actors.resource import ResourceActor
 from broker.actors.run_manager import RunManager
 from broker.core.catalog import Catalog, parse_catalog
+from broker.core.request_index import RequestIndex
 from broker.core.runs import RunRecord, new_run_id
 from broker.core.usage import ResourceSnapshot
 from broker.disk.journal import EventSink
 from broker.disk.store import StateDir, atomic_write, read_json
-from broker.errors import BrokerUnavailable, InvalidRequest, LeaseNotFound, NotAuthorized, UnknownResource
+from broker.errors import (
+    BrokerUnavailable,
+    InvalidRequest,
+    LeaseNotFound,
+    NotAuthorized,
+    ResourceBusy,
+    UnknownResource,
+)
 from broker.http.api import serve
 from broker.http.metrics import DEFAULT_METRICS_HOST, DEFAULT_METRICS_PORT, MetricsBoard
 from broker.models import (
@@ -56,6 +64,7 @@ from broker.models import (
     ResourceStatus,
     checked,
     is_resource_key,
+    lease_ref,
     resource_of_lease_id,
 )
 from broker.seam import ActorRef, ActorSystem, RetryPolicy, Spawn, ray_system
@@ -114,6 +123,9 @@ class BrokerActor:
         catalog = self._load_catalog()
         if catalog is not None:
             self._adopt(catalog)
+        # (holder, request_id) -> key across keys, rebuilt from the lease records off the event loop.
+        self._requests: RequestIndex | None = None
+        self._requests_loading = self._loop.run_in_executor(None, self._load_request_index)
         self._runs = RunManager(
             self._state, self._events, self._call, self._board.set_runs, self._system.job_runner(), namespace=namespace
         )
@@ -178,9 +190,17 @@ class BrokerActor:
         request_id: str | None = None,
         note: str = "",
     ) -> Lease:
-        """Grant ``resource`` to ``holder`` now, or queue (``wait=True``), or raise ``ResourceBusy``."""
+        """Grant ``resource`` to ``holder`` now, or queue (``wait=True``), or raise ``ResourceBusy``.
+
+        A ``request_id`` that already names a lease on another key is refused
+        (``InvalidRequest``): a retry that lands elsewhere never takes a second key.
+        """
         self._known(resource)
         request_id = request_id if request_id is not None else f"broker-{secrets.token_hex(12)}"
+        requests = await self._request_index()
+        claimed = isinstance(holder, str) and isinstance(request_id, str)
+        if claimed:  # no await between this check and the forward's start: concurrent calls see it
+            requests.claim(holder, request_id, resource, time.time())
         try:
             return await self._call(
                 resource,
@@ -193,6 +213,10 @@ class BrokerActor:
                 request_id=request_id,
                 note=note,
             )
+        except (ResourceBusy, InvalidRequest):
+            if claimed:  # refused before any lease existed: the id is free for another key
+                requests.forget(holder, request_id, resource)
+            raise
         except asyncio.CancelledError:
             # The caller cancelled its wait (ray.cancel): take the request out of the queue.
             if wait and isinstance(holder, str):
@@ -208,10 +232,34 @@ class BrokerActor:
     async def lease(self, lease_id: str) -> Lease:
         return await self._call(self._key_of(lease_id), "lease", lease_id)
 
-    async def withdraw(self, resource: str, holder: str, request_id: str) -> Lease | None:
-        """Take ``holder``'s queued request ``request_id`` out of the queue (for a waiter that gave up)."""
+    async def withdraw(
+        self,
+        resource: str,
+        holder: str | None = None,
+        request_id: str | None = None,
+        *,
+        ref: str | None = None,
+        by: str = "",
+        reason: str = "",
+        admin_secret: str | None = None,
+    ) -> Lease | None:
+        """Take a queued request out of ``resource``'s queue.
+
+        By ``(holder, request_id)``: the waiter's own act (it knows its request
+        id); None if there is no such request. By ``ref`` (the public name in
+        ``resources()``): an administrative act on anyone's request, checked
+        against the admin secret when the catalog sets one and recorded with
+        ``by`` and ``reason``.
+        """
         self._known(resource)
-        return await self._call(resource, "withdraw", holder, request_id)
+        if ref is None:
+            return await self._call(resource, "withdraw", holder, request_id)
+        self._authorize(f"withdraw from {resource}", by, admin_secret, resource=resource)
+        lease_id = self._lease_id_of_ref(resource, ref)
+        why = f"withdrawn by {_shown_by(by)}" + (f": {reason}" if reason else "")
+        lease = await self._call(resource, "cancel", lease_id, why[:512], _shown_by(by))
+        self._events.emit("admin.withdrew", resource=resource, lease=ref, holder=lease.holder, by=_shown_by(by))
+        return lease
 
     async def check_fence(self, lease_id: str, fencing_token: int) -> Lease:
         """The lease if it still holds its key with this token, else ``StaleFencingToken``."""
@@ -234,7 +282,7 @@ class BrokerActor:
     ) -> Lease:
         """Take ``resource`` from its holder (administrative; recorded with reason and by)."""
         self._known(resource)
-        self._authorize(f"revoke {resource}", by, admin_secret)
+        self._authorize(f"revoke {resource}", by, admin_secret, resource=resource)
         return await self._call(
             resource,
             "revoke",
@@ -249,7 +297,7 @@ class BrokerActor:
     ) -> ResourceStatus:
         """Stop (or resume) new grants on ``resource``; its holder keeps the lease."""
         self._known(resource)
-        self._authorize(f"maintenance {resource}", by, admin_secret)
+        self._authorize(f"maintenance {resource}", by, admin_secret, resource=resource)
         status = await self._call(resource, "set_maintenance", on, reason, by)
         return self._with_catalog(status)
 
@@ -460,15 +508,60 @@ class BrokerActor:
         self._watcher.cancel()
         self._runs.close()
 
-    def _authorize(self, act: str, by: Any, admin_secret: Any) -> None:
-        """Check the admin secret when the catalog sets one; a refusal is journaled with who tried."""
+    def _authorize(self, act: str, by: Any, admin_secret: Any, *, resource: str | None = None) -> None:
+        """Check the admin secret when the catalog sets one; a refusal is journaled with who tried, on what."""
         expected = self._catalog.broker.admin_secret_sha256 if self._catalog else None
         if expected is None:
             return
         given = admin_secret.encode() if isinstance(admin_secret, str) else b""
         if not hmac.compare_digest(hashlib.sha256(given).hexdigest(), expected):
-            self._events.emit("admin.refused", level="warning", act=act, by=_shown_by(by))
+            self._events.emit("admin.refused", level="warning", act=act, resource=resource, by=_shown_by(by))
             raise NotAuthorized(act, _shown_by(by))
+
+    def _lease_id_of_ref(self, resource: str, ref: Any) -> str:
+        """The lease id behind a public ``ref`` on ``resource``, from the record file names (never listed)."""
+        if not isinstance(ref, str) or len(ref) != 12 or any(c not in "0123456789abcdef" for c in ref):
+            raise InvalidRequest(f"invalid ref={str(ref)[:40]!r}: expected the 12 hex digits a listing shows", "ref")
+        prefix = f"{resource}."
+        with os.scandir(self._state.leases_dir) as entries:
+            for entry in entries:
+                name = entry.name
+                if name.startswith(prefix) and name.endswith(".json") and lease_ref(name[:-5]) == ref:
+                    return name[:-5]
+        raise LeaseNotFound(ref, f"no lease with ref {ref} on {resource!r}")
+
+    async def _request_index(self) -> RequestIndex:
+        if self._requests is None:
+            self._requests = await self._requests_loading
+        if self._catalog is not None:  # `broker up` may have changed it since
+            self._requests.retention_s = self._catalog.broker.retention_s
+        return self._requests
+
+    def _load_request_index(self) -> RequestIndex:
+        """Every request id a book still answers for (active, or ended within retention), from disk.
+
+        The lease records are the authority; this is derived from them, so it
+        survives a coordinator restart without a file of its own.
+        """
+        retention_s = self._catalog.broker.retention_s if self._catalog else 24 * 3600.0
+        index = RequestIndex(retention_s)
+        now = time.time()
+        try:
+            with os.scandir(self._state.leases_dir) as entries:
+                paths = [entry.path for entry in entries if entry.name.endswith(".json")]
+        except OSError:
+            paths = []
+        for path in paths:
+            try:
+                record: Any = read_json(Path(path))
+                holder, request_id, key = record["holder"], record["request_id"], record["resource"]
+                at = now if record.get("ended_at") is None else float(record["ended_at"])
+            except (OSError, ValueError, KeyError, TypeError, AttributeError):
+                continue  # the resource actor moves corrupt records aside
+            if isinstance(holder, str) and isinstance(request_id, str) and isinstance(key, str):
+                index.learn(holder, request_id, key, at)
+        index.settle(now)
+        return index
 
     def _known(self, resource: Any) -> None:
         if not isinstance(resource, str) or self._catalog is None or resource not in self._catalog.resources:

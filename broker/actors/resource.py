@@ -213,9 +213,10 @@ class ResourceActor:
             ended = self._from_disk(lease_id)
             raise LeaseNotHeld(lease_id, ended.state.value, ended.end_reason) from None
 
-    async def cancel(self, lease_id: str) -> Lease:
+    async def cancel(self, lease_id: str, reason: str = "cancelled", by: str = "") -> Lease:
         self._own(lease_id)
-        return self._apply(lambda now: self._book.cancel(lease_id, now)).result  # type: ignore[return-value]
+        reason, by = checked(Reason, reason, "reason"), checked(Reason, by, "by")  # an admin's withdraw says why
+        return self._apply(lambda now: self._book.cancel(lease_id, now, reason, by=by)).result  # type: ignore[return-value]
 
     async def withdraw(self, holder: str, request_id: str) -> Lease | None:
         """Cancel the queued request ``(holder, request_id)``; None if there is none."""
@@ -351,7 +352,7 @@ class ResourceActor:
                 resource=self._key,
                 on=maintenance is not None,
                 reason=maintenance.reason if maintenance else None,
-                by=(maintenance.by if maintenance else None) or None,
+                by=(maintenance.by if maintenance else change.by) or None,  # off says who, too
             )
             return
         fields: dict[str, Any] = {

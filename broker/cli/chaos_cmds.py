@@ -20,7 +20,7 @@ def register(top: argparse._SubParsersAction, common: argparse.ArgumentParser) -
     mode.add_argument("--short", action="store_true", help="25 s, 4 clients, 2 keys (CI; the default)")
     mode.add_argument("--long", action="store_true", help="10 minutes, 8 clients, 3 keys (the README's figures)")
     chaos.add_argument("--duration", type=float, default=None, help="override the duration in seconds")
-    chaos.add_argument("--seed", type=int, default=1)
+    chaos.add_argument("--seed", type=int, default=1, help="random seed of the clients and the killer (default 1)")
     chaos.add_argument("--json", action="store_true", help="print the result as JSON")
     chaos.set_defaults(run=_chaos)
 

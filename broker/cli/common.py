@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from datetime import datetime, timezone
+from pathlib import Path
 from typing import Any
 
 from pydantic import BaseModel
@@ -26,6 +28,7 @@ __all__ = [
     "when",
     "table",
     "note",
+    "state_dir_error",
 ]
 
 
@@ -93,6 +96,7 @@ class Context:
         if self._client is None:
             from broker.client import connect
 
+            self._check_state_dir()
             self._client = connect(self.address, namespace=self.namespace, state_dir=str(self.state.root))
         return self._client
 
@@ -116,10 +120,44 @@ class Context:
         except (OSError, ValueError):
             return None
 
+    def _check_state_dir(self) -> None:
+        """A state dir under a file cannot hold a cluster record: say so, not "no cluster recorded"."""
+        path = self.state.root
+        while not path.exists() and path != path.parent:
+            path = path.parent
+        if not path.is_dir():
+            unusable = state_dir_error(NotADirectoryError(20, "Not a directory", str(path)), self.state.root)
+            if unusable is not None:
+                raise unusable
+
     def connect_ray(self) -> Any:
         from broker.seam.cluster import connect_ray
 
+        self._check_state_dir()
         return connect_ray(self.state, address=self.address, namespace=self.namespace)
+
+
+def state_dir_error(err: OSError, root: Path) -> Any | None:
+    """``BrokerUnavailable`` (exit 10) when ``err`` is about the state dir itself, else None.
+
+    A state dir whose parent is a file, or under ``/proc``, fails deep inside
+    whatever touched it first; the user needs to hear which dir and why.
+    """
+    from broker.errors import BrokerUnavailable
+
+    for name in (err.filename, err.filename2):
+        if name is None:
+            continue
+        path = Path(os.fsdecode(name)) if isinstance(name, (str, bytes, os.PathLike)) else None
+        # the dir, something in it, or an ancestor that is not a directory (a file where a dir should be)
+        if path is not None and (path == root or root in path.parents or path in root.parents):
+            why = err.strerror or type(err).__name__
+            where = "" if path == root else f" ({path})"
+            return BrokerUnavailable(
+                f"state dir {root} cannot be used: {why}{where}",
+                "point --state-dir or MERLIN_STATE_DIR at a directory you can write",
+            )
+    return None
 
 
 def _plain(value: Any) -> Any:
@@ -155,7 +193,7 @@ def when(ts: float | None, *, relative: bool = True) -> str:
     if not relative:
         return stamp
     delta = ts - time.time()
-    rel = f"in {format_duration(delta)}" if delta >= 0 else f"{format_duration(-delta)} ago"
+    rel = f"in {format_duration(delta, units=2)}" if delta >= 0 else f"{format_duration(-delta, units=2)} ago"
     return f"{stamp} ({rel})"
 
 

@@ -8,13 +8,14 @@ import time
 from typing import Any
 
 from broker.cli.common import Context, duration_arg, emit_json, json_option, table, when
+from broker.core.accounting import UsageBy, account
 from broker.core.durations import format_duration
 from broker.core.history import select_events, summarize_usage
 from broker.disk.journal import read_journal
 from broker.errors import InvalidRequest
 from broker.models import is_resource_key
 
-__all__ = ["register_events", "register_history"]
+__all__ = ["register_events", "register_history", "register_usage"]
 
 _SHOWN = ("holder", "lease", "fencing_token", "priority", "reason", "by", "wait_s", "hold_s", "run_id", "status", "on")
 
@@ -40,10 +41,28 @@ def register_history(resources: argparse._SubParsersAction, common: argparse.Arg
         parents=[common],
         help="how one resource was used: how often, by whom, for how long",
     )
-    history.add_argument("resource")
+    history.add_argument("resource", help="resource key, e.g. firesim_u250")
     history.add_argument("--since", type=duration_arg("since"), default=7 * 86400.0, help="window (default 7d)")
     json_option(history)
     history.set_defaults(run=_history)
+
+
+def register_usage(resources: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
+    usage = resources.add_parser(
+        "usage",
+        parents=[common],
+        help="totals per holder or per resource: hours held, leases, mean wait (like sacct)",
+        description="Read <state-dir>/events.jsonl and total each holder's (or each resource's) leases over "
+        "the window: hours held (clipped to the window), leases granted, mean wait, how they ended. "
+        "Works without a running cluster.",
+    )
+    usage.add_argument("--since", type=duration_arg("since"), default=7 * 86400.0, help="window (default 7d)")
+    usage.add_argument(
+        "--by", choices=[by.value for by in UsageBy], default=UsageBy.HOLDER.value, help="group by (default holder)"
+    )
+    usage.add_argument("--resource", default=None, help="only this resource key")
+    json_option(usage)
+    usage.set_defaults(run=_usage)
 
 
 def _line(event: dict[str, Any]) -> str:
@@ -126,4 +145,45 @@ def _history(ctx: Context) -> int:
     ]
     if rows:
         print(table(["holder", "leases", "held", "mean hold", "mean wait", "expired", "last granted"], rows))
+    return 0
+
+
+def _usage(ctx: Context) -> int:
+    args = ctx.args
+    if args.resource is not None and not is_resource_key(args.resource):
+        raise InvalidRequest(f"invalid --resource={args.resource!r}: not a resource key", "resource")
+    by = UsageBy(args.by)
+    until = time.time()
+    since = until - args.since
+    rows = account(read_journal(ctx.state.events_path), since=since, until=until, by=by, resource=args.resource)
+    if args.json:
+        emit_json({"since": since, "until": until, "by": by.value, "rows": [row.as_dict(by) for row in rows]})
+        return 0
+    print(f"usage over the last {format_duration(args.since)}, by {by.value}")
+    body = [
+        [
+            row.name,
+            str(row.leases),
+            f"{row.held_hours:.2f}",
+            format_duration(row.mean_wait_s),
+            str(row.released),
+            str(row.expired),
+            str(row.revoked),
+        ]
+        for row in rows
+    ]
+    total_leases = sum(row.leases for row in rows)
+    total_wait = sum(row.waited_s for row in rows)
+    body.append(
+        [
+            "TOTAL",
+            str(total_leases),
+            f"{sum(row.held_hours for row in rows):.2f}",
+            format_duration(total_wait / total_leases if total_leases else 0.0),
+            str(sum(row.released for row in rows)),
+            str(sum(row.expired for row in rows)),
+            str(sum(row.revoked for row in rows)),
+        ]
+    )
+    print(table([by.value, "leases", "hours held", "mean wait", "released", "expired", "revoked"], body))
     return 0

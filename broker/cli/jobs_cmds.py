@@ -19,7 +19,10 @@ from broker.core.runs import Artifact, RunRecord, check_run_id, safe_artifact_pa
 from broker.disk.run_records import RunRecords
 from broker.errors import InvalidRequest
 
-__all__ = ["register_jobs", "register_artifacts", "print_run"]
+__all__ = ["register_jobs", "register_artifacts", "print_run", "RUN_ID_HELP", "TARGET_DIR_HELP"]
+
+RUN_ID_HELP = "a run id, as `submit` printed it (`merlin ray jobs list` shows them)"
+TARGET_DIR_HELP = "a target dir holding bundle.json (`merlin targetgen bundle --dir DIR` writes one)"
 
 
 def register_jobs(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
@@ -30,12 +33,12 @@ def register_jobs(sub: argparse._SubParsersAction, common: argparse.ArgumentPars
         parents=[common],
         help="queue a target dir's bundle; it runs as a Ray job once its resource is leased",
     )
-    submit.add_argument("target_dir")
+    submit.add_argument("target_dir", help=TARGET_DIR_HELP)
     add_submit_options(submit)
     submit.set_defaults(run=_submit)
 
     status = jobs.add_parser("status", parents=[common], help="one run's record")
-    status.add_argument("run_id")
+    status.add_argument("run_id", help=RUN_ID_HELP)
     json_option(status)
     status.set_defaults(run=_status)
 
@@ -45,12 +48,12 @@ def register_jobs(sub: argparse._SubParsersAction, common: argparse.ArgumentPars
     listing.set_defaults(run=_list)
 
     logs = jobs.add_parser("logs", parents=[common], help="a run's Ray job output")
-    logs.add_argument("run_id")
+    logs.add_argument("run_id", help=RUN_ID_HELP)
     logs.add_argument("--follow", "-f", action="store_true", help="keep printing until the run ends")
     logs.set_defaults(run=_logs)
 
     cancel = jobs.add_parser("cancel", parents=[common], help="leave the queue, or stop the running job")
-    cancel.add_argument("run_id")
+    cancel.add_argument("run_id", help=RUN_ID_HELP)
     json_option(cancel)
     cancel.set_defaults(run=_cancel)
 
@@ -72,11 +75,11 @@ def add_submit_options(parser: argparse.ArgumentParser) -> None:
 def register_artifacts(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
     artifacts = sub.add_parser("artifacts", help="files a run left").add_subparsers(dest="verb", required=True)
     listing = artifacts.add_parser("list", parents=[common], help="a run's artifacts with size and sha256")
-    listing.add_argument("run_id")
+    listing.add_argument("run_id", help=RUN_ID_HELP)
     json_option(listing)
     listing.set_defaults(run=_artifacts_list)
     fetch = artifacts.add_parser("fetch", parents=[common], help="copy a run's artifacts (or one of them)")
-    fetch.add_argument("run_id")
+    fetch.add_argument("run_id", help=RUN_ID_HELP)
     fetch.add_argument("path", nargs="?", default=None, help="one artifact, relative to the run's artifact dir")
     fetch.add_argument("--to", default=None, help="destination dir (default: ./<run_id>)")
     fetch.set_defaults(run=_artifacts_fetch)

@@ -1,8 +1,10 @@
-"""``merlin ray resources ...``: list, reserve, release, renew, revoke, maintenance, show."""
+"""``merlin ray resources ...``: list, queue, show, reserve, release, renew, withdraw, keep-alive,
+revoke, maintenance (and history, usage from the journal)."""
 
 from __future__ import annotations
 
 import argparse
+import time
 from typing import Any
 
 from broker.cli.common import (
@@ -16,31 +18,72 @@ from broker.cli.common import (
     table,
     when,
 )
+from broker.cli.filters import ResourceFilter, parse_labels
 from broker.client import default_holder
-from broker.errors import LeaseNotHeld
-from broker.models import Lease, LeaseState, ResourceStatus
+from broker.core.durations import format_duration
+from broker.errors import InvalidRequest, LeaseNotFound, LeaseNotHeld, UnknownResource
+from broker.models import Lease, LeaseState, ResourceState, ResourceStatus, is_resource_key
 
 __all__ = ["register"]
+
+RESOURCE_HELP = "resource key, e.g. firesim_u250 (`merlin ray resources list` shows them)"
+LEASE_ID_HELP = "the lease id `reserve` printed (<resource>.<32 hex digits>); it is your capability"
+_COLUMNS = ["resource", "state", "holder", "token", "expires", "queue", "labels"]
 
 
 def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
     resources = sub.add_parser("resources", help="leases on lab hardware").add_subparsers(dest="verb", required=True)
 
-    listing = resources.add_parser("list", parents=[common], help="every resource: state, holder, queue")
+    listing = resources.add_parser(
+        "list",
+        parents=[common],
+        help="every resource: state, holder, queue (filters: --state, --labels, --holder, --mine)",
+    )
+    listing.add_argument(
+        "--state",
+        action="append",
+        choices=[state.value for state in ResourceState],
+        default=None,
+        help="only resources in this state (repeat for several)",
+    )
+    listing.add_argument(
+        "--labels", action="append", default=None, metavar="K=V[,K=V]", help="only resources with these labels"
+    )
+    listing.add_argument("--holder", default=None, help="only resources this holder holds or waits for")
+    listing.add_argument("--mine", action="store_true", help="only resources you (user@host) hold or wait for")
     json_option(listing)
     listing.set_defaults(run=_list)
+
+    queue = resources.add_parser("queue", parents=[common], help="who waits for a resource: place, priority, since")
+    queue.add_argument("resource", help=RESOURCE_HELP)
+    json_option(queue)
+    queue.set_defaults(run=_queue)
+
+    show = resources.add_parser(
+        "show",
+        parents=[common],
+        help="a lease by id (do I still hold it? exit 0 yes, 7 no) or a resource by key (who has it?)",
+    )
+    show.add_argument("what", metavar="LEASE_ID_OR_RESOURCE", help="a lease id, or a resource key")
+    json_option(show)
+    show.set_defaults(run=_show)
 
     reserve = resources.add_parser(
         "reserve",
         parents=[common],
         help="take a lease on a resource",
         description="Take a lease. Without --wait a busy resource fails at once (exit 5); with --wait the "
-        "request queues, shows its place, and gives up after --timeout (exit 9).",
+        "request queues, shows its place, and gives up after --timeout (exit 9). Exit 0 means you hold it: a "
+        "reused --request-id whose lease has ended exits 7 (unless --show-ended), and one that names a lease on "
+        "another resource is refused (exit 3).",
     )
-    reserve.add_argument("resource", help="resource key, e.g. firesim_u250")
+    reserve.add_argument("resource", help=RESOURCE_HELP)
     reserve.add_argument("--holder", default=None, help="who holds it (default: user@host)")
     reserve.add_argument(
-        "--ttl", type=duration_arg("ttl"), default=3600.0, help="lease time, e.g. 90s, 10m, 2h (default 1h)"
+        "--ttl",
+        type=duration_arg("ttl"),
+        default=3600.0,
+        help="lease time, e.g. 90s, 10m, 2h (default 1h; at most 7d, and the resource's max hold)",
     )
     reserve.add_argument("--wait", action="store_true", help="queue if busy and wait for the grant")
     reserve.add_argument(
@@ -48,30 +91,51 @@ def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -
     )
     reserve.add_argument("--priority", type=int, default=0, help="higher is served first (default 0)")
     reserve.add_argument("--note", default="", help="why you need it (shown to others)")
-    reserve.add_argument("--request-id", default=None, help="idempotency key: the same id returns the same lease")
+    reserve.add_argument(
+        "--request-id", default=None, help="idempotency key: the same id returns the same lease, on one resource only"
+    )
+    reserve.add_argument(
+        "--show-ended",
+        action="store_true",
+        help="with a reused --request-id whose lease has ended: print that lease and exit 0 instead of 7",
+    )
     json_option(reserve)
     reserve.set_defaults(run=_reserve)
 
     release = resources.add_parser("release", parents=[common], help="give a lease back (idempotent)")
-    release.add_argument("lease_id")
+    release.add_argument("lease_id", help=LEASE_ID_HELP)
     json_option(release)
     release.set_defaults(run=_release)
 
     renew = resources.add_parser("renew", parents=[common], help="extend a lease you hold")
-    renew.add_argument("lease_id")
+    renew.add_argument("lease_id", help=LEASE_ID_HELP)
     renew.add_argument(
         "--ttl", type=duration_arg("ttl"), default=None, help="new time from now (default: the lease's TTL)"
     )
     json_option(renew)
     renew.set_defaults(run=_renew)
 
-    show = resources.add_parser("show", parents=[common], help="one lease by id: do I still hold it?")
-    show.add_argument("lease_id")
-    json_option(show)
-    show.set_defaults(run=_show)
+    withdraw = resources.add_parser(
+        "withdraw",
+        parents=[common],
+        help="take a queued request out of the queue: yours (--request-id) or anyone's (--ref, admin)",
+        description="With --request-id: your own queued request (the id you passed to reserve --wait). With "
+        "--ref (the REF `resources queue` shows): anyone's request; an administrative act, recorded in the "
+        "journal, that needs the admin secret when the catalog sets one.",
+    )
+    withdraw.add_argument("resource", help=RESOURCE_HELP)
+    which = withdraw.add_mutually_exclusive_group(required=True)
+    which.add_argument("--request-id", default=None, help="your request's id")
+    which.add_argument("--ref", default=None, help="the request's public ref (admin)")
+    withdraw.add_argument("--holder", default=None, help="with --request-id: whose (default: user@host)")
+    withdraw.add_argument("--by", default=None, help="with --ref: who withdraws it (default: user@host)")
+    withdraw.add_argument("--reason", default="", help="with --ref: why; recorded in the journal")
+    admin_secret_option(withdraw)
+    json_option(withdraw)
+    withdraw.set_defaults(run=_withdraw)
 
     revoke = resources.add_parser("revoke", parents=[common], help="take a resource from its holder (admin)")
-    revoke.add_argument("resource")
+    revoke.add_argument("resource", help=RESOURCE_HELP)
     revoke.add_argument("--reason", required=True, help="why; recorded in the journal")
     revoke.add_argument("--expected-holder", default=None, help="only if this is the holder (compare-and-swap)")
     revoke.add_argument("--by", default=None, help="who is revoking (default: user@host)")
@@ -82,31 +146,136 @@ def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -
     maintenance = resources.add_parser(
         "maintenance", parents=[common], help="stop (on) or resume (off) new grants; the holder keeps its lease"
     )
-    maintenance.add_argument("resource")
-    maintenance.add_argument("mode", choices=["on", "off"])
+    maintenance.add_argument("resource", help=RESOURCE_HELP)
+    maintenance.add_argument("mode", choices=["on", "off"], help="on: no new grants; off: grants resume")
     maintenance.add_argument("--reason", default="", help="shown to people who try to reserve it")
     maintenance.add_argument("--by", default=None, help="who (default: user@host)")
     admin_secret_option(maintenance)
     json_option(maintenance)
     maintenance.set_defaults(run=_maintenance)
 
-    from broker.cli.events_cmds import register_history
+    from broker.cli.events_cmds import register_history, register_usage
+    from broker.cli.keepalive_cmds import register_keep_alive
 
+    register_keep_alive(resources, common, LEASE_ID_HELP)
     register_history(resources, common)
+    register_usage(resources, common)
+
+
+# ---------------------------------------------------------------------- reads
+
+
+def _statuses(ctx: Context) -> list[ResourceStatus]:
+    fast = ctx.read_api("resources")
+    if fast is not None:
+        return [ResourceStatus.model_validate(item) for item in fast]
+    return list(ctx.client().resources())
 
 
 def _list(ctx: Context) -> int:
-    fast = ctx.read_api("resources")
-    if fast is not None:
-        statuses = [ResourceStatus.model_validate(item) for item in fast]
-    else:
-        statuses = ctx.client().resources()
-    if ctx.args.json:
+    args = ctx.args
+    holders = {args.holder} if args.holder else set()
+    if args.mine:
+        holders.add(default_holder())
+    chosen = ResourceFilter(
+        states=frozenset(ResourceState(state) for state in args.state or ()),
+        labels=parse_labels(args.labels),
+        holders=frozenset(holders),
+    )
+    statuses = chosen.apply(_statuses(ctx))
+    if args.json:
         emit_json(statuses)
         return 0
-    rows = [_status_row(status) for status in statuses]
-    print(table(["resource", "state", "holder", "token", "expires", "queue", "labels"], rows))
+    print(table(_COLUMNS, [_status_row(status) for status in statuses]))
     return 0
+
+
+def _status_of(ctx: Context, resource: str) -> ResourceStatus:
+    if not is_resource_key(resource):
+        raise InvalidRequest(f"invalid resource={resource!r}: not a resource key", "resource")
+    statuses = _statuses(ctx)
+    for status in statuses:
+        if status.key == resource:
+            return status
+    raise UnknownResource(resource, tuple(status.key for status in statuses))
+
+
+def _queue(ctx: Context) -> int:
+    status = _status_of(ctx, ctx.args.resource)
+    if ctx.args.json:
+        emit_json(list(status.queue))
+        return 0
+    print(_headline(status))
+    if status.queue:
+        rows = [
+            [
+                str(entry.position),
+                entry.holder,
+                str(entry.priority),
+                f"{format_duration(max(0.0, time.time() - entry.queued_at), units=2)} ago",
+                entry.ref,
+                entry.note or "-",
+            ]
+            for entry in status.queue
+        ]
+        print(table(["place", "holder", "priority", "since", "ref", "note"], rows))
+    return 0
+
+
+def _show(ctx: Context) -> int:
+    what = ctx.args.what
+    if not _looks_like_lease_id(what):  # a lease id is "<key>.<32 hex>"; anything else names a resource
+        status = _status_of(ctx, what)
+        if ctx.args.json:
+            emit_json(status)
+        else:
+            _print_status(status)
+        return 0
+    lease = ctx.client().get_lease(what)
+    _out(ctx, lease)
+    # Scripts and agents ask "do I still hold it?" with the exit code alone.
+    return 0 if lease.state is LeaseState.GRANTED else LeaseNotHeld.exit_code
+
+
+def _looks_like_lease_id(text: str) -> bool:
+    from broker.models import resource_of_lease_id
+
+    try:
+        resource_of_lease_id(text)
+    except InvalidRequest:
+        return False
+    return True
+
+
+def _headline(status: ResourceStatus) -> str:
+    """One line: who has it, until when, how many wait."""
+    if status.state is ResourceState.DOWN:
+        return f"{status.key}: down (its actor does not answer)"
+    parts = []
+    if status.state is ResourceState.MAINTENANCE:
+        parts.append(f"in maintenance ({status.maintenance_reason or 'no reason given'})")
+    if status.holder is not None:
+        parts.append(
+            f"held by {status.holder} (ref {status.lease_ref}, token {status.fencing_token}), "
+            f"expires {when(status.expires_at)}"
+        )
+    elif status.state is not ResourceState.MAINTENANCE:
+        parts.append("free")
+    waiting = len(status.queue)
+    parts.append(f"{waiting} waiting" if waiting else "nobody waiting")
+    return f"{status.key}: " + "; ".join(parts)
+
+
+def _print_status(status: ResourceStatus) -> None:
+    print(_headline(status))
+    for entry in status.queue:
+        since = format_duration(max(0.0, time.time() - entry.queued_at), units=2)
+        priority = f", priority {entry.priority}" if entry.priority else ""
+        print(f"  {entry.position}. {entry.holder} (ref {entry.ref}{priority}, waiting {since})")
+    if status.labels:
+        print("labels: " + ", ".join(f"{name}={value}" for name, value in status.labels.items()))
+    if status.description:
+        print(status.description)
 
 
 def _status_row(status: ResourceStatus) -> list[str]:
@@ -126,17 +295,25 @@ def _status_row(status: ResourceStatus) -> list[str]:
     ]
 
 
-def _print_lease(lease: Lease, *, show_id: bool = True) -> None:
+# ---------------------------------------------------------------------- leases
+
+
+def _print_lease(lease: Lease, *, show_id: bool = True, asked_at: float | None = None) -> None:
     if lease.state is LeaseState.GRANTED:
         print(
             f"{lease.resource}: granted to {lease.holder}, fencing token {lease.fencing_token}, "
             f"expires {when(lease.expires_at)}"
         )
+        if lease.for_holder(asked_at)["ttl_capped_by_max_hold"]:
+            print(
+                f"note: the TTL asked for ({format_duration(lease.ttl_s)}) runs past the resource's max hold; "
+                f"the lease ends at {when(lease.must_end_by)} and renewals cannot pass it"
+            )
     else:
         tail = f" ({lease.end_reason})" if lease.end_reason and lease.end_reason != lease.state.value else ""
         print(f"{lease.resource}: {lease.state.value}{tail}, holder {lease.holder}")
     if show_id:
-        print(f"lease id: {lease.lease_id}")
+        print(f"lease id: {lease.lease_id}  (ref {lease.ref})")
 
 
 def _reserve(ctx: Context) -> int:
@@ -158,13 +335,28 @@ def _reserve(ctx: Context) -> int:
         note=args.note,
         on_position=on_position if args.wait else None,
     )
+    if lease.state is not LeaseState.GRANTED and not args.show_ended:
+        # Exit 0 means "you hold it": an old answer to a reused request id is not that.
+        raise _not_held_answer(lease, args.request_id)
     if args.json:
-        emit_json(lease)
+        emit_json(lease.for_holder())
     else:
         _print_lease(lease)
         if lease.state is LeaseState.GRANTED:
             note(f"keep the lease id: `merlin ray resources release {lease.lease_id}` gives it back")
     return 0
+
+
+def _not_held_answer(lease: Lease, request_id: str | None) -> LeaseNotHeld:
+    if lease.state is LeaseState.QUEUED:
+        detail = f"request id {request_id} is still queued for {lease.resource}; reserve --wait waits for it"
+    else:
+        why = lease.end_reason or lease.state.value
+        detail = (
+            f"request id {request_id} names a lease on {lease.resource} that ended ({why}); "
+            "use a new request id, or --show-ended to print it"
+        )
+    return LeaseNotHeld(lease.lease_id, lease.state.value, detail)
 
 
 def _release(ctx: Context) -> int:
@@ -174,16 +366,37 @@ def _release(ctx: Context) -> int:
 
 
 def _renew(ctx: Context) -> int:
+    asked_at = time.time()
     lease = ctx.client().renew(ctx.args.lease_id, ctx.args.ttl)
-    _out(ctx, lease)
+    _out(ctx, lease, asked_at=asked_at)
     return 0
 
 
-def _show(ctx: Context) -> int:
-    lease = ctx.client().get_lease(ctx.args.lease_id)
-    _out(ctx, lease)
-    # Scripts and agents ask "do I still hold it?" with the exit code alone.
-    return 0 if lease.state is LeaseState.GRANTED else LeaseNotHeld.exit_code
+def _withdraw(ctx: Context) -> int:
+    args = ctx.args
+    client = ctx.client()
+    if args.ref is not None:
+        lease = client.call(
+            "withdraw",
+            args.resource,
+            ref=args.ref,
+            by=args.by or default_holder(),
+            reason=args.reason,
+            admin_secret=admin_secret(args),
+        )
+    else:
+        holder = args.holder or default_holder()
+        lease = client.call("withdraw", args.resource, holder, args.request_id)
+        if lease is None:
+            raise LeaseNotFound(args.request_id, f"no request {args.request_id!r} of {holder} on {args.resource!r}")
+    if lease.state is not LeaseState.CANCELLED:
+        detail = "granted: release it instead" if lease.state is LeaseState.GRANTED else lease.end_reason
+        raise LeaseNotHeld(lease.ref, lease.state.value, f"not queued ({lease.state.value}): {detail}")
+    if args.json:
+        emit_json(lease.public())
+    else:
+        print(f"{lease.resource}: the request of {lease.holder} (ref {lease.ref}) left the queue: {lease.end_reason}")
+    return 0
 
 
 def _revoke(ctx: Context) -> int:
@@ -200,18 +413,30 @@ def _revoke(ctx: Context) -> int:
 
 def _maintenance(ctx: Context) -> int:
     args = ctx.args
+    by = args.by or default_holder()
     status = ctx.client().set_maintenance(
-        args.resource, args.mode == "on", args.reason, by=args.by, admin_secret=admin_secret(args)
+        args.resource, args.mode == "on", args.reason, by=by, admin_secret=admin_secret(args)
     )
     if args.json:
         emit_json(status)
+        return 0
+    if status.state is ResourceState.MAINTENANCE:
+        why = f" ({status.maintenance_reason})" if status.maintenance_reason else ""
+        line = f"{status.key}: in maintenance{why} since {when(status.maintenance_since)}, by {by}; no new grants"
+        if status.holder is not None:
+            line += f"; {status.holder} keeps its lease until {when(status.expires_at)}"
     else:
-        print(table(["resource", "state", "holder", "token", "expires", "queue", "labels"], [_status_row(status)]))
+        line = f"{status.key}: out of maintenance, by {by}; grants resume"
+        if status.holder is not None:
+            line += f" (held by {status.holder})"
+    if status.queue:
+        line += f"; {len(status.queue)} waiting"
+    print(line)
     return 0
 
 
-def _out(ctx: Context, lease: Any) -> None:
+def _out(ctx: Context, lease: Any, *, asked_at: float | None = None) -> None:
     if ctx.args.json:
-        emit_json(lease)
+        emit_json(lease.for_holder(asked_at))
     else:
-        _print_lease(lease, show_id=False)
+        _print_lease(lease, show_id=False, asked_at=asked_at)

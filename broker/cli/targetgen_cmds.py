@@ -37,7 +37,9 @@ def register(top: argparse._SubParsersAction, common: argparse.ArgumentParser) -
         "(exit 21), --resume continues. ray: queues the bundle on the broker; it runs as a Ray job once its "
         "resource is leased.",
     )
-    execute.add_argument("--engine", choices=["local", "ray"], default="local")
+    execute.add_argument(
+        "--engine", choices=["local", "ray"], default="local", help="local: here, now; ray: queued on the broker"
+    )
     _target_options(execute)
     execute.add_argument("--resume", action="store_true", help="continue after a gate, a crash or a fixed failure")
     execute.add_argument("--restart", action="store_true", help="forget the previous run and start over")
@@ -52,14 +54,14 @@ def register(top: argparse._SubParsersAction, common: argparse.ArgumentParser) -
     execute.set_defaults(run=_execute)
 
     approve = verbs.add_parser("approve", parents=[common], help="approve (or skip) a gated step; recorded with who")
-    approve.add_argument("target_dir")
-    approve.add_argument("step")
+    approve.add_argument("target_dir", help="the target dir whose run waits at the gate")
+    approve.add_argument("step", help="the gated step's id (`merlin targetgen status DIR` shows it)")
     approve.add_argument("--by", default=None, help="who approves (default: user@host)")
     approve.add_argument("--skip", action="store_true", help="skip the step instead of running it")
     approve.set_defaults(run=_approve)
 
     status = verbs.add_parser("status", parents=[common], help="where a target dir's run stands")
-    status.add_argument("target_dir")
+    status.add_argument("target_dir", help="a target dir (bundle.json, run_state.json)")
     json_option(status)
     status.set_defaults(run=_status)
 

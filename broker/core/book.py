@@ -62,6 +62,7 @@ class Change:
 
     event: LeaseEvent
     lease: Lease | None = None
+    by: str = ""  # who asked, for changes without a lease (maintenance off)
 
 
 @dataclass
@@ -457,14 +458,17 @@ class LeaseBook:
                 raise LeaseNotHeld(
                     lease_ref(granted.lease_id),
                     granted.state.value,
-                    f"{self.resource!r} is held by {granted.holder!r}, not {expected_holder!r}",
+                    f"{self.resource!r} is held by {granted.holder!r}, not {expected_holder!r}: nothing was revoked",
+                    holder=granted.holder,
                 )
             self._end(granted, LeaseState.REVOKED, now, reason, outcome, by=by, request_id=request_id)
             self._advance(now, outcome)
             outcome.result = self.get(granted.lease_id)
             return outcome
 
-    def cancel(self, lease_id: str, now: float, reason: EndReason = EndReason.CANCELLED) -> Outcome:
+    def cancel(
+        self, lease_id: str, now: float, reason: EndReason | str = EndReason.CANCELLED, *, by: str = ""
+    ) -> Outcome:
         """Withdraw a queued request; idempotent once cancelled."""
         with self._transaction(now) as outcome:
             self._advance(now, outcome)
@@ -475,7 +479,7 @@ class LeaseBook:
             if lease.state is not LeaseState.QUEUED:
                 detail = "granted: release it instead" if lease.state is LeaseState.GRANTED else lease.end_reason
                 raise LeaseNotHeld(lease_id, lease.state.value, detail)
-            self._end(lease, LeaseState.CANCELLED, now, reason, outcome)
+            self._end(lease, LeaseState.CANCELLED, now, reason, outcome, by=by)
             outcome.result = self.get(lease_id)
             return outcome
 
@@ -495,7 +499,7 @@ class LeaseBook:
                 state.maintenance = None
                 outcome.maintenance_changed = True
             if outcome.maintenance_changed:
-                outcome.changes.append(Change(LeaseEvent.MAINTENANCE))
+                outcome.changes.append(Change(LeaseEvent.MAINTENANCE, by=by))
             self._advance(now, outcome)
             return outcome
 

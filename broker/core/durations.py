@@ -33,13 +33,19 @@ def parse_duration(text: str | float | int, *, field: str = "duration") -> float
     return seconds
 
 
-def format_duration(seconds: float) -> str:
-    """``5400`` -> ``1h30m``; sub-minute values keep one decimal."""
+def format_duration(seconds: float, *, units: int | None = None) -> str:
+    """``5400`` -> ``1h30m``; sub-minute values keep one decimal.
+
+    ``units`` keeps only that many of the largest units, truncating the rest
+    (``units=2``: ``6934`` -> ``1h55m``), for a glance at "how long until".
+    """
     if seconds < 60:
         return f"{seconds:.1f}s" if seconds % 1 else f"{int(seconds)}s"
     whole = int(round(seconds))
     days, rest = divmod(whole, 86400)
     hours, rest = divmod(rest, 3600)
     minutes, secs = divmod(rest, 60)
-    out = "".join(f"{value}{unit}" for value, unit in ((days, "d"), (hours, "h"), (minutes, "m"), (secs, "s")) if value)
-    return out or "0s"
+    parts = [f"{value}{unit}" for value, unit in ((days, "d"), (hours, "h"), (minutes, "m"), (secs, "s")) if value]
+    if units is not None:
+        parts = parts[: max(1, units)]
+    return "".join(parts) or "0s"

@@ -42,7 +42,9 @@ def test_the_contract_names_exist_and_share_one_root():
         cls = getattr(errors, name)
         assert issubclass(cls, BrokerError)
     # the contract's names, plus NotAuthorized (admin secret, issue 5)
-    assert sorted(errors.__all__) == sorted(names + ["NotAuthorized", "EXIT_CODES", "RunEnd", "RUN_EXIT_CODES"])
+    # plus the surfaces and their hints, the JSON form of an error (issue 14), and how runs end
+    extra = ["NotAuthorized", "EXIT_CODES", "Surface", "Hint", "HINTS", "error_json", "RunEnd", "RUN_EXIT_CODES"]
+    assert sorted(errors.__all__) == sorted(names + extra)
 
 
 @pytest.mark.parametrize("error", SAMPLES, ids=lambda e: type(e).__name__)

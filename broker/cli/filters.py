@@ -1,0 +1,56 @@
+"""``resources list`` filters, pure: ``--state``, ``--labels k=v``, ``--holder``/``--mine``."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+
+from broker.errors import InvalidRequest
+from broker.models import ResourceState, ResourceStatus
+
+__all__ = ["ResourceFilter", "parse_labels"]
+
+
+def parse_labels(values: Sequence[str] | None) -> dict[str, str]:
+    """``["kind=fpga", "site=a,rack=2"]`` -> ``{"kind": "fpga", "site": "a", "rack": "2"}``.
+
+    Raises:
+        InvalidRequest: a part without ``=``, an empty name, or one name given two values.
+    """
+    labels: dict[str, str] = {}
+    for value in values or ():
+        for part in value.split(","):
+            name, sep, wanted = part.partition("=")
+            name, wanted = name.strip(), wanted.strip()
+            if not sep or not name:
+                raise InvalidRequest(f"invalid --labels {value!r}: expected name=value[,name=value]", "labels")
+            if labels.get(name, wanted) != wanted:
+                raise InvalidRequest(f"invalid --labels: {name} given twice ({labels[name]}, {wanted})", "labels")
+            labels[name] = wanted
+    return labels
+
+
+@dataclass(frozen=True)
+class ResourceFilter:
+    """Which resources a listing shows; every criterion given must hold.
+
+    ``holders``: the resource is held by, or has a waiting request of, one of them.
+    """
+
+    states: frozenset[ResourceState] = frozenset()
+    labels: dict[str, str] = field(default_factory=dict)
+    holders: frozenset[str] = frozenset()
+
+    def matches(self, status: ResourceStatus) -> bool:
+        if self.states and status.state not in self.states:
+            return False
+        if any(status.labels.get(name) != value for name, value in self.labels.items()):
+            return False
+        if self.holders:
+            involved = {status.holder} | {entry.holder for entry in status.queue}
+            if not involved & self.holders:
+                return False
+        return True
+
+    def apply(self, statuses: Iterable[ResourceStatus]) -> list[ResourceStatus]:
+        return [status for status in statuses if self.matches(status)]
