@@ -295,7 +295,7 @@ class WaitTimeout(BrokerError):
         self.lease_id = lease_id
 
     def summary(self) -> str:
-        from broker.core.durations import format_duration
+        from broker.core.duration_text import format_duration
 
         return f"timed out after {format_duration(self.timeout_s)} waiting for {self.resource!r}"
 

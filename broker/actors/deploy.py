@@ -34,15 +34,19 @@ def broker_up(
     state.ensure()
     system = RaySystem(RetryPolicy(window_s=timeout_s))
     spawn = Spawn(BrokerActor, (str(state.root), namespace, metrics_host, metrics_port), head_node_id())
-    coordinator = ActorRef(system, COORDINATOR_NAME, namespace, spawn)
-    info = system.call_sync(coordinator, "ping", answer_within_s=timeout_s)
-    if info["state_dir"] != str(state.root):
-        raise BrokerUnavailable(
-            f"the broker in namespace {namespace!r} uses state dir {info['state_dir']}",
-            "pass that --state-dir, or run `merlin broker down` first",
-        )
-    keys: list[str] = system.call_sync(coordinator, "apply_catalog", catalog, answer_within_s=timeout_s)
-    return keys
+
+    def up() -> list[str]:
+        coordinator = ActorRef(system, COORDINATOR_NAME, namespace, spawn)
+        info = system.call_sync(coordinator, "ping", answer_within_s=timeout_s)
+        if info["state_dir"] != str(state.root):
+            raise BrokerUnavailable(
+                f"the broker in namespace {namespace!r} uses state dir {info['state_dir']}",
+                "pass that --state-dir, or run `merlin broker down` first",
+            )
+        keys: list[str] = system.call_sync(coordinator, "apply_catalog", catalog, answer_within_s=timeout_s)
+        return keys
+
+    return system.retrying(up)  # idempotent: get-if-exists actors, the same catalog twice changes nothing
 
 
 def broker_down(namespace: str) -> int:

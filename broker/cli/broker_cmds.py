@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import TypeVar
 
@@ -78,10 +76,13 @@ def _up(ctx: Context) -> int:
     catalog = load_catalog(catalog_path)  # fail on a bad catalog before touching the cluster
     raw = yaml.safe_load(catalog_path.read_text(encoding="utf-8"))
     ctx.connect_ray()
-    keys = _with_retries(
-        lambda: broker_up(
-            ctx.state, ctx.namespace, raw, metrics_host=ctx.args.metrics_host, metrics_port=ctx.args.metrics_port
-        )
+    keys = broker_up(  # retries while the coordinator restarts under it, like every client call
+        ctx.state,
+        ctx.namespace,
+        raw,
+        metrics_host=ctx.args.metrics_host,
+        metrics_port=ctx.args.metrics_port,
+        timeout_s=UP_RETRY_S,
     )
     status = ctx.client().status()
     if ctx.args.json:
@@ -94,29 +95,6 @@ def _up(ctx: Context) -> int:
     if status.metrics_url:
         print(f"metrics at {status.metrics_url}")
     return 0
-
-
-def _with_retries(call: Callable[[], T], retry_s: float = UP_RETRY_S) -> T:
-    """``call()`` again while the coordinator dies and restarts under it, like every other client call.
-
-    Safe because ``broker up`` is idempotent: the actors are get-if-exists and
-    applying the same catalog twice changes nothing.
-    """
-    from ray.exceptions import ActorUnavailableError, RayActorError
-
-    deadline = time.monotonic() + retry_s
-    delay = 0.1
-    while True:
-        try:
-            return call()
-        except (RayActorError, ActorUnavailableError) as err:
-            if time.monotonic() >= deadline:
-                raise BrokerUnavailable(
-                    f"the broker kept failing while starting ({type(err).__name__}) for {retry_s:g}s",
-                    "see logs/broker.log in the state dir, then run `merlin broker up` again",
-                ) from None
-            time.sleep(delay)
-            delay = min(delay * 2, 2.0)
 
 
 def _down(ctx: Context) -> int:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import re
 
+from broker.core.duration_text import format_duration
 from broker.errors import InvalidRequest
 
 __all__ = ["parse_duration", "format_duration"]
@@ -31,21 +32,3 @@ def parse_duration(text: str | float | int, *, field: str = "duration") -> float
     if not math.isfinite(seconds) or seconds < 0:
         raise InvalidRequest(f"invalid {field}: {text!r} must be a finite, non-negative duration", field)
     return seconds
-
-
-def format_duration(seconds: float, *, units: int | None = None) -> str:
-    """``5400`` -> ``1h30m``; sub-minute values keep one decimal.
-
-    ``units`` keeps only that many of the largest units, truncating the rest
-    (``units=2``: ``6934`` -> ``1h55m``), for a glance at "how long until".
-    """
-    if seconds < 60:
-        return f"{seconds:.1f}s" if seconds % 1 else f"{int(seconds)}s"
-    whole = int(round(seconds))
-    days, rest = divmod(whole, 86400)
-    hours, rest = divmod(rest, 3600)
-    minutes, secs = divmod(rest, 60)
-    parts = [f"{value}{unit}" for value, unit in ((days, "d"), (hours, "h"), (minutes, "m"), (secs, "s")) if value]
-    if units is not None:
-        parts = parts[: max(1, units)]
-    return "".join(parts) or "0s"

@@ -14,15 +14,18 @@ import contextlib
 import functools
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import Any, TypeVar
 
 import ray
 from ray.exceptions import ActorUnavailableError, GetTimeoutError, RayActorError, RayTaskError
 
+from broker.errors import BrokerUnavailable
 from broker.seam.actors import ActorRef, ActorSystem, CallFailed, Spawn
 from broker.seam.jobs import JobInfo, JobSpec
 from broker.seam.placement import actor_options
 from broker.seam.retry import Failure, RetryPolicy
+
+T = TypeVar("T")
 
 __all__ = ["RaySystem", "RayJobRunner", "classify", "remote_class", "head_node_id"]
 
@@ -103,6 +106,27 @@ class RaySystem(ActorSystem):
             ref.forget()
 
     # ------------------------------------------------------------------ the shim's synchronous call
+
+    def retrying(self, operation: Callable[[], T]) -> T:
+        """Run a whole idempotent operation (``broker up``) again while an actor it uses restarts.
+
+        For operations that create actors as well as call them: a Ray error from either
+        is classified like a call's, and retried within the same policy window.
+        """
+        window = self.policy.window()
+        while True:
+            try:
+                return operation()
+            except (RayTaskError, RayActorError, GetTimeoutError) as err:
+                failed = _classified(err)
+                delay = window.next_delay(failed.failure)
+                if delay is None:
+                    raise BrokerUnavailable(
+                        f"kept failing while its actors restarted ({failed.failure.value}) for "
+                        f"{self.policy.window_s:g}s",
+                        "see logs/broker.log in the state dir, then try again",
+                    ) from None
+                time.sleep(delay)
 
     def call_sync(
         self,

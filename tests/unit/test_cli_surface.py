@@ -449,8 +449,10 @@ def test_merlin_completion_bash_prints_a_script_bash_accepts(tmp_path):
 def test_broker_up_retries_while_the_coordinator_restarts():
     from ray.exceptions import ActorUnavailableError
 
-    from broker.cli.broker_cmds import _with_retries
+    from broker.seam import RetryPolicy
+    from broker.seam.ray_backend import RaySystem
 
+    system = RaySystem(RetryPolicy(window_s=30.0, first_delay_s=0.01))
     failures = [ActorUnavailableError("restarting", b"\0" * 16), ActorUnavailableError("restarting", b"\0" * 16)]
 
     def flaky() -> list[str]:
@@ -458,10 +460,10 @@ def test_broker_up_retries_while_the_coordinator_restarts():
             raise failures.pop()
         return ["firesim_u250"]
 
-    assert _with_retries(flaky, retry_s=30.0) == ["firesim_u250"] and not failures
+    assert system.retrying(flaky) == ["firesim_u250"] and not failures
 
     def dead() -> list[str]:
         raise ActorUnavailableError("gone", b"\0" * 16)
 
     with pytest.raises(BrokerUnavailable):
-        _with_retries(dead, retry_s=0.0)
+        RaySystem(RetryPolicy(window_s=0.0)).retrying(dead)
