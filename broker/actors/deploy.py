@@ -13,17 +13,22 @@ __all__ = ["broker_up", "broker_down"]
 def broker_up(
     state: StateDir,
     namespace: str,
-    catalog: dict[str, Any],
+    catalog: dict[str, Any] | None,
     *,
     metrics_host: str = "127.0.0.1",
     metrics_port: int | None = 9477,
     timeout_s: float = 300.0,
+    admin_secret: str | None = None,
+    by: str = "",
+    replace: bool = False,
 ) -> list[str]:
     """Create (or find) the coordinator and apply ``catalog``; returns the resource keys.
 
     Needs a connected Ray driver. Idempotent: a running broker keeps its leases
-    and only adopts catalog changes. ``metrics_port=0`` picks a free port;
-    ``None`` serves no metrics. They apply when the coordinator is created.
+    and only adopts catalog changes. ``catalog=None`` keeps the catalog the
+    broker runs with (from ``catalog.json``). ``metrics_port=0`` picks a free
+    port; ``None`` serves no metrics. They apply when the coordinator is
+    created. ``admin_secret``, ``by`` and ``replace``: see ``apply_catalog``.
     """
     import ray
 
@@ -39,7 +44,10 @@ def broker_up(
             f"the broker in namespace {namespace!r} uses state dir {info['state_dir']}",
             "pass that --state-dir, or run `merlin broker down` first",
         )
-    return ray.get(handle.apply_catalog.remote(catalog), timeout=timeout_s)
+    if catalog is None:
+        return [status.key for status in ray.get(handle.resources.remote(), timeout=timeout_s)]
+    call = handle.apply_catalog.remote(catalog, admin_secret=admin_secret, by=by, replace=replace)
+    return ray.get(call, timeout=timeout_s)
 
 
 def broker_down(namespace: str) -> int:
