@@ -23,6 +23,9 @@ notebook and the fields survive the trip.
 
 from __future__ import annotations
 
+import hashlib
+import re
+
 __all__ = [
     "BrokerError",
     "InvalidRequest",
@@ -118,6 +121,18 @@ class ResourceBusy(BrokerError):
         return ", ".join(parts) + " (use wait=True / --wait to queue)"
 
 
+_LEASE_ID_SHAPE = re.compile(r"^([a-z0-9][a-z0-9_.-]{0,63})\.[0-9a-f]{32}$")
+
+
+def _named(lease_id: object) -> str:
+    """How a message names a lease: its key and public ref, never the id (messages reach logs and records)."""
+    if not isinstance(lease_id, str):
+        return f"<{type(lease_id).__name__}>"
+    ref = hashlib.sha256(lease_id.encode()).hexdigest()[:12]  # = broker.models.lease_ref
+    match = _LEASE_ID_SHAPE.match(lease_id)
+    return f"{match.group(1)} lease ref {ref}" if match else f"lease ref {ref}"
+
+
 class LeaseNotFound(BrokerError):
     """No lease with this id exists (never did, or not on this broker)."""
 
@@ -128,7 +143,7 @@ class LeaseNotFound(BrokerError):
         self.lease_id = lease_id
 
     def __str__(self) -> str:
-        return f"no lease {self.lease_id!r}"
+        return f"no such lease ({_named(self.lease_id)})"
 
 
 class LeaseNotHeld(BrokerError):
@@ -150,7 +165,7 @@ class LeaseNotHeld(BrokerError):
 
     def __str__(self) -> str:
         tail = f": {self.detail}" if self.detail else ""
-        return f"lease {self.lease_id!r} is not held (state {self.state}){tail}"
+        return f"the lease ({_named(self.lease_id)}) is not held (state {self.state}){tail}"
 
 
 class StaleFencingToken(BrokerError):
