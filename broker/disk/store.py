@@ -9,9 +9,10 @@ Layout (DESIGN.md, a contract)::
     runs/<run_id>/...                 run records
     events.jsonl                      the audit journal
 
-A key's changes are durable when their line in its write-ahead log is
-fdatasynced, before the caller hears back; record files are replaced by
-temp file + rename (whole, never torn) and synced at checkpoints. Other
+A key's changes are durable when their record in its write-ahead log
+(framed: length + CRC32) is fdatasynced, before the caller hears back; record
+files are replaced by temp file + rename (whole, never torn) and synced at
+checkpoints. Other
 files (catalog, run records, bootstrap) are temp file + fsync + rename +
 fsync of the directory. Files are 0600 and directories 0700: lease records
 hold capabilities.

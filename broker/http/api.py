@@ -99,11 +99,16 @@ class _DeadlineReader(io.RawIOBase):
 
 class _QuietHandler(WSGIRequestHandler):
     def setup(self) -> None:
-        limits = self.server.limits  # type: ignore[attr-defined]
-        self.timeout = limits.idle_timeout_s  # also bounds every write of the answer
         super().setup()
+        self._limits: HttpLimits = self.server.limits  # type: ignore[attr-defined]
         self.rfile.close()  # the plain reader: replaced by one that keeps the deadline
-        self.rfile = io.BufferedReader(_DeadlineReader(self.connection, limits))
+        self.rfile = io.BufferedReader(_DeadlineReader(self.connection, self._limits))
+
+    def parse_request(self) -> bool:
+        parsed = super().parse_request()
+        # The request is in; the answer's writes get the idle limit (not what was left of the deadline).
+        self.connection.settimeout(self._limits.idle_timeout_s)
+        return parsed
 
     def finish(self) -> None:
         with contextlib.suppress(OSError):
@@ -147,7 +152,7 @@ def serve(
 ) -> tuple[Any, str]:
     """Start the listener in a daemon thread; returns the server and its base URL (no path)."""
     server_class = type("_BoundedServer", (_ThreadingServer,), {"limits": limits or HttpLimits()})
-    server = make_server(host, port, BrokerHttp(board, readers), server_class, handler_class=_QuietHandler)
+    server: Any = make_server(host, port, BrokerHttp(board, readers), server_class, handler_class=_QuietHandler)
     thread = threading.Thread(target=server.serve_forever, name="merlin-http", daemon=True)
     thread.start()
     shown = f"[{host}]" if ":" in host else host
