@@ -377,6 +377,12 @@ class ResourceLedger:
         self._wal_records = 0
         self._fence = 0  # the highest fencing token on disk (the floor the records carry)
         self._meta: ResourceMeta | None = None  # the latest meta (for the periodic checkpoint)
+        self._replay_synced = True
+
+    @property
+    def cut_pending(self) -> bool:
+        """A failed append is still in the log (cutting it back failed too); no append is made until it is cut."""
+        return self._wal_cut_pending
 
     def load(self) -> LedgerContents:
         """Read every record of this key, replay the log over them; corrupt files go to ``corrupt/``."""
@@ -409,6 +415,9 @@ class ResourceLedger:
         except FileNotFoundError:
             raw = b""
         records, good = read_log(raw)
+        # What is replayed must be on disk before anyone is told of it: a record in the page
+        # cache only (its sync failed, and so did cutting it back) would be served, then lost.
+        self._replay_synced = not records or self._sync_log()
         replayed: set[str] = set()
         replayed_meta: ResourceMeta | None = None
         fence = meta.fencing_counter
@@ -432,15 +441,41 @@ class ResourceLedger:
             torn_bytes=len(raw) - good,
         )
 
+    @property
+    def replay_synced(self) -> bool:
+        """Whether the log replayed at the last load is known to be on disk (its fsync succeeded)."""
+        return self._replay_synced
+
+    def _sync_log(self) -> bool:
+        try:
+            fd = self._disk.open(self.wal_path, os.O_RDONLY)
+        except OSError:
+            return False
+        try:
+            self._disk.fsync(fd)
+            return True
+        except OSError:
+            return False
+        finally:
+            with contextlib.suppress(OSError):
+                self._disk.close(fd)
+
     def checkpoint(self, contents: LedgerContents) -> None:
         """Make the files hold what the log says, durably; then empty the log."""
         replayed = [lease for lease in contents.leases if lease.lease_id in contents.replayed]
         items = [(self.state.lease_path(lease.lease_id), lease.model_dump_json().encode()) for lease in replayed]
         if contents.meta_replayed or contents.meta_behind:
             items.append((self.state.resource_meta_path(self.key), contents.meta.model_dump_json(indent=2).encode()))
-        if items:
-            write_files(items, disk=self._disk)
-        self._truncate_log()
+        # Until the log is emptied, these files are the log's to make durable: if this fails, a
+        # later checkpoint writes and syncs them before it empties the log.
+        self._unsynced.update(path for path, _ in items)
+        try:
+            if items:
+                write_files(items, disk=self._disk)
+            self._truncate_log()
+        except OSError:
+            self._pending = {**dict(items), **self._pending}
+            raise
 
     def read_lease(self, lease_id: str) -> Lease | None:
         """A lease record from disk (for leases the book no longer keeps in memory)."""

@@ -97,3 +97,21 @@ def test_notes_must_be_printable(note):
 def test_the_catalog_json_of_a_bounded_catalog_stays_small(tmp_path):
     catalog = load_catalog(_write(tmp_path, _alias_bomb(3)))
     assert len(json.dumps(catalog.model_dump(mode="json"))) < 20_000
+
+
+@pytest.mark.parametrize(
+    ("content", "named"),
+    [
+        (_alias_bomb(9), "expands to more than"),
+        ("resources:\n  lane: {}\n  lane: {}\n", "duplicate key"),
+        (bytes(range(256)) * 8, "not UTF-8"),
+        ("version: 99\nresources:\n  lane: {}\n", "unknown catalog version 99"),
+    ],
+)
+def test_broker_up_refuses_a_hostile_catalog_in_one_line_before_touching_a_cluster(tmp_path, content, named):
+    from tests.unit.test_cli_offline import merlin
+
+    path = _write(tmp_path, content)
+    out = merlin(tmp_path, "broker", "up", "--catalog", str(path))
+    assert out.returncode == 3 and named in out.stderr and out.stderr.count("\n") == 1
+    assert not (tmp_path / "state").exists()
