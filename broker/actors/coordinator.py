@@ -18,6 +18,11 @@ Guarantees:
   reloads the catalog, finds its actors by name and re-attaches to every
   unfinished run from its record. If a resource actor dies,
   only calls for that key wait (bounded) for its restart.
+* With ``admin_secret_sha256`` in the running catalog, every administrative
+  act needs the secret — revoke, maintenance, ``broker down`` and applying a
+  different catalog (which could otherwise replace the hash). A catalog that
+  drops keys or removes the secret is refused, naming the change, unless
+  ``replace``.
 * An error a caller made is raised as the matching ``broker.errors`` class;
   an actor that does not come back within the retry window is
   ``BrokerUnavailable``.
