@@ -33,7 +33,9 @@ whose ``str`` is the remote traceback) prints the one line: see
 
 from __future__ import annotations
 
+import hashlib
 import inspect
+import re
 from typing import Any, ClassVar
 
 from broker.core.compat import StrEnum
@@ -221,6 +223,18 @@ class ResourceBusy(BrokerError):
         return f"resource {self.resource!r} is held{held}, {waiting}"
 
 
+_LEASE_ID_SHAPE = re.compile(r"^([a-z0-9][a-z0-9_.-]{0,63})\.[0-9a-f]{32}$")
+
+
+def _named(lease_id: object) -> str:
+    """How a message names a lease: its key and public ref, never the id (messages reach logs and records)."""
+    if not isinstance(lease_id, str):
+        return f"<{type(lease_id).__name__}>"
+    ref = hashlib.sha256(lease_id.encode()).hexdigest()[:12]  # = broker.models.lease_ref
+    match = _LEASE_ID_SHAPE.match(lease_id)
+    return f"{match.group(1)} lease ref {ref}" if match else f"lease ref {ref}"
+
+
 class LeaseNotFound(BrokerError):
     """No lease with this id exists (never did, or not on this broker).
 
@@ -236,7 +250,7 @@ class LeaseNotFound(BrokerError):
         self.detail = detail
 
     def summary(self) -> str:
-        return self.detail or f"no lease {self.lease_id!r}"
+        return self.detail or f"no such lease ({_named(self.lease_id)})"
 
 
 class LeaseNotHeld(BrokerError):
@@ -263,7 +277,7 @@ class LeaseNotHeld(BrokerError):
         if self.holder is not None:  # it is held, by someone else: say by whom
             return self.detail or f"lease {self.lease_id!r} is held by {self.holder!r}"
         tail = f": {self.detail}" if self.detail else ""
-        return f"lease {self.lease_id!r} is not held (state {self.state}){tail}"
+        return f"the lease ({_named(self.lease_id)}) is not held (state {self.state}){tail}"
 
 
 class StaleFencingToken(BrokerError):

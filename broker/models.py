@@ -59,6 +59,7 @@ __all__ = [
     "RequestId",
     "Reason",
     "MAX_TTL_S",
+    "MIN_TTL_S",
 ]
 
 RESOURCE_KEY_PATTERN = r"^[a-z0-9][a-z0-9_.-]{0,63}$"
@@ -69,6 +70,9 @@ _LEASE_ID = re.compile(r"^([a-z0-9][a-z0-9_.-]{0,63})\.([0-9a-f]{32})$")
 REQUEST_ID_PATTERN = r"^[A-Za-z0-9_.:@/+=-]{1,128}$"
 
 MAX_TTL_S = 7 * 24 * 3600.0
+# A grant shorter than this would be over before its holder hears of it (a round trip through
+# Ray and the ledger's sync take milliseconds; 1e-300 s was once "granted", already expired).
+MIN_TTL_S = 1.0
 MAX_PRIORITY = 1000
 
 
@@ -400,11 +404,11 @@ def _printable_text(value: str) -> str:
 # The argument types every edge validates, shared by the request models and
 # the single-argument checks (renew's ttl_s, revoke's expected_holder, ...).
 Holder = Annotated[str, Field(min_length=1, max_length=128), AfterValidator(_printable)]
-TtlSeconds = Annotated[float, Field(gt=0, le=MAX_TTL_S, strict=True), AfterValidator(_finite)]
+TtlSeconds = Annotated[float, Field(ge=MIN_TTL_S, le=MAX_TTL_S, strict=True), AfterValidator(_finite)]
 WaitSeconds = Annotated[float, Field(ge=0, le=MAX_TTL_S, strict=True), AfterValidator(_finite)]
 Priority = Annotated[StrictInt, Field(ge=-MAX_PRIORITY, le=MAX_PRIORITY)]
 RequestId = Annotated[str, Field(pattern=REQUEST_ID_PATTERN)]
-Note = Annotated[str, Field(max_length=1024)]
+Note = Annotated[str, Field(max_length=1024), AfterValidator(_printable_text)]
 Reason = Annotated[str, Field(max_length=512), AfterValidator(_printable_text)]
 
 

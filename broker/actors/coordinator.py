@@ -18,6 +18,11 @@ Guarantees:
   reloads the catalog, finds its actors by name and re-attaches to every
   unfinished run from its record. If a resource actor dies,
   only calls for that key wait (bounded) for its restart.
+* With ``admin_secret_sha256`` in the running catalog, every administrative
+  act needs the secret — revoke, maintenance, ``broker down`` and applying a
+  different catalog (which could otherwise replace the hash). A catalog that
+  drops keys or removes the secret is refused, naming the change, unless
+  ``replace``.
 * An error a caller made is raised as the matching ``broker.errors`` class;
   an actor that does not come back within the retry window is
   ``BrokerUnavailable``.
@@ -157,11 +162,42 @@ class BrokerActor:
             self._events.emit("broker.catalog_corrupt", level="error", moved_to=str(moved), error=str(exc)[:200])
             return None
 
-    async def apply_catalog(self, catalog: dict[str, Any]) -> list[str]:
-        """Adopt ``catalog`` (the parsed YAML): create new keys' actors, refuse to drop busy keys."""
+    async def apply_catalog(
+        self,
+        catalog: dict[str, Any],
+        *,
+        admin_secret: str | None = None,
+        by: str = "",
+        replace: bool = False,
+    ) -> list[str]:
+        """Adopt ``catalog`` (the parsed YAML): create new keys' actors, refuse to drop busy keys.
+
+        Changing the catalog of a broker whose catalog sets an admin secret needs
+        that secret (the catalog holds the hash that guards every admin act).
+        A catalog that drops keys or removes the secret is refused, naming what
+        it would change, unless ``replace``. Applying the running catalog again
+        changes nothing and needs nothing.
+
+        Raises:
+            NotAuthorized: the running catalog has an admin secret and this call does not.
+            InvalidRequest: a bad catalog; or it drops keys / the secret without ``replace``;
+                or a dropped key is leased or has waiters.
+        """
         new = parse_catalog(catalog, "catalog")
-        old_keys = set(self._catalog.resources) if self._catalog else set()
+        old = self._catalog
+        if old is not None and new == old:
+            self._adopt(new)
+            return sorted(new.resources)
+        if old is not None:
+            self._authorize("apply catalog", by, admin_secret)
+        old_keys = set(old.resources) if old else set()
         dropped = sorted(old_keys - set(new.resources))
+        changes = _catalog_drops(old, new, dropped)
+        if changes and not replace:
+            raise InvalidRequest(
+                f"the catalog would {' and '.join(changes)}; apply it with --replace (replace=True) if that is meant",
+                "catalog",
+            )
         for key in dropped:
             status = await self._status_of(key)
             if status.holder is not None or status.queue:
@@ -173,7 +209,13 @@ class BrokerActor:
             if ref is not None:
                 self._system.kill(ref)
         await asyncio.gather(*(self._call(key, "reconfigure") for key in new.resources))
-        self._events.emit("broker.catalog_applied", resources=len(new.resources), dropped=dropped or None)
+        self._events.emit(
+            "broker.catalog_applied",
+            resources=len(new.resources),
+            dropped=dropped or None,
+            by=_shown_by(by),
+            secret_removed=bool(old and old.broker.admin_secret_sha256 and not new.broker.admin_secret_sha256) or None,
+        )
         return sorted(new.resources)
 
     # ------------------------------------------------------------------ leases
@@ -576,6 +618,17 @@ class BrokerActor:
         if self._catalog is None or key not in self._catalog.resources:
             raise LeaseNotFound(lease_id)
         return key
+
+
+def _catalog_drops(old: Catalog | None, new: Catalog, dropped: list[str]) -> list[str]:
+    """What applying ``new`` over ``old`` would take away (each needs ``replace``), in words."""
+    changes = []
+    if dropped:
+        shown = ", ".join(dropped[:10]) + (f" and {len(dropped) - 10} more" if len(dropped) > 10 else "")
+        changes.append(f"drop {len(dropped)} of {len(old.resources) if old else 0} keys ({shown})")
+    if old is not None and old.broker.admin_secret_sha256 and not new.broker.admin_secret_sha256:
+        changes.append("remove the admin secret")
+    return changes
 
 
 def _shown_by(by: Any) -> str:

@@ -16,17 +16,22 @@ __all__ = ["broker_up", "broker_down"]
 def broker_up(
     state: StateDir,
     namespace: str,
-    catalog: dict[str, Any],
+    catalog: dict[str, Any] | None,
     *,
     metrics_host: str = "127.0.0.1",
     metrics_port: int | None = 9477,
     timeout_s: float = 300.0,
+    admin_secret: str | None = None,
+    by: str = "",
+    replace: bool = False,
 ) -> list[str]:
     """Create (or find) the coordinator and apply ``catalog``; returns the resource keys.
 
     Needs a connected Ray driver. Idempotent: a running broker keeps its leases
-    and only adopts catalog changes. ``metrics_port=0`` picks a free port;
-    ``None`` serves no metrics. They apply when the coordinator is created.
+    and only adopts catalog changes. ``catalog=None`` keeps the catalog the
+    broker runs with (from ``catalog.json``). ``metrics_port=0`` picks a free
+    port; ``None`` serves no metrics. They apply when the coordinator is
+    created. ``admin_secret``, ``by`` and ``replace``: see ``apply_catalog``.
     A coordinator that dies meanwhile (kill -9) is waited for and asked again.
     """
     from broker.seam.ray_backend import RaySystem, head_node_id
@@ -43,7 +48,18 @@ def broker_up(
                 f"the broker in namespace {namespace!r} uses state dir {info['state_dir']}",
                 "pass that --state-dir, or run `merlin broker down` first",
             )
-        keys: list[str] = system.call_sync(coordinator, "apply_catalog", catalog, answer_within_s=timeout_s)
+        if catalog is None:
+            statuses = system.call_sync(coordinator, "resources", answer_within_s=timeout_s)
+            return [status.key for status in statuses]
+        keys: list[str] = system.call_sync(
+            coordinator,
+            "apply_catalog",
+            catalog,
+            admin_secret=admin_secret,
+            by=by,
+            replace=replace,
+            answer_within_s=timeout_s,
+        )
         return keys
 
     return system.retrying(up)  # idempotent: get-if-exists actors, the same catalog twice changes nothing

@@ -114,6 +114,8 @@ class ResourceActor:
         contents = self._ledger.load()
         for moved_to, error in contents.corrupt:
             self._events.emit("ledger.corrupt_record", level="error", resource=key, moved_to=str(moved_to), error=error)
+        if contents.torn_bytes:  # an append that never returned (a crash mid-write): not acknowledged, dropped
+            self._events.emit("ledger.torn_tail", level="warning", resource=key, dropped_bytes=contents.torn_bytes)
         try:
             self._ledger.checkpoint(contents)  # the files catch up with the log; the log starts empty
         except OSError as exc:  # read-only disk: the log stays and is replayed again next start

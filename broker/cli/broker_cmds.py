@@ -7,18 +7,15 @@ import os
 from pathlib import Path
 from typing import TypeVar
 
-import yaml
-
 from broker.cli.common import Context, admin_secret, admin_secret_option, emit_json, json_option, when
 from broker.client import default_holder
-from broker.core.catalog import load_catalog
+from broker.core.catalog import parse_catalog, read_catalog_data
 from broker.errors import BrokerUnavailable
 from broker.http.metrics import DEFAULT_METRICS_HOST, DEFAULT_METRICS_PORT
 
 __all__ = ["register"]
 
 DEFAULT_CATALOG = "configs/resources.yaml"
-UP_RETRY_S = 60.0  # how long `broker up` keeps trying while the coordinator restarts under it
 T = TypeVar("T")
 
 
@@ -30,9 +27,21 @@ def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -
         parents=[common],
         help="create (or update) the broker and one actor per catalog key; idempotent",
         description="Create the detached `broker` coordinator and one `resource:<key>` actor per key of "
-        "the catalog. Running it again applies catalog changes; existing leases are untouched.",
+        "the catalog. Running it again with --catalog applies catalog changes; existing leases are "
+        "untouched. Without --catalog a broker that has a catalog keeps it.",
     )
-    up.add_argument("--catalog", default=DEFAULT_CATALOG, help=f"catalog YAML (default: {DEFAULT_CATALOG})")
+    up.add_argument(
+        "--catalog",
+        default=None,
+        help=f"catalog YAML to apply (default: keep the running catalog; on a new broker {DEFAULT_CATALOG})",
+    )
+    up.add_argument(
+        "--replace",
+        action="store_true",
+        help="allow a catalog that drops keys or removes the admin secret (otherwise refused, naming the change)",
+    )
+    up.add_argument("--by", default=None, help="who (default: user@host); journaled")
+    admin_secret_option(up)
     up.add_argument(
         "--metrics-host",
         default=os.environ.get("MERLIN_METRICS_HOST", DEFAULT_METRICS_HOST),
@@ -72,25 +81,33 @@ def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -
 def _up(ctx: Context) -> int:
     from broker.actors.deploy import broker_up
 
-    catalog_path = Path(ctx.args.catalog)
-    catalog = load_catalog(catalog_path)  # fail on a bad catalog before touching the cluster
-    raw = yaml.safe_load(catalog_path.read_text(encoding="utf-8"))
+    keep = ctx.args.catalog is None and ctx.state.catalog_path.exists()
+    catalog_path = Path(ctx.args.catalog or DEFAULT_CATALOG)
+    raw = None if keep else read_catalog_data(catalog_path)
+    if raw is not None:
+        parse_catalog(raw, str(catalog_path))  # fail on a bad catalog before touching the cluster
     ctx.connect_ray()
-    keys = broker_up(  # retries while the coordinator restarts under it, like every client call
-        ctx.state,
-        ctx.namespace,
-        raw,
-        metrics_host=ctx.args.metrics_host,
-        metrics_port=ctx.args.metrics_port,
-        timeout_s=UP_RETRY_S,
-    )
+    options = {
+        "metrics_host": ctx.args.metrics_host,
+        "metrics_port": ctx.args.metrics_port,
+        "admin_secret": admin_secret(ctx.args),
+        "by": ctx.args.by or default_holder(),
+        "replace": ctx.args.replace,
+    }
+    keys = broker_up(ctx.state, ctx.namespace, raw, **options)
+    if raw is None and not keys:  # catalog.json was unreadable (moved aside): start from the default
+        raw = read_catalog_data(catalog_path)
+        keys = broker_up(ctx.state, ctx.namespace, raw, **options)
+    source = str(catalog_path) if raw is not None else f"the running catalog ({ctx.state.catalog_path})"
+    statuses = {status.key: status for status in ctx.client().resources()}
     status = ctx.client().status()
     if ctx.args.json:
         emit_json({"resources": keys, "status": status})
         return 0
-    print(f"broker up in namespace {ctx.namespace!r}: {len(keys)} resources from {catalog_path}")
+    print(f"broker up in namespace {ctx.namespace!r}: {len(keys)} resources from {source}")
     for key in keys:
-        print(f"  resource:{key}  ({catalog.resources[key].description or 'no description'})")
+        described = statuses[key].description if key in statuses else ""
+        print(f"  resource:{key}  ({described or 'no description'})")
     print(f"state dir {status.state_dir}")
     if status.metrics_url:
         print(f"metrics at {status.metrics_url}")

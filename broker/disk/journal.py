@@ -16,6 +16,7 @@ import fcntl
 import json
 import logging
 import os
+import re
 import sys
 import time
 from collections.abc import Iterator
@@ -25,7 +26,24 @@ from typing import Any
 
 import structlog
 
-__all__ = ["configure_logging", "Journal", "EventSink", "read_journal", "iso"]
+from broker.models import lease_ref
+
+__all__ = ["configure_logging", "Journal", "EventSink", "read_journal", "iso", "redact_lease_ids"]
+
+# A lease id anywhere in a text (a temp file's name, a path under corrupt/, an error message).
+_LEASE_ID_IN_TEXT = re.compile(r"(?<![a-z0-9_-])[a-z0-9][a-z0-9_.-]{0,63}\.[0-9a-f]{32}(?![0-9a-f])")
+
+
+def redact_lease_ids(value: Any) -> Any:
+    """``value`` with every lease id in its strings replaced by ``lease:<ref>`` (nested lists and dicts too)."""
+    if isinstance(value, str):
+        return _LEASE_ID_IN_TEXT.sub(lambda match: f"lease:{lease_ref(match.group())}", value)
+    if isinstance(value, dict):
+        return {key: redact_lease_ids(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [redact_lease_ids(item) for item in value]
+    return value
+
 
 _configured = False
 
@@ -215,7 +233,8 @@ class EventSink:
             self._log = _file_logger(log_dir / f"{source.replace(':', '-')}.log", source)
 
     def emit(self, event: str, level: str = "info", **fields: Any) -> None:
-        fields = {name: value for name, value in fields.items() if value is not None}
+        # Events name leases by ref; this also catches ids inside texts (file names, error messages).
+        fields = {name: redact_lease_ids(value) for name, value in fields.items() if value is not None}
         getattr(self._log, level)(event, **fields)
         try:
             self._journal.append(event, {"source": self._source, **fields})

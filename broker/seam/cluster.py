@@ -138,8 +138,10 @@ def cluster_alive(bootstrap: Bootstrap) -> bool:
 
 def _temp_dir_for(state: StateDir) -> Path:
     # Ray puts unix sockets under its temp dir; keep the path short (108-byte limit).
+    # Ray makes its temp dir world-writable (and again whenever a process of it starts), and its
+    # session logs hold job environments: it lives inside a 0700 dir of ours that Ray leaves alone.
     digest = hashlib.sha256(str(state.root).encode()).hexdigest()[:10]
-    return Path("/tmp") / f"merlin-ray-{os.getuid()}-{digest}"
+    return Path("/tmp") / f"merlin-ray-{os.getuid()}-{digest}" / "r"
 
 
 def start_local(
@@ -165,7 +167,9 @@ def start_local(
     if num_cpus is not None and num_cpus < 0:
         raise InvalidRequest(f"invalid num_cpus={num_cpus}: must be >= 0", "num_cpus")
     temp_dir = _temp_dir_for(state)
-    temp_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+    temp_dir.parent.mkdir(mode=0o700, exist_ok=True)
+    os.chmod(temp_dir.parent, 0o700)  # mkdir's mode is masked by the umask, and an old dir keeps its own
+    temp_dir.mkdir(mode=0o700, exist_ok=True)
     # A stale pointer from a cluster that died (or a plain `ray stop`) would
     # make Ray think one still runs here.
     (temp_dir / "ray_current_cluster").unlink(missing_ok=True)
@@ -209,7 +213,9 @@ def start_local(
     if resources:
         argv.append(f"--resources={json.dumps(resources)}")
     log_path = state.cluster_dir / "ray-start.log"
-    with open(log_path, "wb") as log:
+    log_fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, FILE_MODE)
+    os.fchmod(log_fd, FILE_MODE)  # an older log may have been made with the umask's mode
+    with open(log_fd, "wb") as log:
         proc = subprocess.Popen(
             argv, env=env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True
         )

@@ -170,8 +170,8 @@ def test_release_racing_expiry_and_renew_racing_revoke_never_give_two_holders(br
     client = broker_env.client
     outcomes = set()
     for attempt in range(8):
-        lease = client.reserve(KEY, f"racer-{attempt}", ttl_s=0.3)
-        time.sleep(0.28 + 0.01 * (attempt % 4))
+        lease = client.reserve(KEY, f"racer-{attempt}", ttl_s=1.0)  # the shortest TTL there is
+        time.sleep(0.98 + 0.01 * (attempt % 4))
         try:
             outcomes.add(client.release(lease.lease_id).state)
         except LeaseNotHeld as lost:
