@@ -1,6 +1,6 @@
 """The state dir on disk: its layout, atomic writes, and each key's lease ledger.
 
-Layout (DESIGN.md, a contract)::
+Layout (a contract: README "State on disk")::
 
     cluster/bootstrap.json            how the local cluster was started
     resources/<key>.json              fencing floor, maintenance flag

@@ -1,6 +1,6 @@
 """The local Ray cluster on loopback: start, stop, status, and how clients reach it.
 
-Ray facts this module exists for (DESIGN.md "Ray facts"): on Linux Ray 2.60
+Ray facts this module exists for (README "Running on loopback"): on Linux Ray 2.60
 rewrites ``--node-ip-address=127.0.0.1`` to the external address unless
 ``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0`` is set for the head *and every client*;
 token auth turns itself on when ``~/.ray/auth_token`` exists unless
