@@ -239,6 +239,7 @@ class BrokerClient:
     def call(
         self,
         method: str,
+        /,
         *args: Any,
         answer_within_s: float | None = None,
         progress: Callable[[], None] | None = None,

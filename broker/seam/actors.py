@@ -117,6 +117,7 @@ class ActorSystem(ABC):
         self,
         ref: ActorRef,
         method: str,
+        /,
         *args: Any,
         answer_within_s: float | None = None,
         retry: bool = True,

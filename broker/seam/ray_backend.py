@@ -132,6 +132,7 @@ class RaySystem(ActorSystem):
         self,
         ref: ActorRef,
         method: str,
+        /,
         *args: Any,
         answer_within_s: float | None = None,
         progress: Callable[[], None] | None = None,

@@ -116,3 +116,24 @@ def test_the_actor_shells_import_without_ray():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, check=True)
     assert out.stdout.strip() == "[]"
+
+
+def test_a_remote_method_may_take_keyword_arguments_named_like_the_seams_own():
+    """`withdraw(..., ref=...)` reaches the actor: the seam's own parameters are positional-only."""
+    import asyncio
+
+    class Echo:
+        def __init__(self, *, system):
+            pass
+
+        async def withdraw(self, **kwargs):
+            return kwargs
+
+    async def body() -> dict:
+        system = FakeSystem()
+        from broker.seam import Spawn
+
+        ref = ActorRef(system, "echo", "ns", Spawn(Echo, ()))
+        return await system.call(ref, "withdraw", ref="abc", method="m")
+
+    assert asyncio.run(body()) == {"ref": "abc", "method": "m"}
