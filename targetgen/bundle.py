@@ -20,7 +20,16 @@ from pydantic import BaseModel, ConfigDict, Field, StrictBool, ValidationError, 
 from broker.core.placement_rules import parse_memory
 from broker.errors import InvalidRequest
 
-__all__ = ["BUNDLE_FILE", "Gate", "BundleStep", "JobResources", "ExecutionBundle", "load_bundle", "write_bundle", "topological_order"]
+__all__ = [
+    "BUNDLE_FILE",
+    "Gate",
+    "BundleStep",
+    "JobResources",
+    "ExecutionBundle",
+    "load_bundle",
+    "write_bundle",
+    "topological_order",
+]
 
 BUNDLE_FILE = "bundle.json"
 STEP_ID_PATTERN = r"^[a-z0-9][a-z0-9_.-]{0,63}$"

@@ -54,9 +54,7 @@ class FakeSystem(ActorSystem):
         self._hosted: dict[tuple[str, str], _Hosted] = {}
         self.node_id = "fake-head-node"
         # The cluster's nodes as alive_nodes() reports them; a test adds, labels or removes nodes.
-        self.nodes: list[NodeInfo] = [
-            NodeInfo(self.node_id, {}, {"CPU": 2.0, "memory": 4.0 * 1024**3}, is_head=True)
-        ]
+        self.nodes: list[NodeInfo] = [NodeInfo(self.node_id, {}, {"CPU": 2.0, "memory": 4.0 * 1024**3}, is_head=True)]
 
     # ------------------------------------------------------------------ ActorSystem
 

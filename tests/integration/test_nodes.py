@@ -90,9 +90,9 @@ class WorkerNode:
             "--disable-usage-stats",
         ]  # fmt: skip
         before = {node["NodeID"] for node in ray.nodes() if node["Alive"]}
-        log = open(self.root / f"node-{time.monotonic_ns()}.log", "wb")  # noqa: SIM115 - the child writes it
-        self.proc = subprocess.Popen(argv, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-        log.close()
+        log_path = self.root / f"node-{time.monotonic_ns()}.log"
+        with open(log_path, "wb") as log:
+            self.proc = subprocess.Popen(argv, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
 
         proc = self.proc
 
@@ -106,7 +106,7 @@ class WorkerNode:
             return None
 
         found = until(joined, "the second node to join", timeout_s=90)
-        assert found != "exited", Path(log.name).read_text()[-2000:]
+        assert found != "exited", log_path.read_text()[-2000:]
         self.node_id = found
         return found
 
