@@ -135,7 +135,7 @@ class BrokerActor:
             self._board.set_runs,
             self._system.job_runner(),
             namespace=namespace,
-            place=self._placement,
+            place=self._run_placement,
         )
         self._runs.load()  # re-attaches to every unfinished run
         self._watcher = self._loop.create_task(self._watch())
@@ -516,6 +516,24 @@ class BrokerActor:
             else JobNeeds()
         )
         return placement(spec.host if spec is not None else None, needs)
+
+    def _run_placement(self, resource: str | None, job: Any) -> Placement:
+        """The placement of a run's job as it is submitted (in a thread: it lists the nodes).
+
+        Checked again here because a run accepted while its host was down is judged only
+        now that the host is back: a job no node can run ends the run instead of pending.
+        """
+        where = self._placement(resource, job)
+        if where.needs == JobNeeds() and not where.label_selector:
+            return where
+        try:
+            nodes = self._system.alive_nodes()
+        except Exception:  # noqa: BLE001 - no node list now: submit, Ray places or holds it
+            return where
+        why = unsatisfiable(where, nodes)
+        if why is not None:
+            raise InvalidRequest(f"the bundle's job cannot run: {why}", "job")
+        return where
 
     async def _check_placement(self, resource: str | None, job: Any) -> None:
         """Refuse a run no alive node could ever run (``InvalidRequest``), rather than leave it pending."""

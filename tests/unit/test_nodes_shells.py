@@ -14,6 +14,7 @@ import pytest
 
 from broker.actors.coordinator import BrokerActor
 from broker.core.placement_rules import HOST_LABEL, MARKET_TYPE_LABEL, NodeInfo
+from broker.core.runs import RunStatus
 from broker.errors import InvalidRequest, ResourceBusy
 from broker.models import LeaseState, ResourceState
 from broker.seam import ActorRef, Spawn
@@ -148,5 +149,27 @@ def test_a_run_job_is_placed_on_its_host_with_its_resources_and_an_impossible_on
             with pytest.raises(InvalidRequest):
                 await system.call(broker, "submit", str(bundle_dir(tmp_path, name, key, bad)), holder="ci")
         assert len(await system.call(broker, "runs")) == 2  # refused at submit: no record, nothing pending
+
+    run(body)
+
+
+def test_a_run_accepted_while_its_host_was_down_ends_clearly_if_the_host_returns_too_small(tmp_path):
+    async def body() -> None:
+        system = FakeSystem()  # bench-02 is absent: the run is accepted and waits for the key
+        broker = await up(tmp_path / "state", system)
+        job = {"resources": {"bench_gpu": 4}}
+        record = await system.call(broker, "submit", str(bundle_dir(tmp_path, "big", "bench_board", job)), holder="ci")
+        assert record.status is RunStatus.PENDING
+        system.nodes.append(BENCH)  # back, with one bench_gpu
+        await health_pass(system)
+
+        async def ended() -> Any:
+            got = await system.call(broker, "run", record.run_id)
+            return got if got.finished else None
+
+        final = await until(ended, "the run to end")
+        assert final.status is RunStatus.FAILED and "4 bench_gpu (most: 1)" in final.message
+        assert system.jobs.specs == {}  # never submitted to sit pending forever
+        assert (await state_of(system, broker, "bench_board")).holder is None  # its lease was given back
 
     run(body)

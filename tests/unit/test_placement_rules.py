@@ -249,3 +249,18 @@ def test_a_spec_carries_its_job_into_the_bundle():
     )
     made = execution_bundle(spec, support_plan(spec, CATALOG), python=sys.executable)
     assert made.job is not None and made.job.num_cpus == 4 and made.job.memory_bytes == 16 * GIB
+
+
+def test_the_local_engine_ignores_job_resources_with_a_note(tmp_path, monkeypatch):
+    from executor.local import LocalEngine
+    from executor.state import BundleStatus
+    from targetgen.bundle import write_bundle
+
+    monkeypatch.delenv("MERLIN_RUN_ID", raising=False)
+    data = bundle({"num_cpus": 512, "preemptible": False})
+    data["resource"], data["steps"] = None, [{"id": "s", "argv": ["true"]}]
+    write_bundle(tmp_path, parse_bundle(data))
+    lines: list[str] = []
+    state = LocalEngine(tmp_path, report=lines.append).run()
+    assert state.status is BundleStatus.SUCCEEDED  # 512 CPUs asked, none needed here
+    assert any(line.startswith("note: the bundle's job resources") for line in lines), lines
