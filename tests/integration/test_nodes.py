@@ -240,3 +240,25 @@ def test_job_resources_place_the_job_and_an_impossible_one_is_refused_at_submit(
             client.call("submit", str(target(tmp_path, name, key, job)), holder="a")
         assert words in str(refused.value), refused.value
     assert [run.target for run in client.call("runs")] == ["gpu", "steady"]  # refused ones left no record
+
+
+def test_the_second_node_listens_only_on_loopback(node):
+    from tests.integration.test_guarantees import _listening_sockets
+
+    assert node.proc is not None
+    sockets = _listening_sockets()
+    found = []
+    for pid in _group_pids(node.proc.pid):
+        try:
+            fds = os.listdir(f"/proc/{pid}/fd")
+        except OSError:
+            continue
+        for fd in fds:
+            try:
+                target = os.readlink(f"/proc/{pid}/fd/{fd}")
+            except OSError:
+                continue
+            if target.startswith("socket:["):
+                found += [(pid, hex_ip) for hex_ip in sockets.get(target[8:-1], [])]
+    assert len(found) >= 3  # raylet, object manager, dashboard agent at least
+    assert {hex_ip for _, hex_ip in found} == {"0100007F"}, found  # 127.0.0.1 only
