@@ -187,7 +187,7 @@ class UnknownResource(BrokerError):
 
 
 class ResourceBusy(BrokerError):
-    """``reserve(wait=False)`` found the key held, queued for, or in maintenance."""
+    """``reserve(wait=False)`` found the key held, queued for, in maintenance, or down (its host absent)."""
 
     exit_code = 5
 
@@ -198,19 +198,24 @@ class ResourceBusy(BrokerError):
         expires_at: float | None = None,
         queue_length: int = 0,
         maintenance_reason: str | None = None,
+        down_reason: str | None = None,
     ):
-        super().__init__(resource, holder, expires_at, queue_length, maintenance_reason)
+        super().__init__(resource, holder, expires_at, queue_length, maintenance_reason, down_reason)
         self.resource = resource
         self.holder = holder
         self.expires_at = expires_at
         self.queue_length = queue_length
         self.maintenance_reason = maintenance_reason
+        self.down_reason = down_reason
 
     def _hint(self) -> Hint:
-        return Hint.QUEUE if self.maintenance_reason is None else Hint.QUEUE_MAINTENANCE
+        stopped = self.maintenance_reason is not None or self.down_reason is not None
+        return Hint.QUEUE_MAINTENANCE if stopped else Hint.QUEUE
 
     def summary(self) -> str:
         waiting = f"{self.queue_length} waiting" if self.queue_length else "nobody waiting"
+        if self.down_reason is not None:
+            return f"resource {self.resource!r} is down: {self.down_reason}, {waiting}"
         if self.maintenance_reason is not None:
             why = f": {self.maintenance_reason}" if self.maintenance_reason else ""
             return f"resource {self.resource!r} is in maintenance{why}, {waiting}"

@@ -126,6 +126,8 @@ class LeaseEvent(StrEnum):
     REVOKED = "lease.revoked"
     CANCELLED = "lease.cancelled"
     MAINTENANCE = "resource.maintenance"  # the key's maintenance flag, kept by the same book
+    DOWN = "resource.down"  # the key's host has no alive Ray node: no grants (the coordinator sees it)
+    UP = "resource.up"  # the host is back
 
     @classmethod
     def of(cls, name: object) -> LeaseEvent | None:
@@ -291,7 +293,7 @@ class ResourceState(StrEnum):
     FREE = "free"
     LEASED = "leased"
     MAINTENANCE = "maintenance"
-    DOWN = "down"  # its actor does not answer
+    DOWN = "down"  # its actor does not answer, or its host has no alive Ray node (``down_reason``)
 
 
 class QueueEntry(BaseModel):
@@ -320,6 +322,7 @@ class ResourceStatus(BaseModel):
     queue: tuple[QueueEntry, ...] = ()
     maintenance_reason: str | None = None
     maintenance_since: float | None = None
+    down_reason: str | None = None  # why it is down, when its actor says so (its host is absent)
     labels: dict[str, str] = Field(default_factory=dict)
     properties: dict[str, Any] = Field(default_factory=dict)
     description: str = ""

@@ -267,6 +267,10 @@ class LocalEngine:
         if not self.target_dir.is_dir():
             raise InvalidRequest(f"target dir {self.target_dir} does not exist", "target_dir")
         bundle = load_bundle(self.target_dir)
+        if bundle.job is not None and not os.environ.get("MERLIN_RUN_ID"):
+            # Outside a broker run's Ray job nobody placed this process: the steps run right here.
+            self.report("note: the bundle's job resources (CPUs, memory, custom resources, preemptible) "
+                        "apply to --engine ray; the local engine ignores them")  # fmt: skip
         with _exclusive(self.target_dir):
             state = self._initial_state(bundle, resume=resume, restart=restart)
             return self._drive(bundle, state)

@@ -60,6 +60,7 @@ def execution_bundle(spec: TargetSpec, plan: SupportPlan, *, python: str) -> Exe
             "resource": plan.resource if holds else None,
             "spec_sha256": spec.spec_sha256,
             "artifact_dir": ARTIFACT_DIR,
+            "job": spec.job,
             "steps": ordered,
         },
         where,

@@ -15,11 +15,21 @@ import re
 from pathlib import Path, PurePosixPath
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, ValidationError, field_validator, model_validator
 
+from broker.core.placement_rules import parse_memory
 from broker.errors import InvalidRequest
 
-__all__ = ["BUNDLE_FILE", "Gate", "BundleStep", "ExecutionBundle", "load_bundle", "write_bundle", "topological_order"]
+__all__ = [
+    "BUNDLE_FILE",
+    "Gate",
+    "BundleStep",
+    "JobResources",
+    "ExecutionBundle",
+    "load_bundle",
+    "write_bundle",
+    "topological_order",
+]
 
 BUNDLE_FILE = "bundle.json"
 STEP_ID_PATTERN = r"^[a-z0-9][a-z0-9_.-]{0,63}$"
@@ -82,6 +92,46 @@ class BundleStep(BaseModel):
         return tuple(_relative(path, "artifact") for path in artifacts)
 
 
+_RAY_RESOURCE = re.compile(r"^[A-Za-z][A-Za-z0-9_.:/-]{0,127}$")
+# Ray's built-in resources have fields of their own here (or are the broker's business: GPUs
+# and accelerators are catalog keys, leased, not asked of Ray's scheduler).
+_BUILTIN = frozenset({"CPU", "memory", "object_store_memory", "GPU"})
+
+
+class JobResources(BaseModel):
+    """What the run's Ray job needs beyond its lease (seed 003's ``ResourceConfig``).
+
+    The Ray engine asks Ray for these for the job's entrypoint (the executor and
+    its steps); the local engine ignores them. ``preemptible: false`` keeps the
+    job off nodes labelled ``ray.io/market-type=spot``.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+    num_cpus: float = Field(default=0.0, ge=0, le=1024)
+    # A spec writes ``memory: 4g``; the bundle stores bytes.
+    memory_bytes: int = Field(default=0, ge=0, le=64 * 1024**4, alias="memory")
+    resources: dict[str, float] = Field(default_factory=dict, max_length=16)
+    preemptible: StrictBool = True
+
+    @field_validator("memory_bytes", mode="before")
+    @classmethod
+    def _memory(cls, value: Any) -> int:
+        return parse_memory(value)
+
+    @field_validator("resources")
+    @classmethod
+    def _resources(cls, resources: dict[str, float]) -> dict[str, float]:
+        for name, amount in resources.items():
+            if name in _BUILTIN:
+                raise ValueError(f"resource {name!r} is Ray's own: use num_cpus / memory (GPUs are catalog keys)")
+            if not _RAY_RESOURCE.match(name):
+                raise ValueError(f"resource name {name!r} must match {_RAY_RESOURCE.pattern}")
+            if not 0 < amount <= 1e6:
+                raise ValueError(f"resource {name!r}: amount {amount!r} must be > 0 and <= 1e6")
+        return resources
+
+
 class ExecutionBundle(BaseModel):
     """The whole run: steps in an order that respects every ``needs``."""
 
@@ -94,6 +144,7 @@ class ExecutionBundle(BaseModel):
     resource: str | None = None  # the key the bundle holds for its hardware steps
     spec_sha256: str = ""
     artifact_dir: str = "artifacts"
+    job: JobResources | None = None  # what its Ray job asks of the cluster (the Ray engine only)
     steps: tuple[BundleStep, ...] = Field(min_length=1)
 
     @model_validator(mode="after")

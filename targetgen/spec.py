@@ -17,6 +17,11 @@ The whole schema (every key but ``name`` is optional)::
       cores: 1
     resource: firesim_u250        # the catalog key the hardware rungs hold, or
     resource_labels: {kind: fpga} # the first catalog key carrying these labels (not both)
+    job:                          # what the run's Ray job needs beyond the lease (Ray engine only)
+      num_cpus: 2                 # CPUs for the job's entrypoint (default 0)
+      memory: 4g                  # bytes, or 512m / 4g / 4GiB (binary units)
+      resources: {bench_gpu: 1}   # custom Ray resources a node advertises
+      preemptible: false          # never on a node labelled ray.io/market-type=spot
     workflow: bringup             # a label carried into the bundle (default bringup)
     ladder:                       # per-rung overrides of the class's default ladder
       smoke-test:                 # a default rung: its steps are replaced;
@@ -67,7 +72,7 @@ from pydantic import (
 from broker.core.durations import parse_duration
 from broker.errors import InvalidRequest
 from broker.models import RESOURCE_KEY_PATTERN
-from targetgen.bundle import STEP_ID_PATTERN
+from targetgen.bundle import STEP_ID_PATTERN, JobResources
 from targetgen.normalize import TargetClass, normalize_name
 
 __all__ = ["Platform", "StepSpec", "RungSpec", "TargetSpec", "parse_spec", "load_spec", "MAX_TIMEOUT_S"]
@@ -225,6 +230,8 @@ class TargetSpec(BaseModel):
     platform: Platform = Field(default_factory=Platform)
     resource: str | None = Field(default=None, pattern=RESOURCE_KEY_PATTERN)
     resource_labels: dict[str, str] | None = Field(default=None, min_length=1)
+    # What the run's Ray job needs beyond the lease: num_cpus, memory (4g), resources, preemptible.
+    job: JobResources | None = None
     workflow: str = Field(default="bringup", pattern=STEP_ID_PATTERN)
     ladder: dict[str, RungSpec] = Field(default_factory=dict)
     source: str = ""
@@ -267,7 +274,7 @@ class TargetSpec(BaseModel):
 
 def _field_names() -> set[str]:
     names: set[str] = set()
-    for model in (Platform, StepSpec, RungSpec, TargetSpec):
+    for model in (Platform, StepSpec, RungSpec, TargetSpec, JobResources):
         names.update(info.alias or name for name, info in model.model_fields.items())
     return names - set(_PROVENANCE)
 

@@ -43,6 +43,7 @@ from typing import Any
 from broker.actors.resource import ResourceActor
 from broker.actors.run_manager import RunManager
 from broker.core.catalog import Catalog, parse_catalog
+from broker.core.placement_rules import JobNeeds, NodeInfo, Placement, host_down_reason, placement, unsatisfiable
 from broker.core.request_index import RequestIndex
 from broker.core.runs import RunRecord, new_run_id
 from broker.core.usage import ResourceSnapshot
@@ -84,6 +85,7 @@ STATUS_TIMEOUT_S = 2.0
 # How often the coordinator checks each resource actor answers (resource_up) and
 # pulls its snapshot, in case a push was lost while the coordinator was down.
 HEALTH_INTERVAL_S = float(os.environ.get("MERLIN_HEALTH_INTERVAL_S", "5"))
+_UNKNOWN = object()  # the cluster did not list its nodes: leave every key's host flag as it is
 
 
 class BrokerActor:
@@ -132,7 +134,13 @@ class BrokerActor:
         self._requests: RequestIndex | None = None
         self._requests_loading = self._loop.run_in_executor(None, self._load_request_index)
         self._runs = RunManager(
-            self._state, self._events, self._call, self._board.set_runs, self._system.job_runner(), namespace=namespace
+            self._state,
+            self._events,
+            self._call,
+            self._board.set_runs,
+            self._system.job_runner(),
+            namespace=namespace,
+            place=self._run_placement,
         )
         self._runs.load()  # re-attaches to every unfinished run
         self._watcher = self._loop.create_task(self._watch())
@@ -395,6 +403,7 @@ class BrokerActor:
             )
         if bundle.resource is not None:
             self._known(bundle.resource)
+        await self._check_placement(bundle.resource, bundle.job)
         if run_id is not None:
             target_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
             write_bundle(target_dir, bundle)
@@ -501,14 +510,36 @@ class BrokerActor:
             self._actor(key)
 
     async def _watch(self) -> None:
-        """Every HEALTH_INTERVAL_S: does each resource actor answer? Pull its snapshot."""
+        """Every HEALTH_INTERVAL_S: is each key's host in the cluster, does each resource actor
+        answer? Tell it the first, pull its snapshot."""
         while True:
-            keys = list(self._catalog.resources) if self._catalog else []
-            await asyncio.gather(*(self._probe(key) for key in keys))
+            await self._health_pass()
             await asyncio.sleep(HEALTH_INTERVAL_S)
 
-    async def _probe(self, key: str) -> None:
+    async def _health_pass(self) -> None:
+        catalog = self._catalog
+        keys = list(catalog.resources) if catalog else []
+        hosts = {key: catalog.resources[key].host for key in keys} if catalog else {}
+        nodes = await self._nodes() if any(hosts.values()) else []
+        await asyncio.gather(
+            *(self._probe(key, host_down_reason(hosts[key], nodes) if nodes is not None else _UNKNOWN) for key in keys)
+        )
+
+    async def _nodes(self) -> list[NodeInfo] | None:
+        """The cluster's alive nodes, or None if the cluster does not say (then nothing changes)."""
         try:
+            return await asyncio.to_thread(self._system.alive_nodes)
+        except Exception as exc:  # noqa: BLE001 - a GCS hiccup must not end the health loop
+            self._events.emit("broker.nodes_unknown", level="warning", error=str(exc)[:200])
+            return None
+
+    async def _probe(self, key: str, down_reason: str | None | object = None) -> None:
+        spec = self._catalog.resources.get(key) if self._catalog else None
+        try:
+            if spec is not None and spec.host is not None and down_reason is not _UNKNOWN:
+                await self._system.call(
+                    self._actor(key), "set_host_down", down_reason, answer_within_s=STATUS_TIMEOUT_S, retry=False
+                )
             snapshot, started_at = await self._system.call(
                 self._actor(key), "snapshot", answer_within_s=STATUS_TIMEOUT_S, retry=False
             )
@@ -517,6 +548,44 @@ class BrokerActor:
             return
         self._board.put(snapshot, started_at)
         self._board.set_up(key, True)
+
+    def _placement(self, resource: str | None, job: Any) -> Placement:
+        """Where a run's job goes: on its key's host, with the bundle's job needs (``job``, may be None)."""
+        spec = self._catalog.resources.get(resource) if (self._catalog and resource) else None
+        needs = (
+            JobNeeds(job.num_cpus, job.memory_bytes, dict(job.resources), job.preemptible)
+            if job is not None
+            else JobNeeds()
+        )
+        return placement(spec.host if spec is not None else None, needs)
+
+    def _run_placement(self, resource: str | None, job: Any) -> Placement:
+        """The placement of a run's job as it is submitted (in a thread: it lists the nodes).
+
+        Checked again here because a run accepted while its host was down is judged only
+        now that the host is back: a job no node can run ends the run instead of pending.
+        """
+        where = self._placement(resource, job)
+        if where.needs == JobNeeds() and not where.label_selector:
+            return where
+        try:
+            nodes = self._system.alive_nodes()
+        except Exception:  # noqa: BLE001 - no node list now: submit, Ray places or holds it
+            return where
+        why = unsatisfiable(where, nodes)
+        if why is not None:
+            raise InvalidRequest(f"the bundle's job cannot run: {why}", "job")
+        return where
+
+    async def _check_placement(self, resource: str | None, job: Any) -> None:
+        """Refuse a run no alive node could ever run (``InvalidRequest``), rather than leave it pending."""
+        where = self._placement(resource, job)
+        if not where.label_selector and where.needs == JobNeeds():
+            return
+        nodes = await self._nodes()
+        why = unsatisfiable(where, nodes) if nodes is not None else None
+        if why is not None:
+            raise InvalidRequest(f"the bundle's job cannot run: {why}", "job")
 
     async def _status_of(self, key: str) -> ResourceStatus:
         try:

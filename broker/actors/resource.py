@@ -22,9 +22,10 @@ import secrets
 import time
 from typing import Any
 
-from broker.core.book import Change, LeaseBook, Outcome, release_ended
+from broker.core.book import Change, HostDown, LeaseBook, Outcome, release_ended
 from broker.core.catalog import Catalog, ResourceSpec
 from broker.core.clock import ActorClock
+from broker.core.placement_rules import host_down_reason
 from broker.core.usage import ResourceSnapshot, UsageCounters
 from broker.disk.journal import EventSink
 from broker.disk.store import ResourceLedger, ResourceMeta, StateDir, read_json
@@ -61,7 +62,10 @@ def resource_status(book: LeaseBook) -> ResourceStatus:
     """What anyone may see of a book: no lease ids, only public refs."""
     granted = book.granted
     maintenance = book.maintenance
-    if maintenance is not None:
+    host_down = book.host_down
+    if host_down is not None:
+        state = ResourceState.DOWN
+    elif maintenance is not None:
         state = ResourceState.MAINTENANCE
     elif granted is not None:
         state = ResourceState.LEASED
@@ -89,6 +93,7 @@ def resource_status(book: LeaseBook) -> ResourceStatus:
         queue=queue,
         maintenance_reason=maintenance.reason if maintenance else None,
         maintenance_since=maintenance.since if maintenance else None,
+        down_reason=host_down.reason if host_down else None,
     )
 
 
@@ -124,12 +129,16 @@ class ResourceActor:
         self._snapshot_seq = 0
         self._push_pending = False
         self._coordinator = ActorRef(self._system, COORDINATOR_NAME, namespace)
+        # Asked before the book grants anything on restore: a restarted actor never grants on
+        # an absent host before the coordinator's next health pass says so.
+        down_reason = self._host_down_reason()
         self._book, fixes = LeaseBook.restore(
             key,
             contents.leases,
             # A corrupt record may have held the newest token: stay above it.
             fencing_floor=contents.meta.fencing_counter + len(contents.corrupt),
             maintenance=contents.meta.maintenance,
+            host_down=HostDown(down_reason, self._clock.now()) if down_reason else None,
             now=self._clock.now(),
             max_hold_s=self._spec.max_hold_s,
             warn_before_s=self._spec.warn_before_s,
@@ -145,6 +154,8 @@ class ResourceActor:
             fixes = Outcome()
             self._events.emit("ledger.write_failed", level="error", resource=key, error=str(exc))
         self._deliver(fixes)
+        if self._book.host_down is not None:
+            self._log_change(Change(LeaseEvent.DOWN))
         self._events.emit(
             "resource.started",
             resource=key,
@@ -262,6 +273,15 @@ class ResourceActor:
         self._apply(lambda now: self._book.set_maintenance(on, reason, now, by))
         return resource_status(self._book)
 
+    async def set_host_down(self, reason: str | None) -> ResourceStatus:
+        """The coordinator's health pass: this key's host is absent (``reason``) or present (None)."""
+        if reason is not None:
+            reason = checked(Reason, reason, "reason")
+        if self._spec.host is None:
+            reason = None  # the catalog changed under the pass: a key with no host is never host-down
+        self._apply(lambda now: self._book.set_host_down(reason, now))
+        return resource_status(self._book)
+
     async def check_fence(self, lease_id: str, fencing_token: int) -> Lease:
         self._own(lease_id)
         if isinstance(fencing_token, bool) or not isinstance(fencing_token, int):
@@ -298,6 +318,20 @@ class ResourceActor:
         self._book.warn_before_s = self._spec.warn_before_s
         self._book.claim_s = settings.claim_s
         self._book.retention_s = settings.retention_s
+        reason = self._host_down_reason()
+        with contextlib.suppress(BrokerUnavailable):  # a grant on the host's return could not be written
+            self._apply(lambda now: self._book.set_host_down(reason, now))
+
+    def _host_down_reason(self) -> str | None:
+        """Why this key's host is not in the cluster now, or None (no host, or it is there)."""
+        if self._spec.host is None:
+            return None
+        try:
+            nodes = self._system.alive_nodes()
+        except Exception as exc:  # noqa: BLE001 - no node list now: the coordinator's pass decides
+            self._events.emit("resource.nodes_unknown", level="warning", resource=self._key, error=str(exc)[:200])
+            return None
+        return host_down_reason(self._spec.host, nodes)
 
     # ------------------------------------------------------------------ shell
 
@@ -347,6 +381,16 @@ class ResourceActor:
 
     def _log_change(self, change: Change) -> None:
         lease = change.lease
+        if change.event in (LeaseEvent.DOWN, LeaseEvent.UP):
+            down = self._book.host_down
+            self._events.emit(
+                change.event,
+                level="warning" if down is not None else "info",
+                resource=self._key,
+                host=self._spec.host,
+                reason=down.reason if down else None,
+            )
+            return
         if lease is None:
             maintenance = self._book.maintenance
             self._events.emit(
@@ -394,7 +438,9 @@ class ResourceActor:
         self._snapshot_seq += 1
         book = self._book
         granted, maintenance, queue = book.granted, book.maintenance, book.queue
-        if maintenance is not None:
+        if book.host_down is not None:
+            state = ResourceState.DOWN
+        elif maintenance is not None:
             state = ResourceState.MAINTENANCE
         else:
             state = ResourceState.LEASED if granted is not None else ResourceState.FREE

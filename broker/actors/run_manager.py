@@ -36,6 +36,7 @@ from enum import Enum
 from pathlib import Path
 from typing import Any
 
+from broker.core.placement_rules import JobNeeds, Placement, placement
 from broker.core.runs import (
     RunRecord,
     RunStatus,
@@ -88,8 +89,11 @@ class RunManager:
         *,
         namespace: str,
         python: str = sys.executable,
+        place: Callable[[str | None, Any], Placement] | None = None,
     ):
         self._namespace = namespace
+        # (resource, the bundle's job needs) -> where its job runs: the coordinator knows the hosts.
+        self._place = place or (lambda resource, job: placement(None, JobNeeds()))
         self._state = state
         self._store = RunRecords(state)
         self._events = events
@@ -403,16 +407,35 @@ class RunManager:
             env["MERLIN_LEASE_FILE"] = str(lease_file)
             env["MERLIN_FENCING_TOKEN"] = str(record.fencing_token)
             env["MERLIN_RESOURCE"] = record.resource or ""
+        where = await asyncio.to_thread(self._placement_of, record)
+        needs = where.needs
         await self._jobs.submit(
             JobSpec(
                 submission_id=record.submission_id,
                 entrypoint=record.command,
                 env=env,
                 metadata={"merlin_run_id": record.run_id, "target": record.target},
+                num_cpus=needs.num_cpus,
+                memory_bytes=needs.memory_bytes,
+                resources=dict(needs.resources),
+                label_selector=dict(where.label_selector),
             )
         )
-        self._events.emit("run.submitted", run_id=record.run_id, submission_id=record.submission_id)
+        self._events.emit(
+            "run.submitted",
+            run_id=record.run_id,
+            submission_id=record.submission_id,
+            host=where.host,
+            label_selector=dict(where.label_selector) or None,
+        )
         return record
+
+    def _placement_of(self, record: RunRecord) -> Placement:
+        """The job's placement: the key's host, and the job needs of the bundle the executor will run."""
+        from targetgen.bundle import load_bundle
+
+        bundle = load_bundle(Path(record.workdir))
+        return self._place(record.resource, bundle.job)
 
     async def _watch(self, record: RunRecord) -> _Next:
         """Follow the job until it ends, renewing the lease; a lease loss is handled at once."""
@@ -437,7 +460,7 @@ class RunManager:
                 record = self._save(advance(record, RunStatus.RUNNING, time.time(), message=message))
                 self._recount()
                 self._events.emit("run.started", run_id=record.run_id, resource=record.resource,
-                                  holder=record.holder, lease=record.lease_ref)  # fmt: skip
+                                  holder=record.holder, lease=record.lease_ref, node=info.node_id)  # fmt: skip
             if end is not None:
                 if record.run_id in self._lost:
                     continue  # the job ended because its lease did: that is how the run ended

@@ -17,7 +17,10 @@ Rules (README "Leases"):
 * the same ``(holder, request_id)`` always answers with the same lease;
 * a request queued before a restart and granted before its holder came back
   lasts at most the claim window; the holder's return lifts that cap;
-* maintenance stops new grants; the current holder keeps its lease.
+* maintenance stops new grants; the current holder keeps its lease;
+* so does a host that is down (the key's Ray node is not in the cluster): a flag
+  the coordinator sets and lifts from what the cluster reports, apart from an
+  admin's maintenance, and never written to disk (the cluster is its authority).
 
 Transactions: everything the book knows is one :class:`_State`. A command
 works on a fork of it (copy-on-write, so a fork costs what the previous
@@ -48,7 +51,7 @@ from broker.models import (
     lease_ref,
 )
 
-__all__ = ["Change", "Outcome", "Maintenance", "LeaseBook", "WAIT_TIMED_OUT", "release_ended"]
+__all__ = ["Change", "Outcome", "Maintenance", "HostDown", "LeaseBook", "WAIT_TIMED_OUT", "release_ended"]
 
 WAIT_TIMED_OUT = EndReason.WAIT_TIMED_OUT  # the name older callers import
 
@@ -92,6 +95,14 @@ class Maintenance:
     reason: str
     since: float
     by: str = ""
+
+
+@dataclass(frozen=True)
+class HostDown:
+    """The key's host has no alive Ray node: no grants until it is back."""
+
+    reason: str
+    since: float
 
 
 K = TypeVar("K")
@@ -157,7 +168,7 @@ class _Table(Generic[K, V]):
 
 
 # What a field of _State may hold besides a _Table: values nobody can change in place.
-_IMMUTABLE = (int, float, str, tuple, frozenset, Maintenance, type(None))
+_IMMUTABLE = (int, float, str, tuple, frozenset, Maintenance, HostDown, type(None))
 
 
 @dataclass
@@ -171,6 +182,7 @@ class _State:
     counter: int = 0  # the fencing counter: the last token handed out
     seq: int = 0  # arrival counter: FIFO among equal priorities
     maintenance: Maintenance | None = None
+    host_down: HostDown | None = None
     granted_id: str | None = None
     queue: tuple[tuple[int, int, str], ...] = ()  # (-priority, seq, lease_id), sorted
     unclaimed: frozenset[str] = frozenset()  # queued before a restart; nobody awaits them yet
@@ -245,6 +257,7 @@ class LeaseBook:
         *,
         fencing_floor: int = 0,
         maintenance: Maintenance | None = None,
+        host_down: HostDown | None = None,
         now: float,
         **options: float | None,
     ) -> tuple[LeaseBook, Outcome]:
@@ -259,6 +272,7 @@ class LeaseBook:
         state = book._state
         state.counter = fencing_floor
         state.maintenance = maintenance
+        state.host_down = host_down  # known before anything is granted on restore
         granted: list[Lease] = []
         unclaimed: set[str] = set()
         for lease in leases:
@@ -294,6 +308,10 @@ class LeaseBook:
     @property
     def maintenance(self) -> Maintenance | None:
         return self._state.maintenance
+
+    @property
+    def host_down(self) -> HostDown | None:
+        return self._state.host_down
 
     @property
     def granted(self) -> Lease | None:
@@ -362,7 +380,7 @@ class LeaseBook:
             if lease_id in state.leases:
                 raise InvalidRequest(f"lease id collision on {lease_id!r}", "lease_id")
             busy = state.maintenance is not None or state.granted_id is not None or bool(state.queue)
-            if busy and not request.wait:
+            if (busy or state.host_down is not None) and not request.wait:
                 granted = self.granted
                 raise ResourceBusy(
                     self.resource,
@@ -370,6 +388,7 @@ class LeaseBook:
                     granted.expires_at if granted else None,
                     len(state.queue),
                     state.maintenance.reason if state.maintenance else None,
+                    down_reason=state.host_down.reason if state.host_down else None,
                 )
             state.seq += 1
             deadline = None if request.timeout_s is None else now + request.timeout_s
@@ -503,6 +522,24 @@ class LeaseBook:
             self._advance(now, outcome)
             return outcome
 
+    def set_host_down(self, reason: str | None, now: float) -> Outcome:
+        """Mark the key's host absent (``reason``) or back (None); back grants the next waiter.
+
+        Idempotent: the coordinator repeats what the cluster shows every health pass.
+        """
+        with self._transaction(now) as outcome:
+            state = self._state
+            self._advance(now, outcome)
+            current = state.host_down
+            if reason is not None and (current is None or current.reason != reason):
+                state.host_down = HostDown(reason=reason, since=current.since if current else now)
+                outcome.changes.append(Change(LeaseEvent.DOWN))
+            elif reason is None and current is not None:
+                state.host_down = None
+                outcome.changes.append(Change(LeaseEvent.UP))
+            self._advance(now, outcome)
+            return outcome
+
     def tick(self, now: float) -> Outcome:
         """Expire what is due at ``now``: leases past ``expires_at``, waiters past their deadline."""
         with self._transaction(now) as outcome:
@@ -552,6 +589,8 @@ class LeaseBook:
     def _grant_next(self, now: float, outcome: Outcome) -> None:
         state = self._state
         if state.granted_id is not None or state.maintenance is not None or not state.queue:
+            return
+        if state.host_down is not None:
             return
         (_, _, lease_id), state.queue = state.queue[0], state.queue[1:]
         lease = state.leases[lease_id]

@@ -21,6 +21,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from broker.core.durations import parse_duration
+from broker.core.placement_rules import HOST_PATTERN
 from broker.errors import InvalidRequest
 from broker.models import MAX_TTL_S, RESOURCE_KEY_PATTERN
 
@@ -64,6 +65,9 @@ class ResourceSpec(BaseModel):
     description: str = Field(default="", max_length=512)
     labels: dict[str, str] = Field(default_factory=dict)
     properties: dict[str, Any] = Field(default_factory=dict)
+    # The Ray node the hardware is attached to: the node labelled merlin-host=<host>. Its runs'
+    # jobs execute there; while no alive node carries the label the key is down (no grants).
+    host: str | None = Field(default=None, pattern=HOST_PATTERN)
     max_hold_s: float | None = Field(default=None, alias="max_hold", gt=0, le=MAX_TTL_S)
     warn_before_s: float = Field(default=300.0, alias="warn_before", ge=0)
 

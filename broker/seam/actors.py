@@ -16,6 +16,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from broker.core.placement_rules import NodeInfo
 from broker.errors import BrokerError, BrokerUnavailable
 from broker.seam.jobs import JobRunner
 from broker.seam.retry import Failure, RetryPolicy
@@ -98,6 +99,10 @@ class ActorSystem(ABC):
     @abstractmethod
     def current_node_id(self) -> str | None:
         """The node this process runs on (the coordinator pins the resource actors there)."""
+
+    @abstractmethod
+    def alive_nodes(self) -> list[NodeInfo]:
+        """The cluster's alive nodes with their labels and total resources (a blocking call)."""
 
     @abstractmethod
     def job_runner(self) -> JobRunner:

@@ -19,6 +19,7 @@ import pickle
 from dataclasses import dataclass
 from typing import Any
 
+from broker.core.placement_rules import NodeInfo
 from broker.seam.actors import ActorRef, ActorSystem, CallFailed, Spawn
 from broker.seam.jobs import FakeJobRunner
 from broker.seam.retry import Failure, RetryPolicy
@@ -52,6 +53,8 @@ class FakeSystem(ActorSystem):
         self.jobs = FakeJobRunner()
         self._hosted: dict[tuple[str, str], _Hosted] = {}
         self.node_id = "fake-head-node"
+        # The cluster's nodes as alive_nodes() reports them; a test adds, labels or removes nodes.
+        self.nodes: list[NodeInfo] = [NodeInfo(self.node_id, {}, {"CPU": 2.0, "memory": 4.0 * 1024**3}, is_head=True)]
 
     # ------------------------------------------------------------------ ActorSystem
 
@@ -76,6 +79,9 @@ class FakeSystem(ActorSystem):
 
     def current_node_id(self) -> str | None:
         return self.node_id
+
+    def alive_nodes(self) -> list[NodeInfo]:
+        return list(self.nodes)
 
     def job_runner(self) -> FakeJobRunner:
         return self.jobs

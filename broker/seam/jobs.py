@@ -26,6 +26,8 @@ class JobSpec:
     num_cpus: float = 0.0
     memory_bytes: int = 0
     resources: Mapping[str, float] = field(default_factory=dict)
+    # Node labels the entrypoint's node must carry (Ray's label selector: "v", "!v", "in(a,b)").
+    label_selector: Mapping[str, str] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -36,6 +38,7 @@ class JobInfo:
     status: str
     exit_code: int | None = None
     message: str = ""  # the job system's own words (why a job failed before its entrypoint could say)
+    node_id: str | None = None  # the node the job's entrypoint runs on, once it started
 
 
 class JobRunner(Protocol):

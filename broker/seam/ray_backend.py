@@ -19,6 +19,7 @@ from typing import Any, TypeVar
 import ray
 from ray.exceptions import ActorUnavailableError, GetTimeoutError, RayActorError, RayTaskError
 
+from broker.core.placement_rules import NodeInfo
 from broker.errors import BrokerUnavailable
 from broker.seam.actors import ActorRef, ActorSystem, CallFailed, Spawn
 from broker.seam.jobs import JobInfo, JobSpec
@@ -27,7 +28,7 @@ from broker.seam.retry import Failure, RetryPolicy
 
 T = TypeVar("T")
 
-__all__ = ["RaySystem", "RayJobRunner", "classify", "remote_class", "head_node_id"]
+__all__ = ["RaySystem", "RayJobRunner", "classify", "remote_class", "head_node_id", "alive_nodes"]
 
 
 def classify(err: BaseException) -> CallFailed | None:
@@ -55,6 +56,20 @@ def head_node_id() -> str | None:
         if node.get("Alive") and "node:__internal_head__" in node.get("Resources", {}):
             return str(node["NodeID"])
     return None
+
+
+def alive_nodes() -> list[NodeInfo]:
+    """The alive nodes of the connected cluster: id, labels, total resources (one GCS call)."""
+    return [
+        NodeInfo(
+            node_id=str(node["NodeID"]),
+            labels={str(k): str(v) for k, v in (node.get("Labels") or {}).items()},
+            resources={str(k): float(v) for k, v in (node.get("Resources") or {}).items()},
+            is_head="node:__internal_head__" in (node.get("Resources") or {}),
+        )
+        for node in ray.nodes()
+        if node.get("Alive")
+    ]
 
 
 class RaySystem(ActorSystem):
@@ -89,6 +104,9 @@ class RaySystem(ActorSystem):
 
     def current_node_id(self) -> str | None:
         return str(ray.get_runtime_context().get_node_id())
+
+    def alive_nodes(self) -> list[NodeInfo]:
+        return alive_nodes()
 
     def job_runner(self) -> RayJobRunner:
         return RayJobRunner()
@@ -203,6 +221,8 @@ class RayJobRunner:
             kwargs["entrypoint_memory"] = spec.memory_bytes
         if spec.resources:
             kwargs["entrypoint_resources"] = dict(spec.resources)
+        if spec.label_selector:
+            kwargs["entrypoint_label_selector"] = dict(spec.label_selector)
         try:
             await asyncio.to_thread(self._jobs().submit_job, **kwargs)
         except RuntimeError:
@@ -223,6 +243,7 @@ class RayJobRunner:
             status=status,
             exit_code=raw.driver_exit_code,
             message=str(raw.message or "")[:300],
+            node_id=getattr(raw, "driver_node_id", None) or None,
         )
 
     async def stop(self, submission_id: str) -> None:
