@@ -148,8 +148,10 @@ def footprint(ctx: BenchContext) -> Result:
 def control_plane(ctx: BenchContext) -> Result:
     """A lab-sized broker: `broker up` with 40 keys, a scrape, and `merlin ray resources list` at 40 keys.
 
-    Baselines from the same run: a bare actor's start (``broker up`` cannot beat
-    starting its slowest actor), and the CLI's own start-up (``merlin --help``).
+    Baselines from the same run: as many bare actors started at once (Ray
+    starting that many worker processes on this machine: the floor of ``broker
+    up``), and the CLI's own start-up (``merlin --help``) beside the read API's
+    answer (``GET /api/v1/resources``), which together make up ``resources list``.
     """
     import os
     import subprocess
@@ -161,14 +163,12 @@ def control_plane(ctx: BenchContext) -> Result:
 
     size = ctx.samples(LAB_KEYS, 10)
     result = Result(f"control plane, {size} keys")
-    bare = []
-    for _ in range(ctx.samples(5, 2)):
-        started = time.perf_counter()
-        actor = BareActor.options(namespace=ctx.namespace).remote()
-        ray.get(actor.ping.remote())
-        bare.append(time.perf_counter() - started)
+    started = time.perf_counter()
+    actors = [BareActor.options(namespace=ctx.namespace).remote() for _ in range(size)]
+    ray.get([actor.ping.remote() for actor in actors])
+    result.figures[f"{size} bare actors started at once (s)"] = time.perf_counter() - started
+    for actor in actors:
         ray.kill(actor)
-    result.figures["bare actor start"] = summarize(bare, scale=1.0, unit="s")
     started = time.perf_counter()
     namespace, _names, handle = extra_broker(ctx, size)  # returns when every actor answers
     up_s = time.perf_counter() - started
@@ -177,6 +177,8 @@ def control_plane(ctx: BenchContext) -> Result:
         url = ray.get(handle.status.remote()).metrics_url
         scrape = summarize(_scrape_samples(url, ctx.samples(300, 40)))
         result.figures[f"scrape, {size} keys"] = scrape
+        api = url.rsplit("/", 1)[0] + "/api/v1/resources"
+        result.figures[f"GET /api/v1/resources, {size} keys"] = summarize(_scrape_samples(api, ctx.samples(100, 20)))
         merlin = Path(sys.executable).parent / "merlin"
         command = [str(merlin)] if merlin.exists() else [sys.executable, "-m", "broker.cli"]
         env = {
@@ -199,7 +201,9 @@ def control_plane(ctx: BenchContext) -> Result:
         list_s = result.figures[f"merlin ray resources list, {size} keys"].median  # type: ignore[union-attr]
     finally:
         broker_down(namespace)
-    result.ratio("broker up / bare actor start", f"broker up with {size} keys (s)", "bare actor start")
+    result.ratio(
+        "broker up / bare actors at once", f"broker up with {size} keys (s)", f"{size} bare actors started at once (s)"
+    )
     result.ratio("list / CLI start-up", f"merlin ray resources list, {size} keys", "merlin --help (CLI start-up)")
     result.targets += [
         Target(f"broker up with {size} keys <= 8 s", up_s, 8.0),
