@@ -145,6 +145,27 @@ def footprint(ctx: BenchContext) -> Result:
     return result
 
 
+def _render_costs(coordinator: Any, count: int = 50) -> tuple[float, float]:
+    """Inside the coordinator: seconds per exposition rendered from scratch, and from the cache."""
+    from prometheus_client import generate_latest
+    from prometheus_client.registry import CollectorRegistry
+
+    from broker.http.metrics import BrokerCollector, Exposition
+
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(BrokerCollector(coordinator._board))
+    started = time.perf_counter()
+    for _ in range(count):
+        generate_latest(registry)
+    full = (time.perf_counter() - started) / count
+    exposition = Exposition(coordinator._board)
+    exposition.render()
+    started = time.perf_counter()
+    for _ in range(count):
+        exposition.render()
+    return full, (time.perf_counter() - started) / count
+
+
 def control_plane(ctx: BenchContext) -> Result:
     """A lab-sized broker: `broker up` with 40 keys, a scrape, and `merlin ray resources list` at 40 keys.
 
@@ -167,6 +188,10 @@ def control_plane(ctx: BenchContext) -> Result:
     actors = [BareActor.options(namespace=ctx.namespace).remote() for _ in range(size)]
     ray.get([actor.ping.remote() for actor in actors])
     result.figures[f"{size} bare actors started at once (s)"] = time.perf_counter() - started
+    # The floor of resources(): one call on every key's actor, all at once, answered.
+    result.figures[f"one call on {size} bare actors at once"] = summarize(
+        timed(lambda: ray.get([actor.ping.remote() for actor in actors]), ctx.samples(100, 20), 5)
+    )
     for actor in actors:
         ray.kill(actor)
     started = time.perf_counter()
@@ -177,6 +202,9 @@ def control_plane(ctx: BenchContext) -> Result:
         url = ray.get(handle.status.remote()).metrics_url
         scrape = summarize(_scrape_samples(url, ctx.samples(300, 40)))
         result.figures[f"scrape, {size} keys"] = scrape
+        full, cached = ray.get(handle.__ray_call__.remote(_render_costs))
+        result.figures[f"exposition built from scratch, {size} keys (ms, in the coordinator)"] = full * 1000
+        result.figures[f"exposition from the cache, {size} keys (ms, in the coordinator)"] = cached * 1000
         api = url.rsplit("/", 1)[0] + "/api/v1/resources"
         result.figures[f"GET /api/v1/resources, {size} keys"] = summarize(_scrape_samples(api, ctx.samples(100, 20)))
         merlin = Path(sys.executable).parent / "merlin"
@@ -203,6 +231,11 @@ def control_plane(ctx: BenchContext) -> Result:
         broker_down(namespace)
     result.ratio(
         "broker up / bare actors at once", f"broker up with {size} keys (s)", f"{size} bare actors started at once (s)"
+    )
+    result.ratio(
+        "GET resources / one call on every bare actor",
+        f"GET /api/v1/resources, {size} keys",
+        f"one call on {size} bare actors at once",
     )
     result.ratio("list / CLI start-up", f"merlin ray resources list, {size} keys", "merlin --help (CLI start-up)")
     result.targets += [
