@@ -216,6 +216,10 @@ class BrokerActor:
             ref = self._actors.pop(key, None)
             if ref is not None:
                 self._system.kill(ref)
+        # The shim's fast path finds a key by its actor: gone means not in the catalog.
+        await self._until_gone([resource_actor_name(key) for key in dropped])
+        # Every key answers before `broker up` returns; new actors are still starting (in
+        # parallel: Ray starts their processes at once), existing ones re-read their settings.
         await asyncio.gather(*(self._call(key, "reconfigure") for key in new.resources))
         self._events.emit(
             "broker.catalog_applied",
@@ -504,10 +508,19 @@ class BrokerActor:
             self._events.emit("broker.record_failed", level="error", error=str(exc))
 
     def _adopt(self, catalog: Catalog) -> None:
+        """Take ``catalog`` as the current one; every key's actor is created (or found), all at once."""
         self._catalog = catalog
         self._board.set_keys(list(catalog.resources), VERSION)
-        for key in catalog.resources:
-            self._actor(key)
+        # Created now, so their restart-from-disk starts before the first call.
+        self._system.create_all([self._actor(key, create=False) for key in catalog.resources])
+
+    async def _until_gone(self, names: list[str], timeout_s: float = 10.0) -> None:
+        """Wait (bounded) until the killed actors ``names`` no longer answer to their names."""
+        deadline = time.monotonic() + timeout_s
+        while names and time.monotonic() < deadline:
+            names = [name for name in names if self._system.lookup(name, self._namespace) is not None]
+            if names:
+                await asyncio.sleep(0.05)
 
     async def _watch(self) -> None:
         """Every HEALTH_INTERVAL_S: is each key's host in the cluster, does each resource actor
@@ -606,12 +619,13 @@ class BrokerActor:
         """Call ``resource:<key>`` through the seam: retried (same arguments) while it restarts."""
         return await self._system.call(self._actor(key), method, *args, **kwargs)
 
-    def _actor(self, key: str) -> ActorRef:
+    def _actor(self, key: str, *, create: bool = True) -> ActorRef:
         ref = self._actors.get(key)
         if ref is None:
             spawn = Spawn(ResourceActor, (key, str(self._state.root), self._namespace), self._node_id)
             ref = self._actors[key] = ActorRef(self._system, resource_actor_name(key), self._namespace, spawn)
-            ref.handle()  # created now, so its restart-from-disk starts before the first call
+            if create:
+                ref.handle()  # created now, so its restart-from-disk starts before the first call
         return ref
 
     def close(self) -> None:

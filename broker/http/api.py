@@ -30,10 +30,9 @@ from socketserver import ThreadingMixIn
 from typing import Any
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
-from prometheus_client.registry import CollectorRegistry
+from prometheus_client import CONTENT_TYPE_LATEST
 
-from broker.http.metrics import BrokerCollector, MetricsBoard
+from broker.http.metrics import Exposition, MetricsBoard
 
 __all__ = ["serve", "BrokerHttp", "HttpLimits"]
 
@@ -122,8 +121,7 @@ class BrokerHttp:
     """The WSGI app: routes to the metrics exposition and the read API."""
 
     def __init__(self, board: MetricsBoard, readers: dict[str, Reader]):
-        self._registry = CollectorRegistry(auto_describe=False)
-        self._registry.register(BrokerCollector(board))
+        self._exposition = Exposition(board)  # cached until the board changes
         self._readers = readers
 
     def __call__(self, environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
@@ -131,7 +129,7 @@ class BrokerHttp:
         if environ.get("REQUEST_METHOD", "GET") != "GET":
             return _reply(start_response, "405 Method Not Allowed", b"read-only\n", "text/plain")
         if path == "/metrics":
-            return _reply(start_response, "200 OK", generate_latest(self._registry), CONTENT_TYPE_LATEST)
+            return _reply(start_response, "200 OK", self._exposition.render(), CONTENT_TYPE_LATEST)
         if path.startswith("/api/v1/") and path[len("/api/v1/") :] in self._readers:
             try:
                 body = json.dumps(self._readers[path[len("/api/v1/") :]](), default=str).encode()

@@ -84,6 +84,11 @@ class ActorSystem(ABC):
     def create(self, spawn: Spawn, name: str, namespace: str) -> Any:
         """The actor ``name``: created from ``spawn`` if it does not exist yet."""
 
+    def create_all(self, refs: Sequence[ActorRef]) -> None:
+        """Resolve every ref's handle (creating what is missing); a backend may do them in parallel."""
+        for ref in refs:
+            ref.handle()
+
     @abstractmethod
     def lookup(self, name: str, namespace: str) -> Any | None:
         """The live actor ``name``, or None."""

@@ -13,7 +13,8 @@ import asyncio
 import contextlib
 import functools
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
 import ray
@@ -81,6 +82,11 @@ class RaySystem(ActorSystem):
     def create(self, spawn: Spawn, name: str, namespace: str) -> Any:
         options = actor_options(name, namespace, spawn.node_id)
         return remote_class(spawn.cls).options(**options).remote(*spawn.args)
+
+    def create_all(self, refs: Sequence[ActorRef]) -> None:
+        # Each create is one or two blocking round trips to Ray's control store: overlap them.
+        with ThreadPoolExecutor(max_workers=max(1, min(16, len(refs))), thread_name_prefix="merlin-create") as pool:
+            list(pool.map(ActorRef.handle, refs))  # re-raises the first failure
 
     def lookup(self, name: str, namespace: str) -> Any | None:
         try:

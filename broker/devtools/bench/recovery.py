@@ -15,6 +15,7 @@ import ray
 
 from broker.devtools.bench.common import BenchContext
 from broker.devtools.bench.stats import Result, Target, summarize
+from broker.errors import BrokerUnavailable
 
 __all__ = ["recovery", "holder_death"]
 
@@ -44,7 +45,8 @@ def recovery(ctx: BenchContext) -> Result:
     key = ctx.keys[0]
     broker = ctx.broker()
     lease = ray.get(broker.reserve.remote(key, "bench-holder", ttl_s=600, request_id=uuid.uuid4().hex))
-    waiter = broker.reserve.remote(key, "bench-waiter", wait=True, timeout_s=600, request_id=uuid.uuid4().hex)
+    waiter_id = uuid.uuid4().hex
+    waiter = broker.reserve.remote(key, "bench-waiter", wait=True, timeout_s=600, request_id=waiter_id)
     time.sleep(0.5)
     ours, theirs = [], []
     bare = RestartingActor.options(namespace=ctx.namespace).remote()
@@ -66,7 +68,14 @@ def recovery(ctx: BenchContext) -> Result:
         os.kill(pid, signal.SIGKILL)
         theirs.append(_until(lambda: ray.get(bare.ping.remote(), timeout=5)) - started)
     ray.get(broker.release.remote(lease.lease_id))
-    granted = ray.get(waiter, timeout=60)
+    try:
+        granted = ray.get(waiter, timeout=60)
+    except BrokerUnavailable:
+        # Its retry window (from its first failure) closed over many kills on a slow machine:
+        # retry as any client does, with the same request id (the same queued request).
+        granted = ray.get(
+            broker.reserve.remote(key, "bench-waiter", wait=True, timeout_s=600, request_id=waiter_id), timeout=60
+        )
     ray.get(broker.release.remote(granted.lease_id))
     ray.kill(bare, no_restart=True)
     result = Result("recovery")

@@ -11,7 +11,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from broker.devtools.bench.stats import Result, Summary
+from broker.devtools.bench.stats import Result, Summary, Target
 
 __all__ = ["run", "render", "SCENARIOS"]
 
@@ -29,10 +29,22 @@ def _scenarios() -> dict[str, Callable[..., Result]]:
         "dispatch": dispatch.dispatch,
         "cli": dispatch.cli,
         "metrics": scale.metrics,
+        "control-plane": scale.control_plane,
     }
 
 
-SCENARIOS = ("cycle", "handoff", "throughput", "footprint", "recovery", "holder-death", "dispatch", "cli", "metrics")
+SCENARIOS = (
+    "cycle",
+    "handoff",
+    "throughput",
+    "footprint",
+    "recovery",
+    "holder-death",
+    "dispatch",
+    "cli",
+    "metrics",
+    "control-plane",
+)
 
 
 def _catalog(keys: list[str]) -> dict[str, Any]:
@@ -104,9 +116,18 @@ def render(results: list[Result]) -> str:
         for note in result.notes:
             lines.append(f"  ({note})")
         for target in result.targets:
-            verdict = "met" if target.met else "NOT MET"
-            lines.append(f"  target: {target.text}: {target.value:.3f} -> {verdict}")
+            lines.append(f"  target: {_verdict(target)}")
+    targets = [target for result in results for target in result.targets]
+    if targets:
+        lines.append(f"== targets: {sum(target.met for target in targets)} of {len(targets)} met")
+        lines += [f"  {'met    ' if target.met else 'NOT MET'}  {_verdict(target)}" for target in targets]
     return "\n".join(lines)
+
+
+def _verdict(target: Target) -> str:
+    relation = ">=" if target.at_least else "<="
+    verdict = "met" if target.met else "NOT MET"
+    return f"{target.text}: {target.value:.3f} (needs {relation} {target.limit:g}) -> {verdict}"
 
 
 def as_json(results: list[Result]) -> list[dict[str, Any]]:

@@ -1,4 +1,4 @@
-"""Scale: throughput across keys, footprint per key, scrape time and the cost of metrics pushes."""
+"""Scale: throughput across keys, footprint per key, the control plane at 40 keys, the cost of metrics pushes."""
 
 from __future__ import annotations
 
@@ -12,26 +12,31 @@ import ray
 from broker.devtools.bench.common import BenchContext, extra_broker, run_workers, timed
 from broker.devtools.bench.stats import Result, Target, summarize
 
-__all__ = ["metrics", "throughput", "footprint"]
+__all__ = ["metrics", "throughput", "footprint", "control_plane"]
+
+# The lab size the control-plane targets are set for (issue 15: Carol's 40 boards).
+LAB_KEYS = 40
+
+
+def _scrape_samples(url: str, count: int) -> list[float]:
+    import urllib.request
+
+    def scrape() -> None:
+        with urllib.request.urlopen(url, timeout=10) as response:
+            response.read()
+
+    return timed(scrape, count, 10)
 
 
 def metrics(ctx: BenchContext) -> Result:
-    """Scrape time at a few and at many keys; what the snapshot push costs a reserve/release cycle."""
-    import urllib.request
-
+    """Scrape time at a few keys (40 keys: the control-plane scenario); what a snapshot push costs a cycle."""
     from broker.actors.deploy import broker_down
 
     result = Result("metrics")
-    for size in (3, ctx.samples(50, 10)):
-        namespace, keys, handle = extra_broker(ctx, size)
-        url = ray.get(handle.status.remote()).metrics_url
-
-        def scrape() -> None:
-            with urllib.request.urlopen(url, timeout=10) as response:
-                response.read()
-
-        result.figures[f"scrape, {size} keys"] = summarize(timed(scrape, ctx.samples(300, 40), 10))
-        broker_down(namespace)
+    namespace, _keys, handle = extra_broker(ctx, 3)
+    url = ray.get(handle.status.remote()).metrics_url
+    result.figures["scrape, 3 keys"] = summarize(_scrape_samples(url, ctx.samples(300, 40)))
+    broker_down(namespace)
 
     key = ctx.keys[0]
     resource = ctx.resource(key)
@@ -85,10 +90,10 @@ def throughput(ctx: BenchContext) -> Result:
     rates: dict[int, float] = {}
     for keys in (1, 4, 16):
         namespace, names, _handle = extra_broker(ctx, keys)
-        specs = [{"mode": "cycles", "target": "broker", "key": key, "duration_s": duration} for key in names]
+        specs = [{"mode": "cycles", "target": "shim", "key": key, "duration_s": duration} for key in names]
         answers = run_workers(ctx, specs, namespace=namespace)
         rates[keys] = sum(answer.get("cycles", 0) for answer in answers) / duration
-        result.figures[f"broker, {keys} keys (cycles/s)"] = rates[keys]
+        result.figures[f"shim, {keys} keys (cycles/s)"] = rates[keys]
         broker_down(namespace)
         gates = [{"mode": "gated", "gate": f"bench_gate_{index:02d}", "duration_s": duration} for index in range(keys)]
         if ray.cluster_resources().get("bench_gate_00"):
@@ -98,8 +103,8 @@ def throughput(ctx: BenchContext) -> Result:
             )
     scaling = rates[16] / rates[1] if rates[1] else float("nan")
     result.figures["16 keys / 1 key"] = scaling
-    result.targets.append(Target("throughput at 16 keys >= 1.5x at 1 key", scaling, 1.5, at_least=True))
-    result.notes.append(f"one client process per key, reserve+release through `broker` for {duration:g}s")
+    result.targets.append(Target("throughput at 16 keys >= 2x at 1 key", scaling, 2.0, at_least=True))
+    result.notes.append(f"one client process per key, reserve+release through the shim for {duration:g}s")
     return result
 
 
@@ -120,7 +125,7 @@ def footprint(ctx: BenchContext) -> Result:
         ray.kill(actor)
     result.figures["bare idle actor USS (MB)"] = statistics.median(bare_uss)
     result.figures["bare actor start"] = summarize(bare_start)
-    for size in (ctx.samples(10, 5), ctx.samples(50, 10)):
+    for size in (ctx.samples(10, 5), ctx.samples(LAB_KEYS, 10)):
         started = time.perf_counter()
         namespace, names, _handle = extra_broker(ctx, size)  # returns when every actor answers
         wall = time.perf_counter() - started
@@ -131,10 +136,113 @@ def footprint(ctx: BenchContext) -> Result:
         result.figures[f"broker up with {size} keys (s)"] = wall
         result.figures[f"start time per key at {size} keys (s)"] = wall / size
         broker_down(namespace)
-    ratio = float(result.figures[f"resource actor USS at {ctx.samples(50, 10)} keys (MB)"]) / float(  # type: ignore[arg-type]
+    ratio = float(result.figures[f"resource actor USS at {ctx.samples(LAB_KEYS, 10)} keys (MB)"]) / float(  # type: ignore[arg-type]
         result.figures["bare idle actor USS (MB)"]  # type: ignore[arg-type]
     )  # both are plain medians (floats), not Summaries
     result.figures["USS per key / bare actor"] = ratio
     result.targets.append(Target("memory per key <= 1.2x a bare idle actor's USS", ratio, 1.2))
     result.notes.append("USS = Private_Clean + Private_Dirty from /proc/<pid>/smaps_rollup")
+    return result
+
+
+def _render_costs(coordinator: Any, count: int = 50) -> tuple[float, float]:
+    """Inside the coordinator: seconds per exposition rendered from scratch, and from the cache."""
+    from prometheus_client import generate_latest
+    from prometheus_client.registry import CollectorRegistry
+
+    from broker.http.metrics import BrokerCollector, Exposition
+
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(BrokerCollector(coordinator._board))
+    started = time.perf_counter()
+    for _ in range(count):
+        generate_latest(registry)
+    full = (time.perf_counter() - started) / count
+    exposition = Exposition(coordinator._board)
+    exposition.render()
+    started = time.perf_counter()
+    for _ in range(count):
+        exposition.render()
+    return full, (time.perf_counter() - started) / count
+
+
+def control_plane(ctx: BenchContext) -> Result:
+    """A lab-sized broker: `broker up` with 40 keys, a scrape, and `merlin ray resources list` at 40 keys.
+
+    Baselines from the same run: as many bare actors started at once (Ray
+    starting that many worker processes on this machine: the floor of ``broker
+    up``), and the CLI's own start-up (``merlin --help``) beside the read API's
+    answer (``GET /api/v1/resources``), which together make up ``resources list``.
+    """
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from broker.actors.deploy import broker_down
+    from broker.devtools.bench.baselines import BareActor
+
+    size = ctx.samples(LAB_KEYS, 10)
+    result = Result(f"control plane, {size} keys")
+    started = time.perf_counter()
+    actors = [BareActor.options(namespace=ctx.namespace).remote() for _ in range(size)]
+    ray.get([actor.ping.remote() for actor in actors])
+    result.figures[f"{size} bare actors started at once (s)"] = time.perf_counter() - started
+    # The floor of resources(): one call on every key's actor, all at once, answered.
+    result.figures[f"one call on {size} bare actors at once"] = summarize(
+        timed(lambda: ray.get([actor.ping.remote() for actor in actors]), ctx.samples(100, 20), 5)
+    )
+    for actor in actors:
+        ray.kill(actor)
+    started = time.perf_counter()
+    namespace, _names, handle = extra_broker(ctx, size)  # returns when every actor answers
+    up_s = time.perf_counter() - started
+    result.figures[f"broker up with {size} keys (s)"] = up_s
+    try:
+        url = ray.get(handle.status.remote()).metrics_url
+        scrape = summarize(_scrape_samples(url, ctx.samples(300, 40)))
+        result.figures[f"scrape, {size} keys"] = scrape
+        full, cached = ray.get(handle.__ray_call__.remote(_render_costs))
+        result.figures[f"exposition built from scratch, {size} keys (ms, in the coordinator)"] = full * 1000
+        result.figures[f"exposition from the cache, {size} keys (ms, in the coordinator)"] = cached * 1000
+        api = url.rsplit("/", 1)[0] + "/api/v1/resources"
+        result.figures[f"GET /api/v1/resources, {size} keys"] = summarize(_scrape_samples(api, ctx.samples(100, 20)))
+        merlin = Path(sys.executable).parent / "merlin"
+        command = [str(merlin)] if merlin.exists() else [sys.executable, "-m", "broker.cli"]
+        env = {
+            **os.environ,
+            "MERLIN_STATE_DIR": str(ctx.state.root.parent / namespace),
+            "MERLIN_RAY_NAMESPACE": namespace,
+        }
+
+        def wall(argv: list[str]) -> float:
+            begun = time.perf_counter()
+            subprocess.run(argv, env=env, capture_output=True, check=True, timeout=120)
+            return time.perf_counter() - begun
+
+        helps, lists = [], []
+        for _ in range(ctx.samples(7, 3)):
+            helps.append(wall([*command, "--help"]))
+            lists.append(wall([*command, "ray", "resources", "list"]))
+        result.figures["merlin --help (CLI start-up)"] = summarize(helps, scale=1.0, unit="s")
+        result.figures[f"merlin ray resources list, {size} keys"] = summarize(lists, scale=1.0, unit="s")
+        list_s = result.figures[f"merlin ray resources list, {size} keys"].median  # type: ignore[union-attr]
+    finally:
+        broker_down(namespace)
+    result.ratio(
+        "broker up / bare actors at once", f"broker up with {size} keys (s)", f"{size} bare actors started at once (s)"
+    )
+    result.ratio(
+        "GET resources / one call on every bare actor",
+        f"GET /api/v1/resources, {size} keys",
+        f"one call on {size} bare actors at once",
+    )
+    result.ratio("list / CLI start-up", f"merlin ray resources list, {size} keys", "merlin --help (CLI start-up)")
+    result.targets += [
+        Target(f"broker up with {size} keys <= 8 s", up_s, 8.0),
+        Target(f"scrape at {size} keys <= 8 ms", scrape.median, 8.0),
+        Target(f"resources list at {size} keys <= 0.3 s", list_s, 0.3),
+    ]
+    if size != LAB_KEYS:
+        result.notes.append(f"--quick: {size} keys; the targets are set for {LAB_KEYS}")
     return result

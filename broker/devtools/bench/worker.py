@@ -4,6 +4,10 @@ Separate processes, because the clients of a lab broker are separate
 processes (notebooks, CI jobs), and one Python process cannot drive many Ray
 clients at once. Modes:
 
+``target`` says how a worker reaches the lock: ``shim`` (``BrokerClient``),
+``direct`` (a plain Ray call on ``resource:<key>``), ``broker`` (a plain Ray
+call on the coordinator), or ``lock`` (the minimal lock actor baseline).
+
 * ``handoff``: acquire (waiting) and release ``rounds`` times; prints
   ``{"grants": [[t_grant, t_release], ...]}``.
 * ``cycles``: reserve (no wait) + release on its own key until ``until``;
@@ -33,6 +37,14 @@ def _acquire_release(spec: dict[str, Any]) -> tuple[Any, Any]:
     if target == "lock":
         lock = ray.get_actor(spec["actor"], namespace=namespace)
         return (lambda: ray.get(lock.acquire.remote())), (lambda _: ray.get(lock.release.remote()))
+    if target == "shim":
+        from broker.client import BrokerClient
+
+        client = BrokerClient(namespace)
+        return (
+            lambda: client.reserve(spec["key"], holder, wait=wait),
+            lambda lease: client.release(lease.lease_id),
+        )
     if target == "direct":
         actor = ray.get_actor(f"resource:{spec['key']}", namespace=namespace)
         reserve: Callable[[], Any] = lambda: ray.get(  # noqa: E731
