@@ -115,7 +115,9 @@ def test_a_key_dropped_from_the_catalog_is_unknown_to_a_client_that_used_it(brok
     dropped = "radiance_sim_lane_a"
     client.release(client.reserve(dropped, "alice").lease_id)  # cached handle
     smaller = {**TEST_CATALOG, "resources": {k: v for k, v in TEST_CATALOG["resources"].items() if k != dropped}}
-    broker_up(broker_env.state, broker_env.namespace, smaller, metrics_port=0)
+    broker_up(
+        broker_env.state, broker_env.namespace, smaller, metrics_port=0, replace=True
+    )  # dropping keys is explicit
     with pytest.raises(UnknownResource):
         client.reserve(dropped, "alice")
     with pytest.raises(UnknownResource):
