@@ -12,6 +12,7 @@ dir), 11 not authorized; 130 interrupted (SIGINT), 143 terminated (SIGTERM,
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
 
@@ -121,11 +122,9 @@ def _fail(line: str, err: BaseException, code: int, wants_json: bool) -> int:
         body = error_json(err, Surface.CLI, exit_code=code)
         if isinstance(err, UsageError):
             body["error"]["type"] = "UsageError"
-        try:
+        with contextlib.suppress(BrokenPipeError):  # the reader left: the stderr line still goes out
             sys.stdout.write(json.dumps(body) + "\n")
             sys.stdout.flush()
-        except BrokenPipeError:
-            pass
     print(line, file=sys.stderr)
     return code
 

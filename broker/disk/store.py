@@ -580,7 +580,7 @@ class ResourceLedger:
             self._disk.fsync(fd)
             self._wal_cut_pending = False
         except OSError:
-            pass
+            self._wal_cut_pending = True  # still pending: no append until a later cut succeeds
         finally:
             with contextlib.suppress(OSError):
                 self._disk.close(fd)

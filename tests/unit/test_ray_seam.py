@@ -124,7 +124,7 @@ def test_a_remote_method_may_take_keyword_arguments_named_like_the_seams_own():
 
     class Echo:
         def __init__(self, *, system):
-            pass
+            self.system = system
 
         async def withdraw(self, **kwargs):
             return kwargs
