@@ -215,14 +215,20 @@ def _status_is(system: FakeSystem, broker: ActorRef, run_id: str, *wanted: RunSt
     return check
 
 
+async def running_run(system: FakeSystem, broker: ActorRef, tmp_path: Path) -> tuple[Any, Any]:
+    """A run on firesim_u250 whose job is running: its record and its job's spec."""
+    record = await system.call(broker, "submit", str(bundle_dir(tmp_path, "a", "firesim_u250")), holder="ci")
+    (spec,) = await system.jobs.submitted(1)
+    system.jobs.set_status(spec.submission_id, "RUNNING")
+    await until(_status_is(system, broker, record.run_id, RunStatus.RUNNING), "running")
+    return record, spec
+
+
 def test_a_revoked_run_lease_stops_its_job_at_once_and_says_why(tmp_path):
     async def body() -> None:
         system = FakeSystem()
         broker = await up(tmp_path / "state", system)
-        record = await system.call(broker, "submit", str(bundle_dir(tmp_path, "a", "firesim_u250")), holder="ci")
-        (spec,) = await system.jobs.submitted(1)
-        system.jobs.set_status(spec.submission_id, "RUNNING")
-        await until(_status_is(system, broker, record.run_id, RunStatus.RUNNING), "running")
+        record, spec = await running_run(system, broker, tmp_path)
         await system.call(broker, "revoke", "firesim_u250", "board needed for a demo", by="bob")
         final = await until(_status_is(system, broker, record.run_id, RunStatus.STOPPED), "stopped")
         assert system.jobs.stopped == [spec.submission_id]  # told by the resource actor, not at the next renew
@@ -240,10 +246,7 @@ def test_a_run_whose_lease_expired_while_the_coordinator_was_away_queues_again(t
     async def body() -> None:
         system = FakeSystem()
         broker = await up(tmp_path / "state", system)
-        record = await system.call(broker, "submit", str(bundle_dir(tmp_path, "a", "firesim_u250")), holder="ci")
-        (first,) = await system.jobs.submitted(1)
-        system.jobs.set_status(first.submission_id, "RUNNING")
-        await until(_status_is(system, broker, record.run_id, RunStatus.RUNNING), "running")
+        record, first = await running_run(system, broker, tmp_path)
         system.crash(COORDINATOR_NAME, NS)  # nobody renews now
 
         async def expired() -> bool:
@@ -288,10 +291,7 @@ def test_a_run_whose_lease_was_revoked_while_the_coordinator_was_away_ends_lease
     async def body() -> None:
         system = FakeSystem()
         broker = await up(tmp_path / "state", system)
-        record = await system.call(broker, "submit", str(bundle_dir(tmp_path, "a", "firesim_u250")), holder="ci")
-        (spec,) = await system.jobs.submitted(1)
-        system.jobs.set_status(spec.submission_id, "RUNNING")
-        await until(_status_is(system, broker, record.run_id, RunStatus.RUNNING), "running")
+        record, spec = await running_run(system, broker, tmp_path)
         system.crash(COORDINATOR_NAME, NS)
         resource = ActorRef(system, "resource:firesim_u250", NS)
         await system.call(resource, "revoke", "needed elsewhere", by="bob")
