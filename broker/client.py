@@ -20,8 +20,6 @@ the rule that one request id names one key, which no single key can check.
 from __future__ import annotations
 
 import contextlib
-import getpass
-import socket
 import threading
 import time
 import uuid
@@ -29,13 +27,16 @@ from collections.abc import Callable
 from typing import Any
 
 from broker.disk.store import StateDir
-from broker.errors import BrokerError, BrokerUnavailable, LeaseNotFound, LeaseNotHeld
+from broker.errors import BrokerError, BrokerUnavailable, InvalidRequest, LeaseNotFound, LeaseNotHeld
+from broker.holders import admin_secret_from_env, default_holder
 from broker.models import (
     BrokerStatus,
+    GroupLease,
     Lease,
     LeaseState,
     ResourceStatus,
     ResourceTable,
+    SessionTie,
     is_resource_key,
     resource_of_lease_id,
 )
@@ -52,31 +53,6 @@ DEFAULT_RETRY_S = 30.0
 # key (a CI retry that lands on another key must never hold two boards), which no single key can check.
 _KEYED_BY_RESOURCE = frozenset({"queue_position", "withdraw"})
 _KEYED_BY_LEASE_ID = frozenset({"release", "renew", "lease", "check_fence"})
-
-
-def default_holder() -> str:
-    """``user@host``: who holds a lease when nobody says otherwise."""
-    try:
-        user = getpass.getuser()
-    except (KeyError, OSError):
-        user = "unknown"
-    return f"{user}@{socket.gethostname()}"
-
-
-def admin_secret_from_env() -> str | None:
-    """The admin secret from ``MERLIN_ADMIN_SECRET`` or the file ``MERLIN_ADMIN_SECRET_FILE`` names."""
-    import os
-
-    if os.environ.get("MERLIN_ADMIN_SECRET"):
-        return os.environ["MERLIN_ADMIN_SECRET"]
-    path = os.environ.get("MERLIN_ADMIN_SECRET_FILE")
-    if path:
-        try:
-            with open(path, encoding="utf-8") as handle:
-                return handle.read().strip()
-        except OSError as exc:
-            raise BrokerUnavailable(f"cannot read the admin secret file {path}: {exc.strerror}") from None
-    return None
 
 
 def connect(
@@ -131,37 +107,120 @@ class BrokerClient:
         request_id: str | None = None,
         note: str = "",
         on_position: Callable[[int | None], None] | None = None,
+        bind_session: bool = True,
     ) -> Lease:
         """Reserve ``resource``; a retried call reuses one ``request_id``, so it never gets two leases.
 
         ``on_position`` (with ``wait=True``) is called with the request's place in
-        the queue whenever it changes.
+        the queue whenever it changes. The request and its lease are tied to this
+        process (its Ray job, as ZooKeeper's ephemeral nodes are to their client): if
+        the process dies, the request leaves the queue, or the lease ends (``holder
+        gone``), within seconds, whatever its TTL. ``bind_session=False`` ties only the
+        wait: the lease, once received here, lives to its TTL, for a process that hands
+        it on and exits (the CLI's ``reserve``).
         """
         holder = default_holder() if holder is None else holder
         request_id = uuid.uuid4().hex if request_id is None else request_id
         kwargs: dict[str, Any] = dict(
-            ttl_s=ttl_s, wait=wait, timeout_s=timeout_s, priority=priority, request_id=request_id, note=note
+            ttl_s=ttl_s,
+            wait=wait,
+            timeout_s=timeout_s,
+            priority=priority,
+            request_id=request_id,
+            note=note,
+            session=self._system().session_id(),
+            bind_session=bind_session,
         )
-        progress = None
-        if on_position is not None and wait:
-            last: list[int | None] = [-1]
-
-            def progress() -> None:
-                try:
-                    position = self.call("queue_position", resource, holder, request_id, answer_within_s=2.0)
-                except BrokerError:
-                    return
-                if position != last[0]:
-                    last[0] = position
-                    on_position(position)
+        progress = self._position_reporter(
+            on_position if wait else None, "queue_position", resource, holder, request_id
+        )
 
         try:
-            return self.call("reserve", resource, holder, progress=progress, **kwargs)
+            lease: Lease = self.call("reserve", resource, holder, progress=progress, **kwargs)
+            if lease.state is LeaseState.GRANTED and lease.session_tie is SessionTie.UNTIL_ACKNOWLEDGED:
+                # Granted from the queue: say we have it (the same request again), or it is taken
+                # back when this process ends, as a grant nobody received would be.
+                lease = self.call("reserve", resource, holder, **kwargs)
+            return lease
         except KeyboardInterrupt:
             if wait:  # leave the queue rather than be granted a lease nobody will use
                 with contextlib.suppress(BrokerError):
                     self.call("withdraw", resource, holder, request_id, answer_within_s=5.0)
             raise
+
+    def reserve_group(
+        self,
+        holder: str | None = None,
+        *,
+        labels: str | None = None,
+        keys: list[str] | tuple[str, ...] | None = None,
+        count: int | None = None,
+        ttl_s: float = 3600.0,
+        wait: bool = False,
+        timeout_s: float | None = None,
+        priority: int = 0,
+        request_id: str | None = None,
+        note: str = "",
+        on_position: Callable[[int | None], None] | None = None,
+        bind_session: bool = True,
+    ) -> GroupLease:
+        """One lease on several keys: any ``count`` (default 1) of the keys matching ``labels``
+        (``"kind=fpga,board=u250"``), or all of ``keys`` together (or any ``count`` of them).
+
+        The answer names the keys it got (``.members``: key, fencing token, host,
+        labels, properties). ``release``/``renew``/``get_lease`` take its ``lease_id``.
+        Tied to this process like ``reserve``: if it dies, the wait and the group lease
+        end within seconds (``bind_session=False``: nothing is tied, the TTL applies).
+        """
+        holder = default_holder() if holder is None else holder
+        request_id = uuid.uuid4().hex if request_id is None else request_id
+        progress = self._position_reporter(on_position if wait else None, "group_position", holder, request_id)
+
+        try:
+            return self.call(
+                "reserve_group",
+                holder,
+                labels=labels,
+                keys=list(keys) if keys is not None else None,
+                count=count,
+                ttl_s=ttl_s,
+                wait=wait,
+                timeout_s=timeout_s,
+                priority=priority,
+                request_id=request_id,
+                note=note,
+                session=self._system().session_id() if bind_session else None,
+                progress=progress,
+            )
+        except KeyboardInterrupt:
+            if wait:  # leave every queue rather than be granted keys nobody will use
+                with contextlib.suppress(BrokerError):
+                    self.call("withdraw_group", holder, request_id, answer_within_s=5.0)
+            raise
+
+    def _position_reporter(
+        self, on_position: Callable[[int | None], None] | None, method: str, *args: Any
+    ) -> Callable[[], None] | None:
+        """A ``progress`` callback that asks ``method(*args)`` for a waiting request's place and tells
+        ``on_position`` when it changes (None without ``on_position``)."""
+        if on_position is None:
+            return None
+        last: list[int | None | str] = ["-"]
+
+        def progress() -> None:
+            try:
+                position = self.call(method, *args, answer_within_s=2.0)
+            except BrokerError:
+                return
+            if position != last[0]:
+                last[0] = position
+                on_position(position)
+
+        return progress
+
+    def groups(self) -> list[dict[str, Any]]:
+        """Every waiting or granted group lease (public view, no lease ids)."""
+        return self.call("groups")
 
     def release(self, lease_id: str) -> Lease:
         return self.call("release", lease_id)
@@ -222,9 +281,12 @@ class BrokerClient:
 
     def lease(
         self,
-        resource: str,
+        resource: str | None = None,
         holder: str | None = None,
         *,
+        labels: str | None = None,
+        keys: list[str] | tuple[str, ...] | None = None,
+        count: int | None = None,
         ttl_s: float = 60.0,
         wait: bool = True,
         timeout_s: float | None = None,
@@ -233,8 +295,12 @@ class BrokerClient:
         heartbeat_s: float | None = None,
         on_lost: Callable[[HeldLease], None] | None = None,
         on_expiring: Callable[[HeldLease], None] | None = None,
+        bind_session: bool = True,
     ) -> HeldLease:
         """Hold ``resource`` for a ``with`` block, renewing every ``heartbeat_s`` (default ttl/3).
+
+        The lease (and the wait for it) is tied to this process: if it dies, the key
+        moves on within seconds, not at the TTL (``bind_session=False``: at the TTL).
 
         ``with client.lease("firesim_u250") as held:`` waits for the grant,
         renews in the background, releases on exit, and raises ``LeaseNotHeld``
@@ -243,17 +309,26 @@ class BrokerClient:
         ``held.check()`` raises at once inside the block. If the resource has
         a maximum hold time, ``on_expiring`` is called once when the lease
         reaches its ``warn_at`` (renewals cannot pass ``must_end_by``).
+
+        ``labels=``/``keys=``/``count=`` instead of ``resource`` hold a group lease
+        (see :meth:`reserve_group`): ``held.keys`` and ``held.fencing_tokens`` say
+        which keys it got.
         """
+        group = labels is not None or keys is not None or count is not None
+        if group == (resource is not None):
+            raise InvalidRequest("lease() takes a resource key, or labels=/keys= (with count=), not both", "resource")
+        where: dict[str, Any] = dict(labels=labels, keys=keys, count=count) if group else dict(resource=resource)
         return HeldLease(
             self,
             dict(
-                resource=resource,
+                **where,
                 holder=holder,
                 ttl_s=ttl_s,
                 wait=wait,
                 timeout_s=timeout_s,
                 priority=priority,
                 note=note,
+                bind_session=bind_session,
             ),
             heartbeat_s=heartbeat_s if heartbeat_s is not None else max(0.05, ttl_s / 3.0),
             on_lost=on_lost,
@@ -355,7 +430,7 @@ class HeldLease:
         self.expiring = False  # set once the max hold's warning time has passed
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
-        self.lease: Lease | None = None
+        self.lease: Lease | GroupLease | None = None
         self.lost: BrokerError | None = None
 
     @property
@@ -364,19 +439,38 @@ class HeldLease:
 
     @property
     def fencing_token(self) -> int:
-        return self._current().fencing_token or 0
+        """The key's token (single-key lease); a group lease has one per key: ``fencing_tokens``."""
+        lease = self._current()
+        if isinstance(lease, GroupLease):
+            raise InvalidRequest("a group lease has one fencing token per key: use fencing_tokens", "fencing_token")
+        return lease.fencing_token or 0
 
-    def check(self) -> Lease:
+    def check(self) -> Lease | GroupLease:
         """The current lease; raises ``LeaseNotHeld`` if it was lost."""
         if self.lost is not None:
             raise self.lost
         return self._current()
 
+    @property
+    def keys(self) -> tuple[str, ...]:
+        """The keys held: one for a single-key lease, the group's for a group lease."""
+        lease = self._current()
+        return lease.keys if isinstance(lease, GroupLease) else (lease.resource,)
+
+    @property
+    def fencing_tokens(self) -> dict[str, int]:
+        lease = self._current()
+        return lease.fencing_tokens if isinstance(lease, GroupLease) else {lease.resource: lease.fencing_token or 0}
+
     def __enter__(self) -> HeldLease:
-        self.lease = self._client.reserve(**self._request)
+        request = dict(self._request)
+        if "resource" in request:
+            self.lease = self._client.reserve(**request)
+        else:
+            self.lease = self._client.reserve_group(**request)
         if self.lease.state is not LeaseState.GRANTED:
             raise LeaseNotHeld(self.lease.lease_id, self.lease.state.value, "not granted")
-        self._thread = threading.Thread(target=self._beat, name=f"merlin-heartbeat-{self.lease.resource}", daemon=True)
+        self._thread = threading.Thread(target=self._beat, name=f"merlin-heartbeat-{','.join(self.keys)}", daemon=True)
         self._thread.start()
         return self
 
@@ -392,7 +486,7 @@ class HeldLease:
         if self.lost is not None and exc_type is None:
             raise self.lost
 
-    def _current(self) -> Lease:
+    def _current(self) -> Lease | GroupLease:
         if self.lease is None:
             raise LeaseNotHeld("-", "queued", "the with block has not been entered")
         return self.lease
@@ -402,7 +496,7 @@ class HeldLease:
         while not self._stop.wait(self._heartbeat_s):
             try:
                 self.lease = self._client.call("renew", lease_id, None, answer_within_s=max(self._heartbeat_s, 1.0))
-                warn_at = self.lease.warn_at
+                warn_at = getattr(self.lease, "warn_at", None)  # a group lease has no max-hold warning
                 if warn_at is not None and time.time() >= warn_at and not self.expiring:
                     self.expiring = True
                     if self._on_expiring is not None:

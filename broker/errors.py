@@ -34,7 +34,6 @@ whose ``str`` is the remote traceback) prints the one line: see
 from __future__ import annotations
 
 import hashlib
-import inspect
 import re
 from typing import Any, ClassVar
 
@@ -51,7 +50,11 @@ __all__ = [
     "WaitTimeout",
     "BrokerUnavailable",
     "NotAuthorized",
+    "NotAuthenticated",
+    "ERROR_TYPES",
+    "error_from_json",
     "EXIT_CODES",
+    "SIGNAL_EXIT_CODES",
     "RunEnd",
     "RUN_EXIT_CODES",
     "Surface",
@@ -76,6 +79,7 @@ class Hint(StrEnum):
     QUEUE_MAINTENANCE = "queue_maintenance"
     LONGER_TIMEOUT = "longer_timeout"
     ADMIN_SECRET = "admin_secret"
+    API_TOKEN = "api_token"
 
 
 HINTS: dict[Hint, dict[Surface, str]] = {
@@ -98,6 +102,11 @@ HINTS: dict[Hint, dict[Surface, str]] = {
         Surface.PYTHON: "pass admin_secret= or set MERLIN_ADMIN_SECRET; refused and journaled",
         Surface.CLI: "set MERLIN_ADMIN_SECRET or pass --admin-secret-file; refused and journaled",
         Surface.HTTP: "send the admin secret; refused and journaled",
+    },
+    Hint.API_TOKEN: {
+        Surface.PYTHON: "pass a token (MERLIN_TOKEN); refused and journaled",
+        Surface.CLI: "set MERLIN_TOKEN, or run on the broker's machine (its operator token); refused and journaled",
+        Surface.HTTP: "send Authorization: Bearer <token> (`merlin broker token create NAME`); refused and journaled",
     },
 }
 
@@ -145,6 +154,8 @@ class BrokerError(Exception):
 
     def fields(self) -> dict[str, Any]:
         """The constructor's arguments by name (what the error is about), for JSON."""
+        import inspect  # here, not at the top: it costs a CLI command that succeeds ~20 ms it never needs
+
         names = [name for name in inspect.signature(type(self).__init__).parameters if name != "self"]
         return {name: _plain(getattr(self, name, None)) for name in names}
 
@@ -353,21 +364,65 @@ class NotAuthorized(BrokerError):
     def summary(self) -> str:
         return f"{self.act} needs the admin secret"
 
+    def hint_for(self, surface: Surface) -> str:
+        # On HTTP the caller is its token: a refusal there is about the token, never a secret.
+        hint = Hint.API_TOKEN if surface is Surface.HTTP else self._hint()
+        return HINTS[hint][surface] if hint is not None else ""
 
-EXIT_CODES: dict[str, int] = {
-    cls.__name__: cls.exit_code
-    for cls in (
-        InvalidRequest,
-        UnknownResource,
-        ResourceBusy,
-        LeaseNotFound,
-        LeaseNotHeld,
-        StaleFencingToken,
-        WaitTimeout,
-        BrokerUnavailable,
-        NotAuthorized,
-    )
-}
+
+class NotAuthenticated(NotAuthorized):
+    """An HTTP API call with no token, or one the broker does not know (or revoked)."""
+
+    hint_kind = Hint.API_TOKEN
+
+    def summary(self) -> str:
+        return f"{self.act} needs a valid API token"
+
+    def hint_for(self, surface: Surface) -> str:
+        return HINTS[Hint.API_TOKEN][surface]
+
+
+# The errors the broker raises on purpose, each with its own exit code (NotAuthenticated shares
+# NotAuthorized's: a refused identity is exit 11 either way).
+_ERRORS: tuple[type[BrokerError], ...] = (
+    InvalidRequest,
+    UnknownResource,
+    ResourceBusy,
+    LeaseNotFound,
+    LeaseNotHeld,
+    StaleFencingToken,
+    WaitTimeout,
+    BrokerUnavailable,
+    NotAuthorized,
+)
+EXIT_CODES: dict[str, int] = {cls.__name__: cls.exit_code for cls in _ERRORS}
+# Every error class by name: what a client of the HTTP API rebuilds from ``{"error": {"type": ...}}``.
+ERROR_TYPES: dict[str, type[BrokerError]] = {cls.__name__: cls for cls in (*_ERRORS, NotAuthenticated)}
+
+
+def error_from_json(body: Any) -> BrokerError:
+    """The error an ``{"error": {...}}`` answer names, rebuilt from its fields (the same class, the same
+    attributes); an answer that is not one is ``BrokerUnavailable`` naming what came back."""
+    error = body.get("error") if isinstance(body, dict) else None
+    cls = ERROR_TYPES.get(str(error.get("type"))) if isinstance(error, dict) else None
+    if cls is None or not isinstance(error, dict):
+        shown = str(error.get("message") if isinstance(error, dict) else body)[:200]
+        return BrokerUnavailable(f"the broker's HTTP API answered with an unknown error: {shown}", "")
+    nested = error.get("fields")
+    fields: dict[str, Any] = nested if isinstance(nested, dict) else error
+    import inspect
+
+    names = [name for name in inspect.signature(cls.__init__).parameters if name != "self"]
+    try:
+        return cls(**{name: fields[name] for name in names if name in fields})
+    except TypeError:
+        return BrokerUnavailable(f"the broker's HTTP API answered: {str(error.get('message'))[:200]}", "")
+
+
+# A command stopped by a signal exits 128 + the signal's number (the shell's convention): a CI
+# runner's cancel (SIGTERM), Ctrl-C (SIGINT), a closed terminal (SIGHUP). A waiting request leaves
+# the queue first; a lease the command already holds stays held.
+SIGNAL_EXIT_CODES: dict[str, int] = {"SIGINT": 130, "SIGTERM": 143, "SIGHUP": 129}
 
 
 class RunEnd(StrEnum):
@@ -418,8 +473,10 @@ def error_json(err: BaseException, surface: Surface = Surface.CLI, exit_code: in
             "message": err.describe(surface),
             "exit_code": err.exit_code if exit_code is None else exit_code,
         }
-        for name, value in err.fields().items():
+        fields = err.fields()
+        for name, value in fields.items():
             body.setdefault(name, value)
+        body["fields"] = fields  # exactly the constructor's arguments: a client rebuilds the error from them
         return {"error": body}
     text = str(err).strip().splitlines()[0][:300] if str(err).strip() else ""
     return {

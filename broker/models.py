@@ -34,6 +34,7 @@ __all__ = [
     "RESOURCE_KEY_PATTERN",
     "LeaseState",
     "EndReason",
+    "SessionTie",
     "LeaseEvent",
     "EVENT_OF_STATE",
     "END_EVENTS",
@@ -46,6 +47,9 @@ __all__ = [
     "lease_ref",
     "ttl_capped_by_max_hold",
     "resource_of_lease_id",
+    "is_group_lease_id",
+    "GroupMember",
+    "GroupLease",
     "ResourceState",
     "QueueEntry",
     "ResourceStatus",
@@ -58,6 +62,7 @@ __all__ = [
     "TtlSeconds",
     "RequestId",
     "Reason",
+    "SessionId",
     "MAX_TTL_S",
     "MIN_TTL_S",
 ]
@@ -101,6 +106,9 @@ class EndReason(StrEnum):
     WITHDRAWN = "withdrawn by its holder"
     TTL_ELAPSED = "ttl elapsed"
     SUPERSEDED = "superseded by a later grant on recovery"
+    GROUP_MEMBER_ENDED = "another key of its group lease ended"  # a group lease ends as a whole
+    GROUP_GRANT_ABORTED = "its group's grant could not take every key"  # granted to nobody; requeued
+    HOLDER_GONE = "holder gone"  # the caller's session (its Ray driver) ended: its request or bound lease too
 
     @classmethod
     def of(cls, text: object) -> EndReason | None:
@@ -111,6 +119,21 @@ class EndReason(StrEnum):
             return cls(text) if isinstance(text, str) else None
         except ValueError:
             return None
+
+
+class SessionTie(StrEnum):
+    """What of a request ends when the session (the caller's Ray job) it came from ends.
+
+    The book ends what is tied when it is told the session is gone
+    (:meth:`broker.core.book.LeaseBook.end_session`): a queued request is cancelled and a
+    tied grant expires, both with reason ``holder gone``.
+    """
+
+    NONE = "none"  # nothing: no session given, or a grant its holder acknowledged (UNTIL_ACKNOWLEDGED)
+    LEASE = "lease"  # the request and its lease, for its whole life (the shim's lease(), opted-in notebooks)
+    # The request, and its grant until the holder acknowledges it (reserve again with the same
+    # request_id): a grant its caller never received is taken back; one it received outlives it (the CLI).
+    UNTIL_ACKNOWLEDGED = "until acknowledged"
 
 
 class LeaseEvent(StrEnum):
@@ -193,6 +216,14 @@ class LeaseEnded:
     by: str = ""
 
 
+_GROUP_LEASE_ID = re.compile(r"^group:[0-9a-f]{32}$")
+
+
+def is_group_lease_id(lease_id: object) -> bool:
+    """A group lease's id (``group:<32 hex digits>``; no resource key has a colon)."""
+    return isinstance(lease_id, str) and _GROUP_LEASE_ID.match(lease_id) is not None
+
+
 def resource_of_lease_id(lease_id: object) -> str:
     """The resource key a lease id belongs to; ``InvalidRequest`` if it is not a lease id."""
     match = _LEASE_ID.match(lease_id) if isinstance(lease_id, str) else None
@@ -260,6 +291,11 @@ class Lease(BaseModel):
     # capped at the catalog's claim window until the holder comes back with its request_id or renews.
     unclaimed: bool = False
     history: tuple[LeaseTransition, ...] = ()
+    # The public ref of the group request this entry belongs to: a queued entry with a group is never
+    # granted by its book on its own; the coordinator takes it when all the group's keys can be had.
+    group: str | None = None
+    session: str | None = None  # the caller's session (Ray job id) the request came from, if it said
+    session_tie: SessionTie = SessionTie.NONE  # what of it ends with that session
 
     @property
     def ref(self) -> str:
@@ -305,6 +341,7 @@ class QueueEntry(BaseModel):
     queued_at: float
     note: str = ""
     ref: str  # lease_ref of the queued lease, so a waiter can find itself
+    group: str | None = None  # the ref of the group request this entry belongs to
 
 
 class ResourceStatus(BaseModel):
@@ -323,6 +360,8 @@ class ResourceStatus(BaseModel):
     maintenance_reason: str | None = None
     maintenance_since: float | None = None
     down_reason: str | None = None  # why it is down, when its actor says so (its host is absent)
+    free_since: float | None = None  # when it last became free (any-of placement prefers the longest free)
+    ready_for_group: str | None = None  # the group whose entry heads the queue of this free key, if any
     labels: dict[str, str] = Field(default_factory=dict)
     properties: dict[str, Any] = Field(default_factory=dict)
     description: str = ""
@@ -369,6 +408,80 @@ class ResourceTable(list[Any]):
         return f"<table><thead><tr>{head}</tr></thead><tbody>{''.join(rows)}</tbody></table>"
 
 
+class GroupMember(BaseModel):
+    """One key of a group lease: which board the holder got, and its own fencing token."""
+
+    model_config = ConfigDict(frozen=True)
+
+    key: str
+    fencing_token: int | None = None
+    host: str | None = None
+    labels: dict[str, str] = Field(default_factory=dict)
+    properties: dict[str, Any] = Field(default_factory=dict)
+
+
+class GroupLease(BaseModel):
+    """A lease on ``count`` keys at once, taken by one request: any of a pool's members, or a set together.
+
+    ``lease_id`` (``group:<32 hex>``) is the holder's one capability for all
+    its keys: renewed, released, expired and revoked as a whole. While it
+    waits, ``members`` is empty; once granted, it names each key with its
+    fencing token and the catalog's host, labels and properties.
+    """
+
+    model_config = ConfigDict(frozen=True)
+
+    lease_id: str
+    holder: str
+    request_id: str
+    state: LeaseState
+    count: int
+    candidates: tuple[str, ...]  # the keys it may get (a set asked for all of them: count == len)
+    selector: str = ""  # the label selector it asked by, canonical text ("" for a set of keys)
+    priority: int = 0
+    seq: int = 0  # arrival order among group requests (the coordinator's)
+    ttl_s: float
+    queued_at: float
+    wait_deadline: float | None = None
+    granted_at: float | None = None
+    expires_at: float | None = None
+    ended_at: float | None = None
+    end_reason: str = ""
+    ended_by: str = ""
+    note: str = ""
+    members: tuple[GroupMember, ...] = ()
+    session: str | None = None  # the caller's session (Ray job id) its entries and keys are tied to
+    one_host: bool = False  # its keys must share one host (a run's one job reaches them all)
+
+    @property
+    def ref(self) -> str:
+        return lease_ref(self.lease_id)
+
+    @property
+    def active(self) -> bool:
+        return self.state in ACTIVE_STATES
+
+    @property
+    def keys(self) -> tuple[str, ...]:
+        return tuple(member.key for member in self.members)
+
+    @property
+    def fencing_tokens(self) -> dict[str, int]:
+        return {member.key: member.fencing_token or 0 for member in self.members}
+
+    def for_holder(self, asked_at: float | None = None) -> dict[str, Any]:
+        data = self.model_dump(mode="json")
+        data["ref"] = self.ref
+        data["group"] = True
+        return data
+
+    def public(self) -> dict[str, Any]:
+        data = self.model_dump(mode="json", exclude={"lease_id", "request_id"})
+        data["ref"] = self.ref
+        data["group"] = True
+        return data
+
+
 class BrokerStatus(BaseModel):
     model_config = ConfigDict(frozen=True)
 
@@ -383,6 +496,7 @@ class BrokerStatus(BaseModel):
     in_maintenance: int
     down: tuple[str, ...] = ()
     metrics_url: str | None = None
+    http_url: str | None = None  # the HTTP API's base (``…/api/v1``), when it listens
     version: str = ""
 
 
@@ -413,6 +527,8 @@ Priority = Annotated[StrictInt, Field(ge=-MAX_PRIORITY, le=MAX_PRIORITY)]
 RequestId = Annotated[str, Field(pattern=REQUEST_ID_PATTERN)]
 Note = Annotated[str, Field(max_length=1024), AfterValidator(_printable_text)]
 Reason = Annotated[str, Field(max_length=512), AfterValidator(_printable_text)]
+# A caller's session: its Ray job id (`ray.get_runtime_context().get_job_id()`, 4 bytes in hex).
+SessionId = Annotated[str, Field(pattern=r"^[0-9a-f]{8}$")]
 
 
 class ReserveRequest(BaseModel):
@@ -428,6 +544,9 @@ class ReserveRequest(BaseModel):
     priority: Priority = 0
     request_id: RequestId
     note: Note = ""
+    group: Annotated[str, Field(pattern=r"^[0-9a-f]{12}$")] | None = None  # a group request's entry (its ref)
+    session: SessionId | None = None  # the caller's Ray job: its waiting request ends with it
+    bind_session: StrictBool = True  # and so does its lease (False: only until the holder acknowledges it)
 
 
 _ADAPTERS: dict[Any, TypeAdapter[Any]] = {}

@@ -29,10 +29,12 @@ from typing import Any
 
 from broker.disk.store import atomic_write
 from broker.errors import RUN_EXIT_CODES, InvalidRequest, RunEnd, StaleFencingToken
+from broker.models import is_group_lease_id, resource_of_lease_id
 from executor.state import (
     BundleStatus,
     Finished,
     RunState,
+    RunStep,
     SkipStep,
     StepStatus,
     WaitAtGate,
@@ -42,7 +44,7 @@ from executor.state import (
     next_action,
     prepare_resume,
 )
-from targetgen.bundle import BUNDLE_FILE, BundleStep, ExecutionBundle, load_bundle
+from targetgen.bundle import BUNDLE_FILE, POOL_RESOURCE, BundleStep, ExecutionBundle, bound_step, load_bundle
 
 __all__ = [
     "STATE_FILE",
@@ -54,6 +56,7 @@ __all__ = [
     "BrokerFence",
     "HeldFence",
     "held_leases",
+    "step_keys",
     "load_state",
     "approve_step",
     "exit_code_for",
@@ -170,30 +173,53 @@ def archive_state(target_dir: Path, now: float | None = None) -> Path | None:
     return archived
 
 
-class BrokerFence:
-    """Checks ``MERLIN_LEASE_ID``/``MERLIN_FENCING_TOKEN`` with the broker before a hardware step."""
+def step_keys(step: BundleStep, held: tuple[str, ...]) -> tuple[str, ...]:
+    """The keys whose leases a hardware step needs: its own, or, for a pool bundle's step
+    (:data:`POOL_RESOURCE`), every key the run was bound to."""
+    if step.resource is None:
+        return ()
+    return held if step.resource == POOL_RESOURCE else (step.resource,)
 
-    def __init__(self, lease_id: str, token: int):
-        self.lease_id = lease_id
-        self.token = token
+
+class BrokerFence:
+    """Checks the run's lease(s) with the broker before a hardware step.
+
+    ``leases`` maps each key the run holds to ``(lease_id, fencing_token)``: one key for a
+    bundle that names its resource, the bound key(s) for a pool bundle's run.
+    """
+
+    def __init__(self, leases: dict[str, tuple[str, int]]):
+        self.leases = dict(leases)
         self._client: Any = None
+
+    @property
+    def keys(self) -> tuple[str, ...]:
+        return tuple(self.leases)
 
     @classmethod
     def from_env(cls) -> BrokerFence | None:
-        """The run's lease: from the 0600 file ``MERLIN_LEASE_FILE`` names (the Ray engine), or
-        ``MERLIN_LEASE_ID`` (a caller that holds a lease itself), with ``MERLIN_FENCING_TOKEN``."""
+        """The run's lease(s): from the 0600 file ``MERLIN_LEASE_FILE`` names (the Ray engine:
+        ``leases`` has every key, with its token), or ``MERLIN_LEASE_ID`` (a caller that holds a
+        lease itself) with ``MERLIN_FENCING_TOKEN``."""
         lease_id, token = os.environ.get("MERLIN_LEASE_ID"), os.environ.get("MERLIN_FENCING_TOKEN")
         lease_file = os.environ.get("MERLIN_LEASE_FILE")
         if lease_file:
             try:
                 with open(lease_file, encoding="utf-8") as handle:
-                    lease_id = json.load(handle)["lease_id"]
-            except (OSError, ValueError, KeyError) as exc:
+                    body = json.load(handle)
+                if "leases" in body:
+                    leases = {
+                        str(key): (str(held["lease_id"]), int(held["fencing_token"]))
+                        for key, held in body["leases"].items()
+                    }
+                    return cls(leases) if leases else None
+                lease_id = body["lease_id"]  # a file written before pool runs: one key
+            except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
                 raise InvalidRequest(f"cannot read the run's lease from {lease_file}: {exc}", "lease_file") from None
         if not lease_id or not token:
             return None
         try:
-            return cls(lease_id, int(token))
+            return cls({resource_of_lease_id(lease_id): (lease_id, int(token))})
         except ValueError:
             raise InvalidRequest(f"MERLIN_FENCING_TOKEN={token!r} is not an integer", "fencing_token") from None
 
@@ -202,9 +228,13 @@ class BrokerFence:
             from broker.client import connect
 
             self._client = connect()
-        lease = self._client.check_fence(self.lease_id, self.token)
-        if step.resource is not None and lease.resource != step.resource:
-            raise StaleFencingToken(step.resource, self.token, None)
+        for key in step_keys(step, self.keys):
+            if key not in self.leases:  # a step on a key this run does not hold
+                raise StaleFencingToken(key, 0, None)
+            lease_id, token = self.leases[key]
+            lease = self._client.check_fence(lease_id, token)
+            if lease.resource != key:
+                raise StaleFencingToken(key, token, None)
 
 
 class HeldFence:
@@ -212,24 +242,52 @@ class HeldFence:
 
     def __init__(self, client: Any, held: dict[str, Any]):
         self._client = client
-        self._held = held  # resource -> broker.client.HeldLease
+        self._held = held  # resource -> broker.client.HeldLease (a pool: each key -> the group's)
+
+    @property
+    def keys(self) -> tuple[str, ...]:
+        return tuple(self._held)
 
     def __call__(self, step: BundleStep) -> None:
-        held = self._held.get(step.resource or "")
-        if held is None:
-            raise StaleFencingToken(step.resource or "-", 0, None)
-        lease = held.check()  # raises LeaseNotHeld once the heartbeat saw the loss
-        self._client.check_fence(lease.lease_id, lease.fencing_token or 0)
+        for key in step_keys(step, self.keys):
+            held = self._held.get(key)
+            if held is None:
+                raise StaleFencingToken(key, 0, None)
+            lease = held.check()  # raises LeaseNotHeld once the heartbeat saw the loss
+            if is_group_lease_id(lease.lease_id):  # a group lease: fenced with every key's token at once
+                self._client.check_fence(lease.lease_id, held.fencing_tokens)
+            else:
+                self._client.check_fence(lease.lease_id, lease.fencing_token or 0)
 
 
 @contextmanager
 def held_leases(
-    client: Any, resources: list[str], holder: str, *, report: Callable[[str], None]
+    client: Any,
+    resources: list[str],
+    holder: str,
+    *,
+    report: Callable[[str], None],
+    pool: tuple[str, int, tuple[str, ...]] | None = None,
 ) -> Iterator[HeldFence]:
     """Hold every resource the bundle's steps need for the whole run (taken in key order, so two
-    runs that need overlapping keys never deadlock), renewed in the background, released at the end."""
+    runs that need overlapping keys never deadlock), renewed in the background, released at the end.
+
+    ``pool`` (labels, count, keys) holds a pool bundle's keys instead, as one group lease: any
+    ``count`` members of ``labels``, or those ``keys`` all together (a set bundle's, or the ones a
+    resumed run was bound to).
+    """
     with contextlib.ExitStack() as stack:
         held = {}
+        if pool is not None:
+            labels, count, keys = pool
+            asked = f"all of {', '.join(keys)}" if keys else f"any {count} of {labels}"
+            report(f"waiting for {asked} (as {holder})")
+            where: dict[str, Any] = {"keys": list(keys)} if keys else {"labels": labels, "count": count}
+            group = stack.enter_context(
+                client.lease(holder=holder, ttl_s=60.0, note="merlin targetgen execute --engine local", **where)
+            )
+            held = {key: group for key in group.keys}
+            report(f"leased {', '.join(f'{k} (fencing token {t})' for k, t in group.fencing_tokens.items())}")
         for resource in resources:
             report(f"waiting for the lease on {resource} (as {holder})")
             held[resource] = stack.enter_context(
@@ -250,9 +308,11 @@ class LocalEngine:
         stop: threading.Event | None = None,
         clock: Callable[[], float] = time.time,
         report: Callable[[str], None] = lambda line: None,
+        bound: tuple[str, ...] = (),
     ):
         self.target_dir = Path(target_dir).resolve()
         self.fence = fence
+        self.bound = tuple(sorted(bound))  # a pool bundle's key(s) for {resource}: the ones its run holds
         self.stop = stop or threading.Event()
         self.clock = clock
         self.report = report  # progress lines (the CLI prints them; a Ray job's log keeps them)
@@ -271,6 +331,12 @@ class LocalEngine:
             # Outside a broker run's Ray job nobody placed this process: the steps run right here.
             self.report("note: the bundle's job resources (CPUs, memory, custom resources, preemptible) "
                         "apply to --engine ray; the local engine ignores them")  # fmt: skip
+        if bundle.pool and len(self.bound) != bundle.count:
+            raise InvalidRequest(
+                f"the bundle runs on {bundle.count} of the pool {bundle.resource_labels}; "
+                f"its run is bound to {len(self.bound)} key(s) ({', '.join(self.bound) or 'none'})",
+                "resource_labels",
+            )
         with _exclusive(self.target_dir):
             state = self._initial_state(bundle, resume=resume, restart=restart)
             return self._drive(bundle, state)
@@ -297,6 +363,12 @@ class LocalEngine:
                 )
         if state is None:
             state = new_state(bundle, sha)
+        if bundle.pool and state.resources and state.resources != self.bound:
+            raise InvalidRequest(
+                f"this run began on {', '.join(state.resources)}; it resumes only there, not on "
+                f"{', '.join(self.bound)} (use --restart to start over on other keys)",
+                "resource_labels",
+            )
         token = os.environ.get("MERLIN_FENCING_TOKEN")
         return state.model_copy(
             update={
@@ -304,6 +376,7 @@ class LocalEngine:
                 "started_at": state.started_at or now,
                 "updated_at": now,
                 "fencing_token": int(token) if token and token.isdigit() else state.fencing_token,
+                "resources": self.bound if bundle.pool else state.resources,
             }
         )
 
@@ -314,6 +387,8 @@ class LocalEngine:
             if self.stop.is_set():
                 return self._finish(state, BundleStatus.CANCELLED, "cancelled")
             action = next_action(bundle, state)
+            if isinstance(action, (WaitAtGate, RunStep)):  # a pool bundle's step: its key(s) filled in
+                action = type(action)(bound_step(action.step, self.bound))
             if isinstance(action, Finished):
                 return self._finish(state, action.status, action.message)
             if isinstance(action, SkipStep):
@@ -433,7 +508,8 @@ class LocalEngine:
         except StaleFencingToken as stale:
             return stale
         except (LeaseNotHeld, LeaseNotFound):
-            return StaleFencingToken(step.resource or "-", self._token(), None)
+            shown = ",".join(self.bound) if step.resource == POOL_RESOURCE else step.resource
+            return StaleFencingToken(shown or "-", self._token(), None)
         except BrokerUnavailable:
             return None
         return None

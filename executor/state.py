@@ -104,6 +104,9 @@ class RunState(BaseModel):
     updated_at: float | None = None
     ended_at: float | None = None
     fencing_token: int | None = None
+    # A pool bundle's run: the key(s) its hardware steps were bound to. A resumed run goes on
+    # only on the same keys (its finished steps touched them).
+    resources: tuple[str, ...] = ()
 
     def step(self, step_id: str) -> StepState:
         for step in self.steps:

@@ -16,9 +16,19 @@ Typical use::
 """
 
 from targetgen.build import execution_bundle
-from targetgen.bundle import BUNDLE_FILE, BundleStep, ExecutionBundle, Gate, load_bundle, parse_bundle, write_bundle
+from targetgen.bundle import (
+    BUNDLE_FILE,
+    POOL_RESOURCE,
+    BundleStep,
+    ExecutionBundle,
+    Gate,
+    bound_step,
+    load_bundle,
+    parse_bundle,
+    write_bundle,
+)
 from targetgen.normalize import TargetClass, classify, normalize_name
-from targetgen.plan import Rung, SupportPlan, resolve_resource, support_plan
+from targetgen.plan import Rung, SupportPlan, resolve_pool, resolve_resource, support_plan
 from targetgen.spec import Platform, RungSpec, StepSpec, TargetSpec, load_spec, parse_spec
 from targetgen.target_dir import PLAN_FILE, TARGET_FILE, load_plan, load_target_spec, prepare_target_dir, write_plan
 
@@ -37,6 +47,7 @@ __all__ = [
     # plans
     "support_plan",
     "resolve_resource",
+    "resolve_pool",
     "SupportPlan",
     "Rung",
     # bundles
@@ -44,6 +55,8 @@ __all__ = [
     "ExecutionBundle",
     "BundleStep",
     "Gate",
+    "POOL_RESOURCE",
+    "bound_step",
     "load_bundle",
     "parse_bundle",
     "write_bundle",

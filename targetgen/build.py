@@ -25,7 +25,8 @@ def execution_bundle(spec: TargetSpec, plan: SupportPlan, *, python: str) -> Exe
 
     Returns:
         The bundle: steps in an order that respects every ``needs``, ``resource``
-        set on the steps that hold hardware and on the bundle.
+        set on the steps that hold hardware and on the bundle (or, for a pool, the
+        pool's ``resource_labels``/``count`` on the bundle and ``{resource}`` on its steps).
 
     Raises:
         InvalidRequest: ``python`` is not absolute, the plan belongs to another
@@ -58,6 +59,10 @@ def execution_bundle(spec: TargetSpec, plan: SupportPlan, *, python: str) -> Exe
             "target_class": plan.target_class.value,
             "workflow": plan.workflow,
             "resource": plan.resource if holds else None,
+            "resource_labels": plan.resource_labels if holds else None,
+            "resource_keys": plan.resource_keys if holds else (),
+            "count": plan.count if holds and (plan.resource_labels is not None or plan.resource_keys) else 1,
+            "candidates": plan.candidates if holds else (),
             "spec_sha256": spec.spec_sha256,
             "artifact_dir": ARTIFACT_DIR,
             "job": spec.job,

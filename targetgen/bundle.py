@@ -17,6 +17,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, ValidationError, field_validator, model_validator
 
+from broker.core.groups import MAX_GROUP_KEYS, parse_selector
 from broker.core.placement_rules import parse_memory
 from broker.errors import InvalidRequest
 
@@ -26,12 +27,16 @@ __all__ = [
     "BundleStep",
     "JobResources",
     "ExecutionBundle",
+    "POOL_RESOURCE",
+    "bound_step",
     "load_bundle",
     "write_bundle",
     "topological_order",
 ]
 
 BUNDLE_FILE = "bundle.json"
+# What a pool bundle's hardware step holds until its run is bound: the key(s) the run gets.
+POOL_RESOURCE = "{resource}"
 STEP_ID_PATTERN = r"^[a-z0-9][a-z0-9_.-]{0,63}$"
 _ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 
@@ -142,6 +147,14 @@ class ExecutionBundle(BaseModel):
     target_class: str
     workflow: str = "bringup"
     resource: str | None = None  # the key the bundle holds for its hardware steps
+    # A pool instead (canonical selector text, e.g. "board=u250,kind=fpga"): any `count` of its
+    # members, bound when the run gets them; `candidates` are its members when the bundle was made
+    # (shown to people and used by --no-broker; the broker's catalog decides at run time).
+    resource_labels: str | None = None
+    # A set instead: every one of these keys, held together for the whole run (count = their number).
+    resource_keys: tuple[str, ...] = Field(default=(), max_length=MAX_GROUP_KEYS)
+    count: int = Field(default=1, ge=1, le=MAX_GROUP_KEYS)
+    candidates: tuple[str, ...] = ()
     spec_sha256: str = ""
     artifact_dir: str = "artifacts"
     job: JobResources | None = None  # what its Ray job asks of the cluster (the Ray engine only)
@@ -162,12 +175,58 @@ class ExecutionBundle(BaseModel):
         if [step.id for step in order] != ids:
             raise ValueError("steps are not in an order that respects their needs")
         resources = {step.resource for step in self.steps if step.resource}
+        if self.resource_keys:
+            if self.resource is not None or self.resource_labels is not None:
+                raise ValueError("a bundle holds one of resource, resource_labels or resource_keys")
+            if len(set(self.resource_keys)) != len(self.resource_keys):
+                raise ValueError("resource_keys names a key twice")
+            if self.count != len(self.resource_keys):
+                raise ValueError(f"count={self.count}: a set of keys is held whole ({len(self.resource_keys)} keys)")
+        if self.pool:
+            if self.resource is not None:
+                raise ValueError("a bundle holds a resource or runs on a pool (resource_labels), not both")
+            if resources - {POOL_RESOURCE}:
+                raise ValueError(
+                    f"a pool bundle's hardware steps hold {POOL_RESOURCE} (bound at run time); "
+                    f"its steps name {sorted(resources - {POOL_RESOURCE})}"
+                )
+        elif self.count != 1:
+            raise ValueError(f"count={self.count} needs resource_labels (a pool to take {self.count} keys of)")
+        elif POOL_RESOURCE in resources:
+            raise ValueError(f"a step holds {POOL_RESOURCE} but the bundle names no pool (resource_labels)")
         if len(resources) > 1:
             raise ValueError(f"a bundle holds one resource; its steps name {sorted(resources)}")
-        if resources and self.resource not in resources:
+        if not self.pool and resources and self.resource not in resources:
             raise ValueError(f"bundle resource {self.resource!r} differs from its steps' {resources.pop()!r}")
         _relative(self.artifact_dir, "artifact_dir")
         return self
+
+    @model_validator(mode="before")
+    @classmethod
+    def _set_count(cls, data: Any) -> Any:
+        """A set of keys is held whole: its count is its size unless written."""
+        if isinstance(data, dict) and data.get("resource_keys") and "count" not in data:
+            return {**data, "count": len(data["resource_keys"])}
+        return data
+
+    @field_validator("resource_labels")
+    @classmethod
+    def _selector(cls, labels: str | None) -> str | None:
+        if labels is None:
+            return None
+        try:
+            return parse_selector(labels).text()  # canonical: the same pool always reads the same
+        except InvalidRequest as exc:
+            raise ValueError(exc.message) from None
+
+    @property
+    def pool(self) -> bool:
+        """Does the bundle run on a pool's member(s) or a set of keys, bound when the run gets them?"""
+        return self.resource_labels is not None or bool(self.resource_keys)
+
+    @property
+    def holds_hardware(self) -> bool:
+        return self.resource is not None or self.pool
 
     def step(self, step_id: str) -> BundleStep:
         for step in self.steps:
@@ -176,6 +235,27 @@ class ExecutionBundle(BaseModel):
         raise InvalidRequest(
             f"no step {step_id!r} in bundle {self.target!r} (steps: {', '.join(s.id for s in self.steps)})", "step"
         )
+
+
+def bound_step(step: BundleStep, keys: tuple[str, ...] | list[str]) -> BundleStep:
+    """A pool bundle's step with the run's key(s) filled in for ``{resource}`` (joined by ``,``)
+    in its argv, env values and gate prompt; its ``resource`` stays :data:`POOL_RESOURCE`,
+    which the fence reads as "every key the run holds". Other steps come back as they are."""
+    if step.resource != POOL_RESOURCE:
+        return step
+    text = ",".join(keys)
+
+    def fill(value: str) -> str:
+        return value.replace(POOL_RESOURCE, text)
+
+    gate = step.gate.model_copy(update={"prompt": fill(step.gate.prompt)}) if step.gate is not None else None
+    return step.model_copy(
+        update={
+            "argv": tuple(fill(arg) for arg in step.argv),
+            "env": {name: fill(value) for name, value in step.env.items()},
+            "gate": gate,
+        }
+    )
 
 
 def topological_order(steps: tuple[BundleStep, ...] | list[BundleStep]) -> list[BundleStep]:

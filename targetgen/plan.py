@@ -10,6 +10,13 @@ bundle is made, so ``plan.json`` means the same on every machine. A step may
 name ``{resource}`` only in a rung that holds it: addressing hardware without
 its lease is what the broker exists to prevent.
 
+A spec with ``resource_labels`` plans a *pool*: no key is picked here. Its
+hardware rungs hold :data:`~targetgen.bundle.POOL_RESOURCE` and ``{resource}``
+stays in their texts; the run is bound to whichever member(s) free first
+(``resource_labels``, ``count`` and the members at plan time, ``candidates``,
+are on the plan and the bundle). A spec with ``resource_keys`` plans a *set*:
+those keys, all held together for the whole run, the same way.
+
 Chaining: a step with no ``needs:`` follows the previous step of its rung, and
 the first step of a rung follows the last steps of the rung before it (those
 no other step of that rung needs).
@@ -20,15 +27,16 @@ from __future__ import annotations
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from broker.core.catalog import Catalog
+from broker.core.groups import parse_selector
 from broker.errors import InvalidRequest
-from targetgen.bundle import BundleStep, Gate
+from targetgen.bundle import POOL_RESOURCE, BundleStep, Gate
 from targetgen.graph import check_steps
 from targetgen.ladders import DEFAULT_LADDERS, NEW_RUNG_TIMEOUT_S, DefaultRung
 from targetgen.normalize import TARGET_NAME_PATTERN, TargetClass, classify
 from targetgen.spec import Platform, TargetSpec
 from targetgen.standins import ACTIONS
 
-__all__ = ["PYTHON_PLACEHOLDER", "Rung", "SupportPlan", "support_plan", "resolve_resource"]
+__all__ = ["PYTHON_PLACEHOLDER", "Rung", "SupportPlan", "support_plan", "resolve_resource", "resolve_pool", "pool_text"]
 
 PYTHON_PLACEHOLDER = "{python}"
 _RESOURCE_PLACEHOLDER = "{resource}"
@@ -64,7 +72,11 @@ class SupportPlan(BaseModel):
     target_class: TargetClass
     workflow: str = "bringup"
     platform: Platform = Field(default_factory=Platform)
-    resource: str | None = None  # resolved catalog key, None when no rung needs hardware
+    resource: str | None = None  # resolved catalog key, None when no rung needs hardware (or on a pool)
+    resource_labels: str | None = None  # a pool: canonical selector; the key is bound at run time
+    resource_keys: tuple[str, ...] = ()  # a set: these keys, held together
+    count: int = 1  # keys of the pool the run holds
+    candidates: tuple[str, ...] = ()  # the pool's members in the catalog the plan was made with
     spec_sha256: str = ""
     rungs: tuple[Rung, ...] = Field(min_length=1)
 
@@ -75,23 +87,40 @@ class SupportPlan(BaseModel):
     def to_json(self) -> str:
         return self.model_dump_json(indent=2) + "\n"
 
+    @property
+    def where(self) -> str:
+        """Where it runs, for people: a key, ``any of: k1, k2`` (``any 2 of: ...``), or no hardware."""
+        if self.resource_labels is not None or self.resource_keys:
+            return pool_text(self.resource_labels, self.count, self.candidates)
+        return self.resource or "no hardware"
+
+
+def pool_text(selector: str | None, count: int, candidates: tuple[str, ...]) -> str:
+    """``any of: firesim_u250, firesim_u250_b (board=u250,kind=fpga)`` — a pool, as a person reads it;
+    ``all of: firesim_u250, radiance_sim_lane_a`` — a set."""
+    if selector is None:
+        return f"all of: {', '.join(candidates)}"
+    how_many = "any of" if count == 1 else f"any {count} of"
+    return f"{how_many}: {', '.join(candidates)} ({selector})"
+
 
 def _where(spec: TargetSpec) -> str:
     return spec.source or spec.target
 
 
 def resolve_resource(spec: TargetSpec, catalog: Catalog) -> str | None:
-    """The catalog key a spec asks for, by ``resource:`` or by ``resource_labels:``.
+    """What a spec's hardware rungs hold: its ``resource:`` key, or :data:`POOL_RESOURCE` for a pool.
 
     Args:
         spec: the spec.
         catalog: the broker's catalog.
 
     Returns:
-        The key; ``None`` when the spec names neither.
+        The key, :data:`POOL_RESOURCE` (``resource_labels:``, see :func:`resolve_pool`), or
+        ``None`` when the spec names neither.
 
     Raises:
-        InvalidRequest: the key is not in the catalog, or no key carries the labels.
+        InvalidRequest: the key is not in the catalog, or fewer keys than ``count`` carry the labels.
     """
     if spec.resource is not None:
         if spec.resource not in catalog.resources:
@@ -100,22 +129,51 @@ def resolve_resource(spec: TargetSpec, catalog: Catalog) -> str | None:
                 f"{_where(spec)}: resource={spec.resource!r} is not in the catalog (known: {known})", "resource"
             )
         return spec.resource
-    if spec.resource_labels is not None:
-        wanted = spec.resource_labels.items()
-        # First match in catalog order: a fixed choice made at plan time, so a plan is reproducible.
-        for key, resource in catalog.resources.items():
-            if wanted <= resource.labels.items():
-                return key
+    if spec.resource_labels is not None or spec.resource_keys is not None:
+        resolve_pool(spec, catalog)
+        return POOL_RESOURCE
+    return None
+
+
+def resolve_pool(spec: TargetSpec, catalog: Catalog) -> tuple[str, int, tuple[str, ...]]:
+    """A ``resource_labels:`` spec's pool: (canonical selector, count, its members in catalog order);
+    a ``resource_keys:`` spec's set: ("", its size, its keys).
+
+    No member is picked here: the run gets whichever frees first.
+
+    Raises:
+        InvalidRequest: the spec names no labels, the labels are not a selector, or fewer
+            catalog keys than ``count`` carry them.
+    """
+    if spec.resource_keys is not None:
+        unknown = [key for key in spec.resource_keys if key not in catalog.resources]
+        if unknown:
+            raise InvalidRequest(
+                f"{_where(spec)}: resource_keys {', '.join(unknown)} not in the catalog "
+                f"(known: {', '.join(catalog.resources)})",
+                "resource_keys",
+            )
+        return "", len(spec.resource_keys), tuple(spec.resource_keys)
+    if spec.resource_labels is None:
+        raise InvalidRequest(f"{_where(spec)}: no resource_labels: the spec names no pool", "resource_labels")
+    asked = ", ".join(f"{k}={v}" for k, v in spec.resource_labels.items())
+    try:
+        selector = parse_selector(",".join(f"{k}={v}" for k, v in spec.resource_labels.items()))
+    except InvalidRequest as exc:
+        raise InvalidRequest(f"{_where(spec)}: resource_labels {{{asked}}}: {exc.message}", "resource_labels") from None
+    members = tuple(key for key, resource in catalog.resources.items() if selector.matches(resource.labels))
+    count = spec.count or 1
+    if len(members) < count:
         shown = "; ".join(
             f"{key} {{{', '.join(f'{k}={v}' for k, v in res.labels.items())}}}"
             for key, res in catalog.resources.items()
         )
-        asked = ", ".join(f"{k}={v}" for k, v in spec.resource_labels.items())
+        found = "no catalog resource has these labels" if not members else f"only {len(members)} keys have them"
         raise InvalidRequest(
-            f"{_where(spec)}: resource_labels {{{asked}}}: no catalog resource has these labels (catalog: {shown})",
+            f"{_where(spec)}: resource_labels {{{asked}}}: {found}, count {count} needed (catalog: {shown})",
             "resource_labels",
         )
-    return None
+    return selector.text(), count, members
 
 
 def _gate(prompt: str | None, resource: str | None) -> Gate | None:
@@ -227,11 +285,12 @@ def support_plan(spec: TargetSpec, catalog: Catalog) -> SupportPlan:
         return defaults[name].hardware if name in defaults else True
 
     key = resolve_resource(spec, catalog)
+    pool = resolve_pool(spec, catalog) if key == POOL_RESOURCE else None
     needing = [name for name in names if hardware(name)]
     if needing and key is None:
         raise InvalidRequest(
             f"{_where(spec)}: rung {needing[0]} needs hardware: add resource: (a catalog key, one of "
-            f"{', '.join(catalog.resources)}) or resource_labels:",
+            f"{', '.join(catalog.resources)}), resource_labels: or resource_keys:",
             "resource",
         )
 
@@ -263,7 +322,11 @@ def support_plan(spec: TargetSpec, catalog: Catalog) -> SupportPlan:
         target_class=target_class,
         workflow=spec.workflow,
         platform=spec.platform,
-        resource=key if needing else None,
+        resource=key if needing and pool is None else None,
+        resource_labels=pool[0] if needing and pool is not None and spec.resource_keys is None else None,
+        resource_keys=tuple(spec.resource_keys or ()) if needing else (),
+        count=pool[1] if needing and pool is not None else 1,
+        candidates=pool[2] if needing and pool is not None else (),
         spec_sha256=spec.spec_sha256,
         rungs=tuple(rungs),
     )

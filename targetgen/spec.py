@@ -16,7 +16,11 @@ The whole schema (every key but ``name`` is optional)::
       isa: RV64GC                 # lowercased
       cores: 1
     resource: firesim_u250        # the catalog key the hardware rungs hold, or
-    resource_labels: {kind: fpga} # the first catalog key carrying these labels (not both)
+    resource_labels: {kind: fpga} # a pool (not both): any key carrying these labels, the one
+                                  # that frees first, bound when the run starts
+    count: 2                      # with resource_labels: hold this many of the pool's keys (default 1)
+    resource_keys: [firesim_u250, radiance_sim_lane_a]   # or a set: all of these keys, together,
+                                  # for the whole run ({resource} -> the keys, joined by ",")
     job:                          # what the run's Ray job needs beyond the lease (Ray engine only)
       num_cpus: 2                 # CPUs for the job's entrypoint (default 0)
       memory: 4g                  # bytes, or 512m / 4g / 4GiB (binary units)
@@ -55,7 +59,7 @@ import difflib
 import hashlib
 import re
 from pathlib import Path, PurePosixPath
-from typing import Any
+from typing import Annotated, Any
 
 import yaml
 from pydantic import (
@@ -230,6 +234,10 @@ class TargetSpec(BaseModel):
     platform: Platform = Field(default_factory=Platform)
     resource: str | None = Field(default=None, pattern=RESOURCE_KEY_PATTERN)
     resource_labels: dict[str, str] | None = Field(default=None, min_length=1)
+    count: StrictInt | None = Field(default=None, ge=1, le=64)  # keys of the pool held together
+    resource_keys: tuple[Annotated[str, Field(pattern=RESOURCE_KEY_PATTERN)], ...] | None = Field(
+        default=None, min_length=1, max_length=64
+    )
     # What the run's Ray job needs beyond the lease: num_cpus, memory (4g), resources, preemptible.
     job: JobResources | None = None
     workflow: str = Field(default="bringup", pattern=STEP_ID_PATTERN)
@@ -264,6 +272,12 @@ class TargetSpec(BaseModel):
     def _one_resource(self) -> TargetSpec:
         if self.resource is not None and self.resource_labels is not None:
             raise ValueError("give either resource or resource_labels, not both")
+        if self.resource_keys is not None and (self.resource is not None or self.resource_labels is not None):
+            raise ValueError("give one of resource, resource_labels or resource_keys")
+        if self.resource_keys is not None and len(set(self.resource_keys)) != len(self.resource_keys):
+            raise ValueError("resource_keys names a key twice")
+        if self.count is not None and self.resource_labels is None:
+            raise ValueError("count is how many keys of a pool to hold: it needs resource_labels")
         return self
 
     @property

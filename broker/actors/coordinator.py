@@ -23,6 +23,13 @@ Guarantees:
   different catalog (which could otherwise replace the hash). A catalog that
   drops keys or removes the secret is refused, naming the change, unless
   ``replace``.
+* Sessions: a request made with ``session=<the caller's Ray job id>`` is tied to that
+  caller. The coordinator learns from the resource actors' snapshots which sessions
+  their keys hold something for, and watches the cluster's job table (woken by the
+  GCS job channel, through the seam's ``dead_sessions``); when a session's driver
+  dies (exit, crash, kill -9) each key is told ``session_gone`` and ends what is tied
+  (``holder gone``) — measured at about 0.1 s from the kill to the next grant. A
+  restarted coordinator relearns the sessions from the next snapshots.
 * An error a caller made is raised as the matching ``broker.errors`` class;
   an actor that does not come back within the retry window is
   ``BrokerUnavailable``.
@@ -40,15 +47,19 @@ import time
 from pathlib import Path
 from typing import Any
 
+from broker.actors.groups import GroupManager
+from broker.actors.health import HealthProber
 from broker.actors.resource import ResourceActor
 from broker.actors.run_manager import RunManager
 from broker.core.catalog import Catalog, parse_catalog
 from broker.core.placement_rules import JobNeeds, NodeInfo, Placement, host_down_reason, placement, unsatisfiable
 from broker.core.request_index import RequestIndex
 from broker.core.runs import RunRecord, new_run_id
+from broker.core.tokens import Identity, TokenBook, trusted_admin
 from broker.core.usage import ResourceSnapshot
 from broker.disk.journal import EventSink
 from broker.disk.store import StateDir, atomic_write, read_json
+from broker.disk.token_store import TokenStore
 from broker.errors import (
     BrokerUnavailable,
     InvalidRequest,
@@ -59,8 +70,11 @@ from broker.errors import (
 )
 from broker.http.api import serve
 from broker.http.metrics import DEFAULT_METRICS_HOST, DEFAULT_METRICS_PORT, MetricsBoard
+from broker.http.rest import ADMIN_ACTS, RestApi, authenticate, route_of
+from broker.http.rest import start as start_rest
 from broker.models import (
     BrokerStatus,
+    GroupLease,
     Holder,
     Lease,
     LeaseEnded,
@@ -69,6 +83,7 @@ from broker.models import (
     ResourceState,
     ResourceStatus,
     checked,
+    is_group_lease_id,
     is_resource_key,
     lease_ref,
     resource_of_lease_id,
@@ -86,6 +101,8 @@ STATUS_TIMEOUT_S = 2.0
 # pulls its snapshot, in case a push was lost while the coordinator was down.
 HEALTH_INTERVAL_S = float(os.environ.get("MERLIN_HEALTH_INTERVAL_S", "5"))
 _UNKNOWN = object()  # the cluster did not list its nodes: leave every key's host flag as it is
+# The sessions watch reads the job table at least this often even when the job channel is quiet.
+SESSION_RECHECK_S = 2.0
 
 
 class BrokerActor:
@@ -97,6 +114,7 @@ class BrokerActor:
         namespace: str,
         metrics_host: str = DEFAULT_METRICS_HOST,
         metrics_port: int | None = DEFAULT_METRICS_PORT,
+        http_port: int | None = None,
         *,
         system: ActorSystem | None = None,
     ):
@@ -112,20 +130,27 @@ class BrokerActor:
         self._pushes_received = 0
         self._metrics_url: str | None = None
         self._loop = asyncio.get_running_loop()
-        self._api_url: str | None = None
         if metrics_port is not None:
             try:
                 self._http, base = serve(
                     self._board,
-                    {"resources": self._read_resources, "status": self._read_status},
+                    {},  # only /metrics: every read is on the authenticated HTTP API (issue 12)
                     metrics_host,
                     metrics_port,
                 )
-                self._metrics_url, self._api_url = f"{base}/metrics", f"{base}/api/v1"
+                self._metrics_url = f"{base}/metrics"
             except OSError as exc:  # a busy port must not crash-loop the coordinator
                 self._events.emit(
                     "metrics.unavailable", level="error", host=metrics_host, port=metrics_port, error=str(exc)
                 )
+        self._tokens_store = TokenStore(self._state)
+        self._tokens = self._load_tokens()
+        self._http_url: str | None = None
+        self._rest_runner: Any = None
+        if metrics_port is not None:
+            # The HTTP API beside the metrics listener: the next port (an ephemeral one with port 0).
+            port = http_port if http_port is not None else (metrics_port + 1 if metrics_port else 0)
+            self._rest_started = self._loop.create_task(self._start_rest(metrics_host, port))
         self._record_endpoints()
         catalog = self._load_catalog()
         if catalog is not None:
@@ -133,6 +158,16 @@ class BrokerActor:
         # (holder, request_id) -> key across keys, rebuilt from the lease records off the event loop.
         self._requests: RequestIndex | None = None
         self._requests_loading = self._loop.run_in_executor(None, self._load_request_index)
+        self._groups = GroupManager(
+            self._state,
+            self._events,
+            self._call,
+            self._status_of,
+            lambda: self._catalog,
+            self._board.observe_group_wait,
+        )
+        self._groups.load()
+        self._groups_recovered = self._loop.create_task(self._groups.recover())
         self._runs = RunManager(
             self._state,
             self._events,
@@ -141,9 +176,25 @@ class BrokerActor:
             self._system.job_runner(),
             namespace=namespace,
             place=self._run_placement,
+            groups=self._ready_groups,  # pool runs wait on their pool through group leases
         )
         self._runs.load()  # re-attaches to every unfinished run
+        self._prober = HealthProber(
+            self._state,
+            self._events,
+            self._call,
+            self._status_of,
+            self._system.job_runner(),
+            lambda key: self._placement(key, None),
+            lambda: self._catalog,
+            self._grants_of,
+            lambda key, record: self._board.set_health(key, record.ok, record.failures_total),
+        )
+        self._prober.publish_all()
         self._watcher = self._loop.create_task(self._watch())
+        self._sessions: dict[str, dict[str, float]] = {}  # key -> {caller session: earliest arrival}
+        self._sessions_grew = asyncio.Event()
+        self._session_watcher = self._loop.create_task(self._watch_sessions())
         self._events.emit(
             "broker.started",
             pid=os.getpid(),
@@ -243,11 +294,17 @@ class BrokerActor:
         priority: int = 0,
         request_id: str | None = None,
         note: str = "",
+        session: str | None = None,
+        bind_session: bool = True,
     ) -> Lease:
         """Grant ``resource`` to ``holder`` now, or queue (``wait=True``), or raise ``ResourceBusy``.
 
         A ``request_id`` that already names a lease on another key is refused
         (``InvalidRequest``): a retry that lands elsewhere never takes a second key.
+        ``session`` (the caller's Ray job id, ``ray.get_runtime_context().get_job_id()``)
+        ties the request to the caller: it leaves the queue within seconds of the caller's
+        death, and so does its lease unless ``bind_session=False`` (then only a grant the
+        caller never acknowledged is taken back; see ``broker.models.SessionTie``).
         """
         self._known(resource)
         request_id = request_id if request_id is not None else f"broker-{secrets.token_hex(12)}"
@@ -266,6 +323,8 @@ class BrokerActor:
                 priority=priority,
                 request_id=request_id,
                 note=note,
+                session=session,
+                bind_session=bind_session,
             )
         except (ResourceBusy, InvalidRequest):
             if claimed:  # refused before any lease existed: the id is free for another key
@@ -277,13 +336,108 @@ class BrokerActor:
                 await self._call(resource, "withdraw", holder, request_id)
             raise
 
-    async def release(self, lease_id: str) -> Lease:
+    async def reserve_group(
+        self,
+        holder: str,
+        *,
+        keys: list[str] | None = None,
+        labels: str | None = None,
+        count: int | None = None,
+        ttl_s: float = 3600.0,
+        wait: bool = False,
+        timeout_s: float | None = None,
+        priority: int = 0,
+        request_id: str | None = None,
+        note: str = "",
+        session: str | None = None,
+        one_host: bool = False,
+    ) -> GroupLease:
+        """One lease on ``count`` keys: any of the keys whose labels match ``labels`` (one by
+        default), or all of ``keys`` together (or any ``count`` of them).
+
+        Granted all at once or not at all, in priority-then-arrival order
+        consistent with single-key requests on every key; one ``lease_id`` for
+        the whole group (``release``, ``renew``, ``lease`` take it as they take
+        a key's). A selector matching fewer than ``count`` keys is
+        ``InvalidRequest`` at once. See :mod:`broker.core.groups` for the rules.
+        With ``session`` (the caller's Ray job id) the wait and the group lease end
+        with the caller, as a single key's bound lease does. ``one_host``: the keys
+        must share one host (keys bound to no host go with any); a request no host
+        could satisfy is ``InvalidRequest`` at once.
+        """
+        await self._groups_ready()
+        return await self._groups.reserve(
+            holder,
+            keys=keys,
+            labels=labels,
+            count=count,
+            ttl_s=ttl_s,
+            wait=wait,
+            timeout_s=timeout_s,
+            priority=priority,
+            request_id=request_id,
+            note=note,
+            session=session,
+            one_host=one_host,
+        )
+
+    async def withdraw_group(self, holder: str, request_id: str) -> GroupLease | None:
+        """Take the caller's own group request out of every queue (granted already: released)."""
+        await self._groups_ready()
+        return await self._groups.withdraw(holder, request_id)
+
+    async def group_position(self, holder: str, request_id: str) -> int | None:
+        """A waiting group request's best place over its keys' queues (1 = next), or None."""
+        await self._groups_ready()
+        return await self._groups.position(holder, request_id)
+
+    async def groups(self) -> list[dict[str, Any]]:
+        """Every waiting or granted group lease, as anyone may see it (no lease ids)."""
+        await self._groups_ready()
+        return self._groups.listing()
+
+    async def pools(self) -> list[dict[str, Any]]:
+        """The catalog's named pools: members, how many are free, who waits (groups and single keys)."""
+        catalog = self._catalog
+        if catalog is None or not catalog.pools:
+            return []
+        statuses = {status.key: status for status in await self.resources()}
+        answer = []
+        for name, selector in catalog.pools.items():
+            members = catalog.pool_members(name)
+            answer.append(
+                {
+                    "pool": name,
+                    "labels": selector,
+                    "members": list(members),
+                    "total": len(members),
+                    "free": sum(1 for key in members if statuses[key].state is ResourceState.FREE),
+                    "waiting_groups": self._groups.waiting_within(members),
+                    "waiting_single": sum(1 for key in members for entry in statuses[key].queue if entry.group is None),
+                }
+            )
+        return answer
+
+    def group_key_ready(self, key: str, group: str) -> None:
+        """A key's actor: free, with ``group``'s entry heading its queue (fire and forget)."""
+        self._groups.key_ready(key, group)
+
+    async def release(self, lease_id: str) -> Lease | GroupLease:
+        if is_group_lease_id(lease_id):
+            await self._groups_ready()
+            return await self._groups.release(lease_id)
         return await self._call(self._key_of(lease_id), "release", lease_id)
 
-    async def renew(self, lease_id: str, ttl_s: float | None = None) -> Lease:
+    async def renew(self, lease_id: str, ttl_s: float | None = None) -> Lease | GroupLease:
+        if is_group_lease_id(lease_id):
+            await self._groups_ready()
+            return await self._groups.renew(lease_id, ttl_s)
         return await self._call(self._key_of(lease_id), "renew", lease_id, ttl_s)
 
-    async def lease(self, lease_id: str) -> Lease:
+    async def lease(self, lease_id: str) -> Lease | GroupLease:
+        if is_group_lease_id(lease_id):
+            await self._groups_ready()
+            return self._groups.get(lease_id)
         return await self._call(self._key_of(lease_id), "lease", lease_id)
 
     async def withdraw(
@@ -316,7 +470,12 @@ class BrokerActor:
         return lease
 
     async def check_fence(self, lease_id: str, fencing_token: int) -> Lease:
-        """The lease if it still holds its key with this token, else ``StaleFencingToken``."""
+        """The lease if it still holds its key with this token, else ``StaleFencingToken``.
+
+        A group lease is checked with ``{key: token}`` for its keys."""
+        if is_group_lease_id(lease_id):
+            await self._groups_ready()
+            return await self._groups.check_fence(lease_id, fencing_token)  # type: ignore[return-value]
         return await self._call(self._key_of(lease_id), "check_fence", lease_id, fencing_token)
 
     async def queue_position(self, resource: str, holder: str, request_id: str) -> int | None:
@@ -369,6 +528,9 @@ class BrokerActor:
     ) -> RunRecord:
         """Queue a bundle (a target dir's absolute path, or the bundle itself) to run on its resource.
 
+        A pool bundle (``resource_labels``, ``count``) waits on the pool and is bound to the
+        member(s) that free first; a pool with fewer than ``count`` members is ``InvalidRequest``.
+        A set bundle (``resource_keys``) holds all its keys together for the whole run.
         The run waits for the bundle's resource lease, then runs as a Ray Job
         (the local executor with ``--resume``); the lease is renewed while the
         job runs and released when it ends. The same ``request_id`` returns
@@ -407,6 +569,8 @@ class BrokerActor:
             )
         if bundle.resource is not None:
             self._known(bundle.resource)
+        if bundle.pool:  # a pool with too few members, or a set with a key not in the catalog: refused now
+            self._pool_members(bundle.resource_labels, bundle.resource_keys, bundle.count)
         await self._check_placement(bundle.resource, bundle.job)
         if run_id is not None:
             target_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
@@ -458,6 +622,7 @@ class BrokerActor:
             in_maintenance=sum(1 for s in statuses if s.state is ResourceState.MAINTENANCE),
             down=down,
             metrics_url=self._metrics_url,
+            http_url=self._http_url,
             version=VERSION,
         )
 
@@ -472,8 +637,10 @@ class BrokerActor:
         if self._catalog is not None and snapshot.key in self._catalog.resources:
             self._pushes_received += 1
             self._board.put(snapshot, started_at)
+            self._learn_sessions(snapshot)
         for lease_end in ended:
             self._runs.lease_ended(lease_end)
+        self._groups.leases_ended(ended)
 
     async def ping(self) -> dict[str, Any]:
         return {
@@ -485,13 +652,90 @@ class BrokerActor:
 
     # ------------------------------------------------------------------ plumbing
 
-    def _read_resources(self) -> list[dict[str, Any]]:
-        """For the HTTP read API (its own thread): the same answer as resources()."""
-        statuses = asyncio.run_coroutine_threadsafe(self.resources(), self._loop).result(timeout=10)
-        return [status.model_dump(mode="json") for status in statuses]
+    # ------------------------------------------------------------------ the HTTP API and its tokens
 
-    def _read_status(self) -> dict[str, Any]:
-        return asyncio.run_coroutine_threadsafe(self.status(), self._loop).result(timeout=10).model_dump(mode="json")
+    async def _start_rest(self, host: str, port: int) -> None:
+        api = RestApi(self, lambda: self._tokens, self._auth_refused)
+        try:
+            self._rest_runner, self._http_url = await start_rest(api, host, port)
+        except OSError as exc:  # a busy port must not crash-loop the coordinator
+            self._events.emit("http.unavailable", level="error", host=host, port=port, error=str(exc))
+            return
+        self._record_endpoints()
+        self._events.emit("http.started", url=self._http_url)
+
+    async def http_identity(self, authorization: str, method: str, path: str) -> Identity:
+        """Who a bearer token is on route ``method path`` (the API served through Ray Serve): checked
+        here, where the token book is, with the in-loop API's rules and refusal events."""
+        return authenticate(self._tokens, authorization, route_of(method, path), self._auth_refused)
+
+    async def as_token(self, authorization: str, method: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        """An admin act by a named admin token through Ray Serve: trusted as the in-loop API trusts it
+        (the token is checked here; a Ray caller without it gains nothing)."""
+        if not isinstance(method, str) or method not in ADMIN_ACTS:
+            raise InvalidRequest(f"{str(method)[:40]!r} is not an admin act", "method")
+        secret = authorization.partition(" ")[2].strip() if isinstance(authorization, str) else None
+        who = self._tokens.identify(secret)
+        if who is None or not who.admin:
+            self._auth_refused(who.name if who else "?", method)
+            raise NotAuthorized(method, who.name if who else "?")
+        token = trusted_admin.set(who.name if not who.operator else None)
+        try:
+            return await getattr(self, method)(*args, **kwargs)
+        finally:
+            trusted_admin.reset(token)
+
+    def _auth_refused(self, name: str, act: str) -> None:
+        self._events.emit("auth.refused", level="warning", name=_shown_by(name), act=act[:200])
+
+    def _load_tokens(self) -> TokenBook:
+        try:
+            return self._tokens_store.load()
+        except (OSError, ValueError) as exc:  # no tokens (every HTTP call refused) beats a crash loop
+            self._events.emit("tokens.unreadable", level="error", error=str(exc)[:200])
+            return TokenBook([], None)
+
+    async def create_token(
+        self, name: str, admin: bool = False, *, by: str = "", admin_secret: str | None = None
+    ) -> dict[str, Any]:
+        """A new HTTP API token for ``name`` (an admin act); its secret is in this answer only."""
+        self._authorize("token create", by, admin_secret)
+        before = self._tokens.records()
+        secret, record = self._tokens.create(name, admin is True, time.time(), _shown_by(by))
+        try:
+            self._tokens_store.save(self._tokens)
+        except OSError as exc:
+            self._tokens = TokenBook(before, self._tokens_operator_digest())
+            raise BrokerUnavailable(f"cannot write tokens.json ({exc.strerror or exc}); no token was made") from None
+        self._events.emit("token.created", name=record.name, admin=record.admin, by=_shown_by(by))
+        return {"token": secret, **record.public()}
+
+    async def list_tokens(self, *, by: str = "", admin_secret: str | None = None) -> list[dict[str, Any]]:
+        self._authorize("token list", by, admin_secret)
+        return [record.public() for record in self._tokens.records()]
+
+    async def revoke_token(self, name: str, *, by: str = "", admin_secret: str | None = None) -> dict[str, Any]:
+        self._authorize("token revoke", by, admin_secret)
+        before = self._tokens.records()
+        record = self._tokens.revoke(name, time.time(), _shown_by(by))
+        try:
+            self._tokens_store.save(self._tokens)
+        except OSError as exc:
+            self._tokens = TokenBook(before, self._tokens_operator_digest())
+            raise BrokerUnavailable(f"cannot write tokens.json ({exc.strerror or exc}); nothing was revoked") from None
+        self._events.emit("token.revoked", name=record.name, by=_shown_by(by))
+        return record.public()
+
+    def _tokens_operator_digest(self) -> str | None:
+        from broker.core.tokens import token_digest
+        from broker.disk.token_store import read_operator_token
+
+        secret = read_operator_token(self._state)
+        return token_digest(secret) if secret else None
+
+    async def recent_events(self, limit: int = 100, prefix: str = "") -> list[dict[str, Any]]:
+        """The journal's latest ``limit`` events (whose name starts with ``prefix``), oldest first."""
+        return await asyncio.to_thread(_tail_events, self._state.events_path, limit, prefix)
 
     def _record_endpoints(self) -> None:
         """``broker.json``: where this coordinator listens, so the CLI can read without Ray."""
@@ -500,7 +744,8 @@ class BrokerActor:
             "pid": os.getpid(),
             "started_at": self._started_at,
             "metrics_url": self._metrics_url,
-            "api_url": self._api_url,
+            "api_url": self._http_url,  # the same API; the name older CLIs read
+            "http_url": self._http_url,
         }
         try:
             atomic_write(self._state.broker_record_path, json.dumps(record, indent=2).encode())
@@ -510,7 +755,9 @@ class BrokerActor:
     def _adopt(self, catalog: Catalog) -> None:
         """Take ``catalog`` as the current one; every key's actor is created (or found), all at once."""
         self._catalog = catalog
-        self._board.set_keys(list(catalog.resources), VERSION)
+        self._board.set_keys(
+            list(catalog.resources), VERSION, {name: catalog.pool_members(name) for name in catalog.pools}
+        )
         # Created now, so their restart-from-disk starts before the first call.
         self._system.create_all([self._actor(key, create=False) for key in catalog.resources])
 
@@ -529,7 +776,41 @@ class BrokerActor:
             await self._health_pass()
             await asyncio.sleep(HEALTH_INTERVAL_S)
 
+    async def _ready_groups(self) -> GroupManager:
+        """The group leases, once the restart's recovery pass has run (for the run manager)."""
+        await self._groups_ready()
+        return self._groups
+
+    async def _groups_ready(self) -> None:
+        """Group calls wait for the restart's recovery pass (it gives back half-taken keys first)."""
+        if not self._groups_recovered.done():
+            await asyncio.shield(self._groups_recovered)
+
+    async def health(self, resource: str, now: bool = False) -> dict[str, Any]:
+        """A key's health probe: its settings and its latest results (``now``: probe it first, if free)."""
+        self._known(resource)
+        spec = self._catalog.resources[resource] if self._catalog else None
+        check = spec.health_check if spec is not None else None
+        record = await self._prober.probe_now(resource) if now is True else self._prober.record(resource)
+        return {
+            "resource": resource,
+            "health_check": check.model_dump(mode="json", by_alias=True) if check is not None else None,
+            **record.model_dump(mode="json"),
+            "ok": record.ok,
+        }
+
+    def _grants_of(self, key: str) -> int:
+        snapshot = self._board.snapshot(key)
+        return snapshot.counters.grants if snapshot is not None else 0
+
     async def _health_pass(self) -> None:
+        if self._catalog is not None:
+            self._prober.tick()
+        if self._groups_recovered.done():
+            try:
+                await self._groups.tick()
+            except BrokerUnavailable as exc:
+                self._events.emit("group.pass_deferred", level="warning", error=str(exc)[:200])
         catalog = self._catalog
         keys = list(catalog.resources) if catalog else []
         hosts = {key: catalog.resources[key].host for key in keys} if catalog else {}
@@ -560,7 +841,68 @@ class BrokerActor:
             self._board.set_up(key, False)
             return
         self._board.put(snapshot, started_at)
+        self._learn_sessions(snapshot)
         self._board.set_up(key, True)
+
+    def _learn_sessions(self, snapshot: ResourceSnapshot) -> None:
+        """Which callers' sessions ``snapshot.key`` has something tied to; wake the watch on a new one.
+
+        New to the coordinator, not to the key: a client moving between keys is watched already.
+        """
+        known = {session for sessions in self._sessions.values() for session in sessions}
+        now = dict(snapshot.sessions)
+        self._sessions[snapshot.key] = now
+        if any(session not in known for session in now):
+            self._sessions_grew.set()
+
+    async def _watch_sessions(self) -> None:
+        """End what is tied to a caller's session as soon as the cluster says the session ended.
+
+        Event-driven: the seam waits on the cluster's job changes (Ray's GCS job channel),
+        re-reading the job table at least every SESSION_RECHECK_S; a session newly seen in a
+        snapshot restarts the wait so it is checked at once.
+        """
+        while True:
+            self._sessions_grew.clear()
+            seen: dict[str, float] = {}
+            for sessions in self._sessions.values():
+                for session, since in sessions.items():
+                    seen[session] = min(since, seen.get(session, since))
+            if not seen:
+                await self._sessions_grew.wait()
+                continue
+            checking = asyncio.ensure_future(self._system.dead_sessions(seen, SESSION_RECHECK_S))
+            grew = asyncio.ensure_future(self._sessions_grew.wait())
+            try:
+                await asyncio.wait({checking, grew}, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                grew.cancel()
+            if not checking.done():
+                checking.cancel()
+                continue
+            try:
+                dead = checking.result()
+            except Exception as exc:  # noqa: BLE001 - a GCS hiccup must not end the watch
+                self._events.emit("broker.sessions_unknown", level="warning", error=str(exc)[:200])
+                await asyncio.sleep(1.0)
+                continue
+            await asyncio.gather(*(self._end_session(session) for session in sorted(dead)))
+
+    async def _end_session(self, session: str) -> None:
+        keys = [key for key, sessions in self._sessions.items() if session in sessions]
+        if not keys:
+            return  # told already, from an older snapshot
+        for key in keys:
+            self._sessions[key].pop(session, None)  # a later snapshot that still has it brings it back
+        ended = await asyncio.gather(
+            *(self._call(key, "session_gone", session) for key in keys), return_exceptions=True
+        )
+        for key, result in zip(keys, ended):
+            if isinstance(result, BaseException):
+                self._events.emit(
+                    "broker.session_end_failed", level="warning", resource=key, session=session, error=str(result)[:200]
+                )
+        self._events.emit("broker.session_ended", session=session, resources=keys)
 
     def _placement(self, resource: str | None, job: Any) -> Placement:
         """Where a run's job goes: on its key's host, with the bundle's job needs (``job``, may be None)."""
@@ -631,12 +973,17 @@ class BrokerActor:
     def close(self) -> None:
         """Stop the background tasks (an in-process host stopping it; on Ray the process just dies)."""
         self._watcher.cancel()
+        self._session_watcher.cancel()
         self._runs.close()
+        self._groups.close()
+        self._prober.close()
 
     def _authorize(self, act: str, by: Any, admin_secret: Any, *, resource: str | None = None) -> None:
-        """Check the admin secret when the catalog sets one; a refusal is journaled with who tried, on what."""
+        """Check the admin secret when the catalog sets one; a refusal is journaled with who tried, on what.
+
+        An admin token on the HTTP API (in this process, for that one request) stands for the secret."""
         expected = self._catalog.broker.admin_secret_sha256 if self._catalog else None
-        if expected is None:
+        if expected is None or trusted_admin.get() is not None:
             return
         given = admin_secret.encode() if isinstance(admin_secret, str) else b""
         if not hmac.compare_digest(hashlib.sha256(given).hexdigest(), expected):
@@ -688,6 +1035,18 @@ class BrokerActor:
         index.settle(now)
         return index
 
+    def _pool_members(self, labels: str | None, keys: tuple[str, ...], count: int) -> tuple[str, ...]:
+        """The catalog keys a pool (or set) bundle may run on; ``InvalidRequest`` if fewer than
+        ``count`` (on one host), ``UnknownResource`` for a key of a set that is not in the catalog."""
+        from broker.core.groups import resolve_ask
+
+        specs = self._catalog.resources if self._catalog else {}
+        catalog_labels = {key: spec.labels for key, spec in specs.items()}
+        hosts = {key: spec.host for key, spec in specs.items()}  # one job reaches every key it holds
+        if keys:
+            return resolve_ask(catalog_labels, keys=list(keys), count=count, one_host=hosts).candidates
+        return resolve_ask(catalog_labels, labels=labels, count=count, one_host=hosts).candidates
+
     def _known(self, resource: Any) -> None:
         if not isinstance(resource, str) or self._catalog is None or resource not in self._catalog.resources:
             known = tuple(self._catalog.resources) if self._catalog else ()
@@ -712,6 +1071,28 @@ def _catalog_drops(old: Catalog | None, new: Catalog, dropped: list[str]) -> lis
     if old is not None and old.broker.admin_secret_sha256 and not new.broker.admin_secret_sha256:
         changes.append("remove the admin secret")
     return changes
+
+
+def _tail_events(path: Path, limit: int, prefix: str) -> list[dict[str, Any]]:
+    try:
+        with open(path, "rb") as handle:
+            handle.seek(0, os.SEEK_END)
+            size = handle.tell()
+            handle.seek(max(0, size - 4 * 1024 * 1024))  # the last 4 MiB hold far more than 1000 events
+            lines = handle.read().splitlines()
+    except OSError:
+        return []
+    events: list[dict[str, Any]] = []
+    for line in reversed(lines):
+        try:
+            event = json.loads(line)
+        except ValueError:
+            continue  # a torn first line of the window
+        if isinstance(event, dict) and str(event.get("event", "")).startswith(prefix):
+            events.append(event)
+            if len(events) >= limit:
+                break
+    return events[::-1]
 
 
 def _shown_by(by: Any) -> str:

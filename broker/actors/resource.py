@@ -1,9 +1,14 @@
 """``resource:<key>``: the async Ray actor that owns one key's leases.
 
 A thin shell around :class:`broker.core.book.LeaseBook`. Each call runs one book
-command, writes what it changed to the ledger, and only then answers, wakes
-waiters and logs. Nothing awaits between the command and the write, so calls
-never interleave inside one state change.
+command and appends what it changed to the ledger's log at once (nothing awaits
+between the two, so calls never interleave inside one state change and the
+log's order is the book's); it answers, wakes waiters and logs only once the
+fdatasync covering that record returned. Syncs run one at a time off the event
+loop and each covers every record appended while the one before ran (group
+commit, :mod:`broker.disk.group_commit`). Reads and refusals wait the same way
+for what they saw, so nobody hears of a change before it is on disk. A failed
+sync fails every call it covered and puts the book back to what the disk holds.
 
 Lifecycle: created detached by the coordinator, restarted by Ray forever. On
 (re)start the constructor rebuilds the book from the ledger — granted leases
@@ -17,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import os
 import secrets
 import time
@@ -27,9 +33,10 @@ from broker.core.catalog import Catalog, ResourceSpec
 from broker.core.clock import ActorClock
 from broker.core.placement_rules import host_down_reason
 from broker.core.usage import ResourceSnapshot, UsageCounters
+from broker.disk.group_commit import GroupCommitter
 from broker.disk.journal import EventSink
 from broker.disk.store import ResourceLedger, ResourceMeta, StateDir, read_json
-from broker.errors import BrokerUnavailable, InvalidRequest, LeaseNotFound, LeaseNotHeld, WaitTimeout
+from broker.errors import BrokerError, BrokerUnavailable, InvalidRequest, LeaseNotFound, LeaseNotHeld, WaitTimeout
 from broker.models import (
     EndReason,
     Holder,
@@ -43,6 +50,7 @@ from broker.models import (
     ReserveRequest,
     ResourceState,
     ResourceStatus,
+    SessionId,
     TtlSeconds,
     checked,
     resource_of_lease_id,
@@ -79,6 +87,7 @@ def resource_status(book: LeaseBook) -> ResourceStatus:
             queued_at=lease.queued_at,
             note=lease.note,
             ref=lease.ref,
+            group=lease.group,
         )
         for index, lease in enumerate(book.queue)
     )
@@ -94,6 +103,8 @@ def resource_status(book: LeaseBook) -> ResourceStatus:
         maintenance_reason=maintenance.reason if maintenance else None,
         maintenance_since=maintenance.since if maintenance else None,
         down_reason=host_down.reason if host_down else None,
+        free_since=book.freed_at if granted is None else None,
+        ready_for_group=book.ready_for_group,
     )
 
 
@@ -132,27 +143,15 @@ class ResourceActor:
         # Asked before the book grants anything on restore: a restarted actor never grants on
         # an absent host before the coordinator's next health pass says so.
         down_reason = self._host_down_reason()
-        self._book, fixes = LeaseBook.restore(
-            key,
-            contents.leases,
-            # A corrupt record may have held the newest token: stay above it.
-            fencing_floor=contents.meta.fencing_counter + len(contents.corrupt),
-            maintenance=contents.meta.maintenance,
-            host_down=HostDown(down_reason, self._clock.now()) if down_reason else None,
-            now=self._clock.now(),
+        fixes = self._restore(
+            contents,
+            HostDown(down_reason, self._clock.now()) if down_reason else None,
             max_hold_s=self._spec.max_hold_s,
             warn_before_s=self._spec.warn_before_s,
             claim_s=settings.claim_s,
             retention_s=settings.retention_s,
         )
-        try:
-            self._ledger.write(fixes.changed_leases)
-        except OSError as exc:
-            # Read-only disk: nothing that is not on disk may be told to anyone. Serve what
-            # was loaded; the timer retries the expiries while the disk refuses.
-            self._book.rollback()
-            fixes = Outcome()
-            self._events.emit("ledger.write_failed", level="error", resource=key, error=str(exc))
+        self._committer = GroupCommitter(self._ledger, self._loop, self._after_failed_sync)
         self._deliver(fixes)
         if self._book.host_down is not None:
             self._log_change(Change(LeaseEvent.DOWN))
@@ -179,6 +178,9 @@ class ResourceActor:
         priority: int = 0,
         request_id: str | None = None,
         note: str = "",
+        group: str | None = None,
+        session: str | None = None,
+        bind_session: bool = True,
     ) -> Lease:
         request = validated(
             ReserveRequest,
@@ -190,30 +192,51 @@ class ResourceActor:
             priority=priority,
             request_id=request_id if request_id is not None else secrets.token_hex(16),
             note=note,
+            group=group,
+            session=session,
+            bind_session=bind_session,
         )
         lease_id = f"{self._key}.{secrets.token_hex(16)}"
-        lease: Lease = self._apply(lambda now: self._book.reserve(request, lease_id, now)).result  # type: ignore[assignment]
-        if lease.state is LeaseState.CANCELLED:
-            raise self._cancelled_error(lease)
-        if lease.state is not LeaseState.QUEUED or not request.wait:
-            return lease
-        future: asyncio.Future[Lease] = self._loop.create_future()
-        self._waiters.setdefault(lease.lease_id, []).append(future)
         try:
-            return await future
+            outcome, durable = self._stage(lambda now: self._book.reserve(request, lease_id, now))
+        except BrokerError:
+            await self._committer.settled()
+            raise
+        lease: Lease = outcome.result  # type: ignore[assignment]
+        future: asyncio.Future[Lease] | None = None
+        # A group's entry: the coordinator takes it, and answers the group's caller.
+        if lease.state is LeaseState.QUEUED and request.wait and lease.group is None:
+            # Waiting from now, not from when the record is on disk: a grant in a later
+            # record of the same sync is delivered right after this one's.
+            future = self._loop.create_future()
+            self._waiters.setdefault(lease.lease_id, []).append(future)
+        try:
+            await self._settle(durable)
+            if lease.state is LeaseState.CANCELLED:
+                raise self._cancelled_error(lease)
+            return lease if future is None else await future
+        except BrokerUnavailable:
+            if future is not None:
+                self._forget_waiter(lease.lease_id, future)
+            raise
         except asyncio.CancelledError:
+            if future is None:
+                raise
             # The caller went away (ray.cancel, Ctrl-C): leave the queue, unless
             # another call for the same request is still waiting.
             self._forget_waiter(lease.lease_id, future)
             if not self._waiters.get(lease.lease_id):
                 with contextlib.suppress(LeaseNotHeld, LeaseNotFound, BrokerUnavailable):  # granted or gone already
-                    self._apply(lambda now: self._book.cancel(lease.lease_id, now, EndReason.WAITER_WENT_AWAY))
+                    went_away = self._stage(
+                        lambda now: self._book.cancel(lease.lease_id, now, EndReason.WAITER_WENT_AWAY)
+                    )
+                    self._in_background(went_away[1])
             raise
 
     async def release(self, lease_id: str) -> Lease:
         self._own(lease_id)
         try:
-            return self._apply(lambda now: self._book.release(lease_id, now)).result  # type: ignore[return-value]
+            return (await self._apply(lambda now: self._book.release(lease_id, now))).result  # type: ignore[return-value]
         except LeaseNotFound:
             return release_ended(self._from_disk(lease_id))
 
@@ -221,7 +244,7 @@ class ResourceActor:
         self._own(lease_id)
         ttl = None if ttl_s is None else checked(TtlSeconds, ttl_s, "ttl_s")
         try:
-            return self._apply(lambda now: self._book.renew(lease_id, ttl, now)).result  # type: ignore[return-value]
+            return (await self._apply(lambda now: self._book.renew(lease_id, ttl, now))).result  # type: ignore[return-value]
         except LeaseNotFound:
             ended = self._from_disk(lease_id)
             raise LeaseNotHeld(lease_id, ended.state.value, ended.end_reason) from None
@@ -229,21 +252,41 @@ class ResourceActor:
     async def cancel(self, lease_id: str, reason: str = "cancelled", by: str = "") -> Lease:
         self._own(lease_id)
         reason, by = checked(Reason, reason, "reason"), checked(Reason, by, "by")  # an admin's withdraw says why
-        return self._apply(lambda now: self._book.cancel(lease_id, now, reason, by=by)).result  # type: ignore[return-value]
+        return (await self._apply(lambda now: self._book.cancel(lease_id, now, reason, by=by))).result  # type: ignore[return-value]
 
     async def withdraw(self, holder: str, request_id: str) -> Lease | None:
         """Cancel the queued request ``(holder, request_id)``; None if there is none."""
-        lease = self._book.find_request(holder, request_id) if isinstance(request_id, str) else None
+
+        def find() -> Lease | None:
+            return self._book.find_request(holder, request_id) if isinstance(request_id, str) else None
+
+        lease = find()
         if lease is None or lease.state is not LeaseState.QUEUED:
-            return lease
-        return self._apply(lambda now: self._book.cancel(lease.lease_id, now, EndReason.WITHDRAWN)).result
+            return await self._read(find)
+        return (await self._apply(lambda now: self._book.cancel(lease.lease_id, now, EndReason.WITHDRAWN))).result
+
+    async def take_for_group(self, lease_id: str, awaited: bool = True) -> Lease:
+        """The coordinator takes this key for a group whose entry heads the queue (``ResourceBusy`` if not)."""
+        self._own(lease_id)
+        outcome = await self._apply(lambda now: self._book.take_for_group(lease_id, now, awaited=awaited is not False))
+        return outcome.result  # type: ignore[return-value]
+
+    async def requeue_group_member(self, lease_id: str) -> Lease:
+        """The coordinator could not take the group's other keys: undo this take, keep the queue place."""
+        self._own(lease_id)
+        new_id = f"{self._key}.{secrets.token_hex(16)}"
+        return (await self._apply(lambda now: self._book.requeue_group_member(lease_id, new_id, now))).result  # type: ignore[return-value]
 
     async def lease(self, lease_id: str) -> Lease:
         self._own(lease_id)
-        try:
-            return self._book.get(lease_id)
-        except LeaseNotFound:
-            return self._from_disk(lease_id)
+
+        def find() -> Lease:
+            try:
+                return self._book.get(lease_id)
+            except LeaseNotFound:
+                return self._from_disk(lease_id)
+
+        return await self._read(find)
 
     async def revoke(
         self,
@@ -261,7 +304,7 @@ class ResourceActor:
         by = checked(Reason, by, "by")
         if request_id is not None:
             request_id = checked(RequestId, request_id, "request_id")
-        outcome = self._apply(
+        outcome = await self._apply(
             lambda now: self._book.revoke(reason, now, expected_holder=expected_holder, by=by, request_id=request_id)
         )
         return outcome.result  # type: ignore[return-value]
@@ -270,8 +313,17 @@ class ResourceActor:
         if not isinstance(on, bool):
             raise InvalidRequest(f"invalid on={on!r}: must be true or false", "on")
         reason, by = checked(Reason, reason, "reason"), checked(Reason, by, "by")
-        self._apply(lambda now: self._book.set_maintenance(on, reason, now, by))
-        return resource_status(self._book)
+        await self._apply(lambda now: self._book.set_maintenance(on, reason, now, by))
+        return await self._read(lambda: resource_status(self._book))
+
+    async def session_gone(self, session: str) -> int:
+        """The coordinator saw the caller's session ``session`` end: what is tied to it ends.
+
+        Returns how many requests and leases it ended (0 when told again: idempotent).
+        """
+        session = checked(SessionId, session, "session")
+        outcome = await self._apply(lambda now: self._book.end_session(session, now))
+        return sum(1 for lease in outcome.changed_leases if lease.session == session and not lease.active)
 
     async def set_host_down(self, reason: str | None) -> ResourceStatus:
         """The coordinator's health pass: this key's host is absent (``reason``) or present (None)."""
@@ -279,34 +331,38 @@ class ResourceActor:
             reason = checked(Reason, reason, "reason")
         if self._spec.host is None:
             reason = None  # the catalog changed under the pass: a key with no host is never host-down
-        self._apply(lambda now: self._book.set_host_down(reason, now))
-        return resource_status(self._book)
+        await self._apply(lambda now: self._book.set_host_down(reason, now))
+        return await self._read(lambda: resource_status(self._book))
 
     async def check_fence(self, lease_id: str, fencing_token: int) -> Lease:
         self._own(lease_id)
         if isinstance(fencing_token, bool) or not isinstance(fencing_token, int):
             raise InvalidRequest(f"invalid fencing_token={fencing_token!r}: must be an integer", "fencing_token")
-        return self._book.check_fence(lease_id, fencing_token, self._clock.now())
+        return await self._read(lambda: self._book.check_fence(lease_id, fencing_token, self._clock.now()))
 
     # ------------------------------------------------------------------ reads
 
     async def status(self) -> ResourceStatus:
-        return resource_status(self._book)
+        return await self._read(lambda: resource_status(self._book))
 
     async def queue_position(self, holder: str, request_id: str) -> int | None:
-        lease = self._book.find_request(holder, request_id) if isinstance(request_id, str) else None
-        return self._book.position(lease.lease_id) if lease is not None else None
+        def position() -> int | None:
+            lease = self._book.find_request(holder, request_id) if isinstance(request_id, str) else None
+            return self._book.position(lease.lease_id) if lease is not None else None
+
+        return await self._read(position)
 
     async def ping(self) -> dict[str, Any]:
         return {"key": self._key, "pid": os.getpid(), "started_at": self._started_at}
 
     async def snapshot(self) -> tuple[ResourceSnapshot, float]:
         """The metrics snapshot and this actor life's start time (the coordinator's pull)."""
-        return self._make_snapshot(), self._started_at
+        return await self._read(lambda: (self._make_snapshot(), self._started_at))
 
     def close(self) -> None:
         """Stop this instance's timers (an in-process host stopping it; on Ray the process just dies)."""
         self._closed = True
+        self._committer.close()
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
@@ -320,7 +376,7 @@ class ResourceActor:
         self._book.retention_s = settings.retention_s
         reason = self._host_down_reason()
         with contextlib.suppress(BrokerUnavailable):  # a grant on the host's return could not be written
-            self._apply(lambda now: self._book.set_host_down(reason, now))
+            await self._apply(lambda now: self._book.set_host_down(reason, now))
 
     def _host_down_reason(self) -> str | None:
         """Why this key's host is not in the cluster now, or None (no host, or it is there)."""
@@ -335,8 +391,27 @@ class ResourceActor:
 
     # ------------------------------------------------------------------ shell
 
-    def _apply(self, command: Any) -> Outcome:
-        """Run one book command, make it durable, then tell everyone."""
+    async def _apply(self, command: Any) -> Outcome:
+        """Run one book command, make it durable, then answer (everyone else was told by then)."""
+        try:
+            outcome, durable = self._stage(command)
+        except BrokerError:
+            await self._committer.settled()  # a refusal may rest on changes still in flight
+            raise
+        await self._settle(durable)
+        return outcome
+
+    def _stage(self, command: Any) -> tuple[Outcome, asyncio.Future[None]]:
+        """Run one book command and append what it changed to the log, now; the future is done once it is on disk.
+
+        Whoever else the command concerns (a woken waiter, the journal, the coordinator)
+        is told by the committer once the record is on disk, in the log's order. The future
+        covers every record appended so far: an outcome that wrote nothing (a retried
+        request's lease) may show one still in flight.
+
+        Raises:
+            BrokerUnavailable: the record could not be appended; the book is as it was.
+        """
         outcome: Outcome = command(self._clock.now())
         if outcome.wrote_anything:
             meta = None
@@ -351,21 +426,109 @@ class ResourceActor:
                     updated_at=self._clock.now(),
                 )
             try:
-                self._ledger.write(outcome.changed_leases, meta)
+                self._committer.append(outcome.changed_leases, meta, functools.partial(self._deliver, outcome))
             except OSError as exc:
-                self._book.rollback()
-                self._events.emit("ledger.write_failed", level="error", resource=self._key, error=str(exc))
-                raise BrokerUnavailable(
-                    f"cannot write the state dir for {self._key!r} ({exc.strerror or exc}); nothing was changed",
-                    f"check {self._state.root} is writable",
-                ) from None
-        self._deliver(outcome)
+                self._book.rollback()  # the append follows the command at once: it is the book's last
+                raise self._write_failed(exc) from None
+        else:
+            self._deliver(outcome)
         self._arm_timer()
-        return outcome
+        return outcome, self._committer.durable(self._committer.last)
+
+    async def _settle(self, durable: asyncio.Future[None]) -> None:
+        """Wait for ``durable``; a failed sync is this call's failure (its change is not on disk)."""
+        try:
+            await durable
+        except Exception as exc:  # noqa: BLE001 - whatever the sync raised, the change is not durable
+            raise self._write_failed(exc) from None
+
+    async def _read(self, compute: Any) -> Any:
+        """``compute()`` from the book as it is now, answered once all it saw is on disk.
+
+        If those changes are dropped instead (a failed sync), the book is back to the disk's
+        state: compute again. A refusal (``BrokerError``) is answered the same way.
+        """
+        while True:
+            try:
+                answer, error = compute(), None
+            except BrokerError as exc:
+                answer, error = None, exc
+            try:
+                await self._committer.durable(self._committer.last)
+            except Exception:  # noqa: BLE001 - dropped: read the restored book
+                continue
+            if error is not None:
+                raise error
+            return answer
+
+    def _write_failed(self, exc: BaseException) -> BrokerUnavailable:
+        detail = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc) or type(exc).__name__
+        self._events.emit("ledger.write_failed", level="error", resource=self._key, error=str(exc))
+        return BrokerUnavailable(
+            f"cannot write the state dir for {self._key!r} ({detail}); nothing was changed",
+            f"check {self._state.root} is writable",
+        )
+
+    def _restore(self, contents: Any, host_down: HostDown | None, **options: Any) -> Outcome:
+        """Rebuild the book from ``contents``; write its fixes (expiries due) durably; return them."""
+        self._book, fixes = LeaseBook.restore(
+            self._key,
+            contents.leases,
+            # A corrupt record may have held the newest token: stay above it.
+            fencing_floor=contents.meta.fencing_counter + len(contents.corrupt),
+            maintenance=contents.meta.maintenance,
+            host_down=host_down,
+            now=self._clock.now(),
+            **options,
+        )
+        try:
+            self._ledger.write(fixes.changed_leases)
+        except OSError as exc:
+            # Read-only disk: nothing that is not on disk may be told to anyone. Serve what
+            # was loaded; the timer retries the expiries while the disk refuses.
+            self._book.rollback()
+            self._events.emit("ledger.write_failed", level="error", resource=self._key, error=str(exc))
+            return Outcome()
+        return fixes
+
+    def _after_failed_sync(self, error: BaseException) -> None:
+        """A sync failed: its records were cut from the log; the book goes back to what the disk holds.
+
+        Called before any of the failed calls hears of it. Queued requests come back as after
+        a restart (unclaimed until their holder renews or asks again); their waiters stay.
+        """
+        self._events.emit("ledger.sync_failed", level="error", resource=self._key, error=str(error)[:200])
+        try:
+            contents = self._ledger.reload()
+        except OSError as exc:
+            # Neither written nor readable: the book holds what the disk may not. Die; Ray
+            # restarts the actor, which serves what the disk holds (or does not start).
+            self._events.emit("ledger.unreadable", level="error", resource=self._key, error=str(exc)[:200])
+            os._exit(70)
+        book = self._book
+        fixes = self._restore(
+            contents,
+            book.host_down,
+            max_hold_s=book.max_hold_s,
+            warn_before_s=book.warn_before_s,
+            claim_s=book.claim_s,
+            retention_s=book.retention_s,
+        )
+        self._deliver(fixes)
+        self._schedule_push()
+        # Not at once: with the disk failing every sync, a due expiry would retry in a loop.
+        if self._timer is not None:
+            self._timer.cancel()
+        self._timer = self._loop.call_later(1.0, self._on_timer)
+
+    def _in_background(self, durable: asyncio.Future[None]) -> None:
+        """Nobody awaits ``durable`` (a timer's or a departed caller's change): only its error is read."""
+        durable.add_done_callback(lambda done: done.cancelled() or done.exception())
 
     def _deliver(self, outcome: Outcome) -> None:
         if outcome.changes:
             self._schedule_push()
+            self._tell_if_ready_for_group()
         for change in outcome.changes:
             self._counters.observe(change.event, change.lease)
             self._log_change(change)
@@ -408,6 +571,10 @@ class ResourceActor:
             "priority": lease.priority,
             "fencing_token": lease.fencing_token,
         }
+        if lease.session is not None:  # whose process it is tied to (a job id, not a capability)
+            fields["session"] = lease.session
+        if lease.group is not None:
+            fields["group"] = lease.group  # the chaos checker ties a key's grant to its group's
         if change.event is LeaseEvent.GRANTED:
             fields["wait_s"] = round((lease.granted_at or 0.0) - lease.queued_at, 6)
             fields["expires_at"] = lease.expires_at
@@ -455,7 +622,15 @@ class ResourceActor:
             oldest_queued_at=min((lease.queued_at for lease in queue), default=None),
             maintenance_since=maintenance.since if maintenance else None,
             counters=self._counters.copy(),
+            sessions=tuple(sorted(book.sessions().items())),
+            queued_groups=tuple(lease.group for lease in queue if lease.group is not None),
         )
+
+    def _tell_if_ready_for_group(self) -> None:
+        """A free key headed by a group's entry waits for the coordinator: tell it now, not at the next push."""
+        group = self._book.ready_for_group
+        if group is not None and not self._closed:
+            self._system.tell(self._coordinator, "group_key_ready", self._key, group)
 
     def _schedule_push(self) -> None:
         """Push one snapshot shortly after a change; changes in the meantime ride along.
@@ -471,9 +646,22 @@ class ResourceActor:
         self._push_pending = False
         if self._closed:
             return
-        # Fire and forget: with no coordinator now, it pulls snapshots when it is back.
         ended, self._ended = tuple(self._ended), []
-        self._system.tell(self._coordinator, "push_snapshot", self._make_snapshot(), self._started_at, ended)
+        snapshot = self._make_snapshot()
+        # Sent once what it shows is on disk (at once if nothing is in flight).
+        durable = self._committer.durable(self._committer.last)
+        durable.add_done_callback(functools.partial(self._send_push, snapshot, ended))
+
+    def _send_push(
+        self, snapshot: ResourceSnapshot, ended: tuple[LeaseEnded, ...], durable: asyncio.Future[None]
+    ) -> None:
+        if durable.cancelled() or durable.exception() is not None:
+            self._ended[:0] = ended  # what it showed was dropped: push the restored state instead
+            self._schedule_push()
+            return
+        if not self._closed:
+            # Fire and forget: with no coordinator now, it pulls snapshots when it is back.
+            self._system.tell(self._coordinator, "push_snapshot", snapshot, self._started_at, ended)
 
     def _wake(self, lease_id: str, *, result: Lease | None = None, error: BaseException | None = None) -> None:
         for future in self._waiters.pop(lease_id, []):
@@ -531,7 +719,7 @@ class ResourceActor:
                 seconds_left=round((warning.must_end_by or 0.0) - now, 3),
             )
         try:
-            self._apply(self._book.tick)
+            self._in_background(self._stage(self._book.tick)[1])  # a failed sync restores the book and re-arms
         except BrokerUnavailable:
             # The disk refused; the book is unchanged. Try again shortly.
             self._timer = self._loop.call_later(1.0, self._on_timer)

@@ -20,6 +20,16 @@ else) stops the run at once: the resource actor reports the end with its next
 snapshot push (≤ 0.1 s), the job is stopped, and the record ends
 ``stopped: lease lost: …``. The lease is released when the job ends, whatever
 the end.
+
+A pool bundle's run (``resource_labels``, ``count``; or a set, ``resource_keys``) queues on the pool through
+the coordinator's :class:`~broker.actors.groups.GroupManager` (one group
+request, the same random-id-recorded-first rule) and is bound to the keys its
+group lease gets: the record says which (``resources``, ``fencing_tokens``),
+the job is placed on their host, and the run then holds each key's lease (the
+group's members) like a single key's — renewed (through the group, so the
+group stays current), watched for a loss (any member's end stops the run; the
+group ends as a whole), fenced by the executor, released as a whole at the
+end. A bound run that queues again asks for the same keys.
 """
 
 from __future__ import annotations
@@ -34,7 +44,7 @@ import time
 from collections.abc import Awaitable, Callable
 from enum import Enum
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from broker.core.placement_rules import JobNeeds, Placement, placement
 from broker.core.runs import (
@@ -53,10 +63,13 @@ from broker.disk.run_records import RunRecords
 from broker.disk.store import FILE_MODE, StateDir, atomic_write
 from broker.errors import BrokerError, BrokerUnavailable, InvalidRequest, LeaseNotFound, LeaseNotHeld, RunEnd
 from broker.http.metrics import RunStats
-from broker.models import Lease, LeaseEnded, LeaseState, lease_ref
+from broker.models import GroupLease, Lease, LeaseEnded, LeaseState, lease_ref
 from broker.seam.jobs import JobRunner, JobSpec
 from executor.local import archive_state, load_state, settle_state
 from executor.state import BundleStatus
+
+if TYPE_CHECKING:
+    from broker.actors.groups import GroupManager
 
 __all__ = ["RunManager", "RUN_LEASE_TTL_S", "LeaseEnded"]
 
@@ -69,6 +82,9 @@ STOP_WAIT_S = 15.0  # after a lease loss: how long the job gets to stop before t
 LEASE_FILE = "lease.json"
 
 Call = Callable[..., Awaitable[Any]]
+# How a member's end is told when a group's keys ended at once: a revoke ends the run, an
+# expiry queues it again; the other keys were released by the group ending as a whole.
+_END_RANK = {LeaseState.REVOKED: 0, LeaseState.EXPIRED: 1}
 
 
 class _Next(Enum):
@@ -90,8 +106,11 @@ class RunManager:
         namespace: str,
         python: str = sys.executable,
         place: Callable[[str | None, Any], Placement] | None = None,
+        groups: Callable[[], Awaitable[GroupManager]] | None = None,
     ):
         self._namespace = namespace
+        # The coordinator's group leases, once its restart recovery has run (pool runs only).
+        self._groups = groups
         # (resource, the bundle's job needs) -> where its job runs: the coordinator knows the hosts.
         self._place = place or (lambda resource, job: placement(None, JobNeeds()))
         self._state = state
@@ -120,8 +139,9 @@ class RunManager:
         for record in records:
             self._records[record.run_id] = record
             self._by_request[(record.holder, record.request_id)] = record.run_id
-            if record.lease_ref is not None and not record.finished:
-                self._by_lease[record.lease_ref] = record.run_id
+            if not record.finished:
+                for lease_id in record.held.values():
+                    self._by_lease[lease_ref(lease_id)] = record.run_id
         self._recount()
         for record in records:
             if not record.finished:
@@ -175,7 +195,14 @@ class RunManager:
         self._records[record.run_id] = record
         self._by_request[(holder, request_id)] = record.run_id
         self._events.emit(
-            "run.queued", run_id=record.run_id, resource=bundle.resource, holder=holder, target=bundle.target
+            "run.queued",
+            run_id=record.run_id,
+            resource=bundle.resource,
+            labels=bundle.resource_labels,
+            keys=list(bundle.resource_keys) or None,
+            count=bundle.count if bundle.pool else None,
+            holder=holder,
+            target=bundle.target,
         )
         self._recount()
         self._start(record.run_id)
@@ -257,11 +284,11 @@ class RunManager:
                 record = self._records[run_id]
                 if record.finished:
                     return  # ended while re-attaching (its lease was revoked meanwhile)
-                if record.resource is not None and record.lease_id is None:
+                if record.needs_lease and not record.held:
                     record = await self._acquire(record)
-                elif record.resource is not None:
+                elif record.needs_lease:
                     record = await self._check_reattached_lease(record)
-                    if record.lease_id is None:
+                    if not record.held:
                         continue  # it expired while nobody watched: queue again
                 if (
                     record.job_attempt != record.lease_attempt
@@ -286,6 +313,8 @@ class RunManager:
 
     async def _acquire(self, record: RunRecord) -> RunRecord:
         """Wait for the run's lease. The request id is random and recorded first: a restart re-joins."""
+        if record.pool:
+            return await self._acquire_pool(record)
         assert record.resource is not None
         while True:
             if record.lease_request_id is None:
@@ -326,26 +355,108 @@ class RunManager:
         )
         return record
 
-    async def _check_reattached_lease(self, record: RunRecord) -> RunRecord:
-        """A run picked up again (restart) still holds its lease, or reacts to how it ended."""
-        assert record.resource is not None and record.lease_id is not None
-        try:
-            lease: Lease = await self._call(record.resource, "lease", record.lease_id)
-        except LeaseNotFound:
-            lease = None  # type: ignore[assignment]
-        if lease is not None and lease.state is LeaseState.GRANTED:
-            return record
-        ended = LeaseEnded(
-            ref=record.lease_ref or "",
-            state=lease.state if lease is not None else LeaseState.EXPIRED,
-            reason=(lease.end_reason if lease is not None else "") or "",
-            by=(lease.ended_by if lease is not None else "") or "",
+    async def _acquire_pool(self, record: RunRecord) -> RunRecord:
+        """Wait on the pool through a group request; bind the run to the keys it gets.
+
+        A run bound before (it queues again after an expiry) asks for the same keys together.
+        """
+        groups = await self._group_manager()
+        while True:
+            if record.lease_request_id is None:
+                record = self._save(record.model_copy(update={"lease_request_id": secrets.token_hex(16)}))
+            where: dict[str, Any] = (
+                {"keys": list(record.resources or record.resource_keys)}
+                if record.resources or record.resource_keys
+                else {"labels": record.resource_labels, "count": record.count}
+            )
+            group: GroupLease = await groups.reserve(
+                record.holder,
+                **where,
+                ttl_s=RUN_LEASE_TTL_S,
+                wait=True,
+                priority=record.priority,
+                request_id=record.lease_request_id,
+                note=f"run {record.run_id} ({record.target})",
+                one_host=True,  # the run's one job reaches every key it holds
+            )
+            if group.state is LeaseState.GRANTED:
+                try:
+                    members = groups.member_lease_ids(group.lease_id)
+                    break
+                except LeaseNotHeld:
+                    pass  # it ended as it was granted (a member revoked at once): ask again
+            # Granted while nobody watched and already ended: queue again, with a new request.
+            record = self._save(record.model_copy(update={"lease_request_id": None}))
+        keys, tokens = tuple(sorted(group.keys)), group.fencing_tokens
+        one = keys[0] if len(keys) == 1 else None
+        record = self._save(
+            record.model_copy(
+                update={
+                    "group_lease_id": group.lease_id,
+                    "lease_ref": group.ref,
+                    "lease_ids": members,
+                    "resources": keys,
+                    "fencing_tokens": tokens,
+                    "resource": one,
+                    "fencing_token": tokens[one] if one is not None else None,
+                    "granted_at": group.granted_at,
+                    "message": f"bound to {', '.join(keys)}; submitting the job",
+                }
+            )
         )
-        return await self._after_lease_loss(record, ended)
+        for lease_id in members.values():
+            self._by_lease[lease_ref(lease_id)] = record.run_id
+        self._events.emit(
+            "run.lease_granted",
+            run_id=record.run_id,
+            resource=one,
+            resources=list(keys),
+            labels=record.resource_labels,
+            lease=group.ref,
+            fencing_tokens=tokens,
+        )
+        return record
+
+    async def _group_manager(self) -> GroupManager:
+        if self._groups is None:
+            raise InvalidRequest("this broker runs no group leases: a pool bundle cannot be bound here", "bundle")
+        return await self._groups()
+
+    async def _check_reattached_lease(self, record: RunRecord) -> RunRecord:
+        """A run picked up again (restart) still holds its lease(s), or reacts to how they ended."""
+        ended = await self._ended_lease(record)
+        return record if ended is None else await self._after_lease_loss(record, ended)
+
+    async def _ended_lease(self, record: RunRecord) -> LeaseEnded | None:
+        """How one of the run's key leases ended, or None while it holds them all.
+
+        Of several ended keys (a group ends as a whole), the one whose end says most: a
+        revoke, then an expiry; the others were released by the group's end.
+        """
+        ends = []
+        for key, lease_id in record.held.items():
+            lease: Lease | None
+            try:
+                lease = await self._call(key, "lease", lease_id)
+            except LeaseNotFound:
+                lease = None
+            if lease is not None and lease.state is LeaseState.GRANTED:
+                continue
+            ends.append(
+                LeaseEnded(
+                    ref=lease_ref(lease_id),
+                    state=lease.state if lease is not None else LeaseState.EXPIRED,
+                    reason=(lease.end_reason if lease is not None else "") or "",
+                    by=(lease.ended_by if lease is not None else "") or "",
+                )
+            )
+        return min(ends, key=lambda end: _END_RANK.get(end.state, 2), default=None)
 
     async def _after_lease_loss(self, record: RunRecord, ended: LeaseEnded) -> RunRecord:
         """Stop the job; an expiry queues the run again, anything else ends it ``lease lost``."""
         self._by_lease.pop(ended.ref, None)
+        for lease_id in record.held.values():
+            self._by_lease.pop(lease_ref(lease_id), None)
         self._lost.pop(record.run_id, None)
         if record.submission_id is not None and record.job_attempt == record.lease_attempt:
             await self._stop_job(record)
@@ -365,12 +476,21 @@ class RunManager:
                     lease_ref=None,
                     fencing_token=None,
                     lease_request_id=None,
+                    # A pool run stays bound to its keys (resources): it asks for them again.
+                    group_lease_id=None,
+                    lease_ids={},
+                    fencing_tokens={},
                     lease_attempt=record.lease_attempt + 1,
                     message=f"{why}; queued for a new lease",
                 )
             )
         await asyncio.to_thread(settle_state, Path(record.workdir), BundleStatus.CANCELLED, why)
-        finished = await self._finish(record.model_copy(update={"lease_id": None}), RunEnd.LEASE_LOST, why, None)
+        finished = await self._finish(
+            record.model_copy(update={"lease_id": None, "group_lease_id": None, "lease_ids": {}}),
+            RunEnd.LEASE_LOST,
+            why,
+            None,
+        )
         return finished
 
     async def _stop_job(self, record: RunRecord) -> None:
@@ -397,16 +517,27 @@ class RunManager:
             "MERLIN_STATE_DIR": str(self._state.root),
             "MERLIN_RAY_NAMESPACE": self._namespace,
         }
-        if record.lease_id is not None:
+        held = record.held
+        if held:
             # The lease id is a capability: Ray logs a job's runtime_env in world-readable files,
-            # so the job reads it from a 0600 file; only the (public) token rides in the env.
+            # so the job reads it from a 0600 file; only the (public) keys and tokens ride in the env.
             lease_file = self._store.run_dir(record.run_id) / LEASE_FILE
-            body = {"lease_id": record.lease_id, "fencing_token": record.fencing_token, "resource": record.resource}
+            tokens = {key: (record.fencing_tokens[key] if record.pool else record.fencing_token) for key in held}
+            one = next(iter(held)) if len(held) == 1 else None
+            body = {  # one key: as always; "leases": every key the run holds (a pool run may hold several)
+                "lease_id": held[one] if one is not None else None,
+                "fencing_token": tokens[one] if one is not None else None,
+                "resource": one,
+                "leases": {key: {"lease_id": held[key], "fencing_token": tokens[key]} for key in held},
+            }
             atomic_write(lease_file, json.dumps(body).encode())
             lease_file.chmod(FILE_MODE)
             env["MERLIN_LEASE_FILE"] = str(lease_file)
-            env["MERLIN_FENCING_TOKEN"] = str(record.fencing_token)
-            env["MERLIN_RESOURCE"] = record.resource or ""
+            if one is not None:  # one key: its name and token, as always
+                env["MERLIN_FENCING_TOKEN"] = str(tokens[one])
+                env["MERLIN_RESOURCE"] = one
+            if record.pool:  # a pool run: every key it was bound to, with its token
+                env["MERLIN_RESOURCES"] = json.dumps(tokens, sort_keys=True)
         where = await asyncio.to_thread(self._placement_of, record)
         needs = where.needs
         await self._jobs.submit(
@@ -431,11 +562,26 @@ class RunManager:
         return record
 
     def _placement_of(self, record: RunRecord) -> Placement:
-        """The job's placement: the key's host, and the job needs of the bundle the executor will run."""
+        """The job's placement: the key's host, and the job needs of the bundle the executor will run.
+
+        A run bound to several keys goes where their host is. Its keys share one host (the
+        scheduler chooses them so, and a bundle no host could serve is refused at submit); a
+        catalog changed meanwhile could still split them (``InvalidRequest``: the run ends and
+        gives its keys back).
+        """
         from targetgen.bundle import load_bundle
 
         bundle = load_bundle(Path(record.workdir))
-        return self._place(record.resource, bundle.job)
+        if not record.pool or len(record.resources) <= 1:
+            return self._place(record.resource, bundle.job)
+        places = [self._place(key, bundle.job) for key in record.resources]
+        hosts = {tuple(sorted(place.label_selector.items())) for place in places if place.label_selector}
+        if len(hosts) > 1:
+            raise InvalidRequest(
+                f"the run's keys {', '.join(record.resources)} are on different hosts: one job cannot run on all",
+                "resource_labels",
+            )
+        return next((place for place in places if place.label_selector), places[0])
 
     async def _watch(self, record: RunRecord) -> _Next:
         """Follow the job until it ends, renewing the lease; a lease loss is handled at once."""
@@ -446,7 +592,7 @@ class RunManager:
         wake = self._wake.setdefault(record.run_id, asyncio.Event())
         while True:
             lost = self._lost.get(record.run_id)
-            if lost is None and record.lease_id is not None and time.monotonic() - last_renew >= renew_every:
+            if lost is None and record.held and time.monotonic() - last_renew >= renew_every:
                 lost = await self._renew(record)
                 last_renew = time.monotonic()
             if lost is not None:
@@ -460,7 +606,8 @@ class RunManager:
                 record = self._save(advance(record, RunStatus.RUNNING, time.time(), message=message))
                 self._recount()
                 self._events.emit("run.started", run_id=record.run_id, resource=record.resource,
-                                  holder=record.holder, lease=record.lease_ref, node=info.node_id)  # fmt: skip
+                                  resources=list(record.resources) or None, holder=record.holder,
+                                  lease=record.lease_ref, node=info.node_id)  # fmt: skip
             if end is not None:
                 if record.run_id in self._lost:
                     continue  # the job ended because its lease did: that is how the run ended
@@ -476,6 +623,13 @@ class RunManager:
 
     async def _renew(self, record: RunRecord) -> LeaseEnded | None:
         """Renew the run's lease; how it ended if it is not held any more."""
+        if record.pool:
+            try:
+                await (await self._group_manager()).renew(record.group_lease_id or "", RUN_LEASE_TTL_S)
+                return None
+            except (LeaseNotHeld, LeaseNotFound):  # the group ended as a whole: which key, and how
+                ended = await self._ended_lease(record)
+                return ended or LeaseEnded(ref=record.lease_ref or "", state=LeaseState.EXPIRED)
         assert record.resource is not None
         try:
             await self._call(record.resource, "renew", record.lease_id, RUN_LEASE_TTL_S)
@@ -496,6 +650,9 @@ class RunManager:
 
     async def _give_back(self, record: RunRecord) -> None:
         """Give the lease back, or take the run's request out of the queue."""
+        if record.pool:
+            await self._give_back_group(record)
+            return
         if record.resource is None:
             return
         if record.lease_ref is not None:
@@ -513,6 +670,21 @@ class RunManager:
         except BrokerUnavailable as exc:
             self._events.emit("run.release_failed", level="error", run_id=record.run_id, error=str(exc))
 
+    async def _give_back_group(self, record: RunRecord) -> None:
+        """Release a pool run's group (every key at once), or withdraw its waiting request."""
+        for lease_id in record.held.values():
+            self._by_lease.pop(lease_ref(lease_id), None)  # our own release is not a loss
+        try:
+            groups = await self._group_manager()
+            if record.group_lease_id is not None:
+                await groups.release(record.group_lease_id)
+            elif record.lease_request_id is not None:
+                await groups.withdraw(record.holder, record.lease_request_id)  # granted meanwhile: released
+        except (LeaseNotHeld, LeaseNotFound):
+            return  # already ended: nothing to give back
+        except BrokerUnavailable as exc:
+            self._events.emit("run.release_failed", level="error", run_id=record.run_id, error=str(exc))
+
     async def _finish(self, record: RunRecord, end: RunEnd, message: str, exit_code: int | None) -> RunRecord:
         target_dir = Path(record.workdir)
         artifacts = await asyncio.to_thread(scan_artifacts, Path(record.artifact_dir))
@@ -524,7 +696,7 @@ class RunManager:
                 message,
                 time.time(),
                 exit_code=exit_code,
-                steps=_step_timings(target_dir),
+                steps=_step_timings(target_dir, record.resources),
                 artifacts=len(artifacts),
             )
         )
@@ -534,6 +706,7 @@ class RunManager:
             "run.finished",
             run_id=record.run_id,
             resource=record.resource,
+            resources=list(record.resources) or None,
             holder=record.holder,
             status=record.status.value,
             end=end.value,
@@ -572,9 +745,10 @@ _BUNDLE_END = {
 }
 
 
-def _step_timings(target_dir: Path) -> tuple[StepTiming, ...]:
-    """Step times from the executor's ``run_state.json`` (what the tests check for overlap)."""
-    from targetgen.bundle import load_bundle
+def _step_timings(target_dir: Path, bound: tuple[str, ...] = ()) -> tuple[StepTiming, ...]:
+    """Step times from the executor's ``run_state.json`` (what the tests check for overlap);
+    a pool bundle's hardware steps name the key(s) the run was ``bound`` to."""
+    from targetgen.bundle import POOL_RESOURCE, load_bundle
 
     try:
         state = load_state(target_dir)
@@ -583,7 +757,10 @@ def _step_timings(target_dir: Path) -> tuple[StepTiming, ...]:
         return ()
     if state is None:
         return ()
-    resources = {step.id: step.resource for step in bundle.steps}
+    resources = {
+        step.id: (",".join(bound) if step.resource == POOL_RESOURCE and bound else step.resource)
+        for step in bundle.steps
+    }
     return tuple(
         StepTiming(
             id=step.id,

@@ -42,7 +42,9 @@ def _chaos(ctx: Context) -> int:
         print(
             f"chaos: {summary['operations']} operations by {summary['clients']} clients on {summary['keys']} keys in "
             f"{summary['duration_s']:g}s; {summary['kills']} kills survived ({summary['kills_by_target']['coordinator']} "
-            f"coordinator, {summary['kills_by_target']['resource']} resource actors); {summary['grants']} grants, "
+            f"coordinator, {summary['kills_by_target']['resource']} resource actors); {summary['client_deaths']} "
+            f"clients SIGKILLed (the longest anything outlived its client: {summary['slowest_let_go_s']}s, bound "
+            f"{summary['client_bound_s']:g}s); {summary['grants']} grants, "
             f"{summary['leases']} lease records, {summary['events']} journal events; "
             f"violations: {len(summary['violations'])}"
         )

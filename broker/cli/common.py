@@ -1,4 +1,10 @@
-"""What every ``merlin`` command shares: common options, output, time formatting."""
+"""What every ``merlin`` command shares: common options, output, time formatting.
+
+Light on purpose: a command on the HTTP API imports this, argparse, urllib and
+:mod:`broker.errors`, never pydantic, the state dir's store or Ray (a write
+then costs a Python start-up and one request). What only some commands need
+is imported where they need it.
+"""
 
 from __future__ import annotations
 
@@ -11,11 +17,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel
-
 from broker.core.durations import format_duration, parse_duration
-from broker.disk.store import StateDir
-from broker.seam.placement import namespace_from_env
 
 __all__ = [
     "admin_secret",
@@ -64,8 +66,8 @@ def admin_secret_option(parser: argparse.ArgumentParser) -> None:
 
 def admin_secret(args: argparse.Namespace) -> str | None:
     """From --admin-secret-file, else the environment; never from the command line (ps shows it)."""
-    from broker.client import admin_secret_from_env
     from broker.errors import InvalidRequest
+    from broker.holders import admin_secret_from_env
 
     if args.admin_secret_file:
         try:
@@ -82,26 +84,126 @@ def json_option(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
 
 
+# = broker.disk.store.DEFAULT_STATE_DIR and broker.seam.placement.DEFAULT_NAMESPACE, spelled here so
+# resolving them costs no import of the store (pydantic) or the seam (asyncio); a unit test keeps them equal.
+DEFAULT_STATE_DIR = "build/generated/ray"
+DEFAULT_NAMESPACE = "merlin"
+OPERATOR_TOKEN_FILE = "operator.token"  # = broker.disk.token_store.operator_token_path's name
+
+
+def state_root(override: str | None) -> Path:
+    """The state dir's path as ``broker.disk.store.StateDir.from_env`` resolves it."""
+    if override:
+        return Path(override).expanduser().resolve()
+    return Path(os.environ.get("MERLIN_STATE_DIR", DEFAULT_STATE_DIR)).expanduser().resolve()
+
+
 class Context:
     """The resolved common options, and a lazily connected broker client."""
 
     def __init__(self, args: argparse.Namespace):
         self.args = args
-        self.state = StateDir.from_env(args.state_dir)
-        self.namespace = args.namespace or namespace_from_env()
+        self.state_root = state_root(args.state_dir)
+        self.namespace = args.namespace or os.environ.get("MERLIN_RAY_NAMESPACE") or DEFAULT_NAMESPACE
         self.address = args.address
+        self._state: Any = None
         self._client: Any = None
+        self._ray_client: Any = None
+
+    @property
+    def state(self) -> Any:
+        """The state dir (``broker.disk.store.StateDir``), for the commands that read or write it."""
+        if self._state is None:
+            from broker.disk.store import StateDir
+
+            self._state = StateDir(self.state_root)
+        return self._state
+
+    def _broker_record(self) -> Any:
+        try:
+            return json.loads((self.state_root / "broker.json").read_text())
+        except (OSError, ValueError):
+            return None
+
+    def _operator_token(self) -> str | None:
+        try:
+            return (self.state_root / OPERATOR_TOKEN_FILE).read_text().strip() or None
+        except OSError:
+            return None
+
+    def given_token(self) -> str | None:
+        """The caller's own API token: ``MERLIN_TOKEN``, else the file ``MERLIN_TOKEN_FILE`` names.
+
+        The file must be private (no group or other access), as an ssh key must: a token others
+        can read is someone else's too.
+
+        Raises:
+            InvalidRequest: the file is missing, unreadable, empty or readable by others.
+        """
+        token = os.environ.get("MERLIN_TOKEN", "").strip()
+        path = os.environ.get("MERLIN_TOKEN_FILE", "")
+        if token or not path:
+            return token or None
+        from broker.errors import InvalidRequest
+
+        try:
+            mode = os.stat(path).st_mode & 0o777
+            if mode & 0o077:
+                raise InvalidRequest(
+                    f"MERLIN_TOKEN_FILE {path} is readable by others (mode {mode:04o}): chmod 600 it",
+                    "MERLIN_TOKEN_FILE",
+                )
+            token = Path(path).read_text().strip()
+        except OSError as exc:
+            raise InvalidRequest(
+                f"cannot read MERLIN_TOKEN_FILE {path}: {exc.strerror or exc}", "MERLIN_TOKEN_FILE"
+            ) from None
+        if not token:
+            raise InvalidRequest(f"MERLIN_TOKEN_FILE {path} is empty", "MERLIN_TOKEN_FILE")
+        return token
 
     def client(self) -> Any:
+        """The broker: over its HTTP API when the state dir names one and a token is at hand (no Ray
+        import: a write costs a Python start-up and one request), else through Ray."""
         if self._client is None:
+            self._client = self._http_client() or self.ray_client()
+        return self._client
+
+    def ray_client(self) -> Any:
+        if self._ray_client is None:
             from broker.client import connect
 
             self._check_state_dir()
-            self._client = connect(self.address, namespace=self.namespace, state_dir=str(self.state.root))
-        return self._client
+            self._ray_client = connect(self.address, namespace=self.namespace, state_dir=str(self.state_root))
+            _signals_after_ray()
+        return self._ray_client
+
+    def _http_client(self) -> Any | None:
+        if self.address or os.environ.get("MERLIN_CLI_TRANSPORT", "").lower() == "ray":
+            return None
+        record = self._broker_record()
+        if not isinstance(record, dict) or record.get("namespace") != self.namespace or not record.get("http_url"):
+            return None
+        from broker.http.client import HttpClient
+
+        operator = self._operator_token()
+        token = self.given_token() or operator
+        if not token:
+            return None
+        return HttpClient(
+            record["http_url"],
+            token,
+            acts_for_anyone=token == operator,
+            fallback=self.ray_client,
+            find_url=self._recorded_http_url,
+        )
+
+    def _recorded_http_url(self) -> str | None:
+        record = self._broker_record()
+        return record.get("http_url") if isinstance(record, dict) else None
 
     def read_api(self, what: str) -> Any | None:
-        """The coordinator's read-only HTTP API, without importing Ray; None if it cannot answer.
+        """A read on the coordinator's HTTP API (with the token), without importing Ray; None if it cannot answer.
 
         Used by reads (``resources list``, ``broker status``): importing Ray alone
         costs ~0.4 s, connecting another ~0.5 s. Falls back to Ray when the
@@ -112,21 +214,27 @@ class Context:
         import urllib.request
 
         try:
-            record = json.loads(self.state.broker_record_path.read_text())
-            if record.get("namespace") != self.namespace or not record.get("api_url"):
+            record = self._broker_record()
+            if not isinstance(record, dict) or record.get("namespace") != self.namespace or not record.get("api_url"):
                 return None
-            with urllib.request.urlopen(f"{record['api_url']}/{what}", timeout=3) as response:
+            token = self.given_token() or self._operator_token()
+            if not token:
+                return None
+            request = urllib.request.Request(
+                f"{record['api_url']}/{what}", headers={"Authorization": f"Bearer {token}"}
+            )
+            with urllib.request.urlopen(request, timeout=3) as response:
                 return json.loads(response.read())
         except (OSError, ValueError):
             return None
 
     def _check_state_dir(self) -> None:
         """A state dir under a file cannot hold a cluster record: say so, not "no cluster recorded"."""
-        path = self.state.root
+        path = self.state_root
         while not path.exists() and path != path.parent:
             path = path.parent
         if not path.is_dir():
-            unusable = state_dir_error(NotADirectoryError(20, "Not a directory", str(path)), self.state.root)
+            unusable = state_dir_error(NotADirectoryError(20, "Not a directory", str(path)), self.state_root)
             if unusable is not None:
                 raise unusable
 
@@ -134,7 +242,16 @@ class Context:
         from broker.seam.cluster import connect_ray
 
         self._check_state_dir()
-        return connect_ray(self.state, address=self.address, namespace=self.namespace)
+        connected = connect_ray(self.state, address=self.address, namespace=self.namespace)
+        _signals_after_ray()
+        return connected
+
+
+def _signals_after_ray() -> None:
+    """``ray.init`` replaced our SIGTERM handler with its own: put ours back."""
+    from broker.cli.interrupts import install
+
+    install()
 
 
 def state_dir_error(err: OSError, root: Path) -> Any | None:
@@ -161,8 +278,10 @@ def state_dir_error(err: OSError, root: Path) -> Any | None:
 
 
 def _plain(value: Any) -> Any:
-    if isinstance(value, BaseModel):
+    if hasattr(value, "model_dump"):  # a pydantic model (the Ray path), without importing pydantic here
         return value.model_dump(mode="json")
+    if hasattr(value, "json_data"):  # an HTTP answer (broker.http.answers.Answer)
+        return value.json_data()
     if isinstance(value, (list, tuple)):
         return [_plain(item) for item in value]
     if isinstance(value, dict):

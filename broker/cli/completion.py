@@ -60,7 +60,7 @@ def _completion(ctx: Context) -> int:
     elif what == "keys":
         print("\n".join(catalog_keys(ctx.state.catalog_path)))
     elif what == "leases":
-        from broker.client import default_holder
+        from broker.holders import default_holder
 
         holder = ctx.args.holder or default_holder()
         print("\n".join(held_lease_ids(ctx.state.leases_dir, holder)))

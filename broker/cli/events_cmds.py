@@ -8,15 +8,15 @@ import time
 from typing import Any
 
 from broker.cli.common import Context, duration_arg, emit_json, json_option, table, when
-from broker.core.accounting import UsageBy, account
 from broker.core.durations import format_duration
-from broker.core.history import select_events, summarize_usage
-from broker.disk.journal import read_journal
 from broker.errors import InvalidRequest
-from broker.models import is_resource_key
+from broker.http.answers import is_resource_key
 
 __all__ = ["register_events", "register_history", "register_usage"]
 
+# = the values of broker.core.accounting.UsageBy (a unit test keeps them equal): every `merlin ray
+# resources` command registers `usage`, and importing accounting brings dataclasses and inspect.
+USAGE_BY = ("holder", "resource")
 _SHOWN = ("holder", "lease", "fencing_token", "priority", "reason", "by", "wait_s", "hold_s", "run_id", "status", "on")
 
 
@@ -57,9 +57,7 @@ def register_usage(resources: argparse._SubParsersAction, common: argparse.Argum
         "Works without a running cluster.",
     )
     usage.add_argument("--since", type=duration_arg("since"), default=7 * 86400.0, help="window (default 7d)")
-    usage.add_argument(
-        "--by", choices=[by.value for by in UsageBy], default=UsageBy.HOLDER.value, help="group by (default holder)"
-    )
+    usage.add_argument("--by", choices=list(USAGE_BY), default=USAGE_BY[0], help="group by (default holder)")
     usage.add_argument("--resource", default=None, help="only this resource key")
     json_option(usage)
     usage.set_defaults(run=_usage)
@@ -78,6 +76,11 @@ def _line(event: dict[str, Any]) -> str:
 
 
 def _events(ctx: Context) -> int:
+    # Imported here: the journal's reader brings structlog and the models (pydantic), and every
+    # `merlin ray resources` command registers `history` and `usage` beside this module's readers.
+    from broker.core.history import select_events
+    from broker.disk.journal import read_journal
+
     args = ctx.args
     if args.resource is not None and not is_resource_key(args.resource):
         raise InvalidRequest(f"invalid --resource={args.resource!r}: not a resource key", "resource")
@@ -115,6 +118,9 @@ def _events(ctx: Context) -> int:
 
 
 def _history(ctx: Context) -> int:
+    from broker.core.history import summarize_usage
+    from broker.disk.journal import read_journal
+
     args = ctx.args
     if not is_resource_key(args.resource):
         raise InvalidRequest(f"invalid resource={args.resource!r}: not a resource key", "resource")
@@ -149,6 +155,9 @@ def _history(ctx: Context) -> int:
 
 
 def _usage(ctx: Context) -> int:
+    from broker.core.accounting import UsageBy, account
+    from broker.disk.journal import read_journal
+
     args = ctx.args
     if args.resource is not None and not is_resource_key(args.resource):
         raise InvalidRequest(f"invalid --resource={args.resource!r}: not a resource key", "resource")

@@ -14,10 +14,10 @@ from pathlib import Path
 from typing import Any
 
 from broker.cli.common import Context, emit_json, json_option, note, table, when
-from broker.client import default_holder
 from broker.core.runs import Artifact, RunRecord, check_run_id, safe_artifact_path, scan_artifacts
 from broker.disk.run_records import RunRecords
 from broker.errors import InvalidRequest
+from broker.holders import default_holder
 
 __all__ = ["register_jobs", "register_artifacts", "print_run", "RUN_ID_HELP", "TARGET_DIR_HELP"]
 
@@ -93,9 +93,7 @@ def load_record(ctx: Context, run_id: str) -> RunRecord:
 
 
 def print_run(record: RunRecord) -> None:
-    print(
-        f"{record.run_id}  {record.status.value}  {record.target} on {record.resource or '-'}  holder {record.holder}"
-    )
+    print(f"{record.run_id}  {record.status.value}  {record.target} on {record.where}  holder {record.holder}")
     if record.message:
         print(f"  {record.message}")
     print(f"  queued {when(record.created_at)}; started {when(record.started_at)}; ended {when(record.ended_at)}")
@@ -173,7 +171,7 @@ def _list(ctx: Context) -> int:
     if ctx.args.json:
         emit_json([record.public() for record in records])
         return 0
-    rows = [[r.run_id, r.status.value, r.target, r.resource or "-", r.holder, when(r.created_at)] for r in records]
+    rows = [[r.run_id, r.status.value, r.target, r.where, r.holder, when(r.created_at)] for r in records]
     print(table(["run", "status", "target", "resource", "holder", "queued"], rows))
     return 0
 

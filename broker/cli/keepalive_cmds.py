@@ -6,8 +6,8 @@ For shell scripts that hold a lease across steps::
     ...steps...
     kill $!                                                 # exit 143; the lease stays held
 
-SIGINT and SIGTERM stop it with one line and exit 130 / 143 (128 + the
-signal); the lease is released only with ``--release-on-exit``. A renewal
+SIGINT, SIGTERM and SIGHUP stop it with one line and exit 130 / 143 / 129
+(128 + the signal); the lease is released only with ``--release-on-exit``. A renewal
 that is refused (the lease expired or was revoked) ends it with that error
 (exit 7); a broker that does not answer is retried until the lease would
 have expired.
@@ -70,7 +70,7 @@ def _keep_alive(ctx: Context) -> int:
         caught.append(signum)
         stop.set()
 
-    previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
+    previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
     try:
         lease = client.renew(args.lease_id, args.ttl)  # at once: a lease not held fails before any wait
         print(

@@ -1,5 +1,10 @@
 """``merlin ray resources ...``: list, queue, show, reserve, release, renew, withdraw, keep-alive,
-revoke, maintenance (and history, usage from the journal)."""
+revoke, maintenance (and history, usage from the journal).
+
+Leases and statuses are the Ray path's models or the HTTP API's answers
+(:class:`broker.http.answers.Answer`): the code here reads only what both
+have, and compares states with ``==`` (either's enum equals its value).
+"""
 
 from __future__ import annotations
 
@@ -19,10 +24,19 @@ from broker.cli.common import (
     when,
 )
 from broker.cli.filters import ResourceFilter, parse_labels
-from broker.client import default_holder
+from broker.cli.interrupts import stopped
 from broker.core.durations import format_duration
 from broker.errors import InvalidRequest, LeaseNotFound, LeaseNotHeld, UnknownResource
-from broker.models import Lease, LeaseState, ResourceState, ResourceStatus, is_resource_key
+from broker.holders import default_holder
+from broker.http.answers import (
+    Answer,
+    LeaseState,
+    ResourceState,
+    is_group,
+    is_group_lease_id,
+    is_resource_key,
+    resource_of_lease_id,
+)
 
 __all__ = ["register"]
 
@@ -71,13 +85,21 @@ def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -
     reserve = resources.add_parser(
         "reserve",
         parents=[common],
-        help="take a lease on a resource",
+        help="take a lease on a resource, any of a pool's (--labels, --pool), or several together (KEY1,KEY2)",
         description="Take a lease. Without --wait a busy resource fails at once (exit 5); with --wait the "
         "request queues, shows its place, and gives up after --timeout (exit 9). Exit 0 means you hold it: a "
         "reused --request-id whose lease has ended exits 7 (unless --show-ended), and one that names a lease on "
-        "another resource is refused (exit 3).",
+        "another resource is refused (exit 3). `reserve KEY1,KEY2` holds both together; `--labels kind=fpga,"
+        "board=u250` (or `--pool u250`) any one of the matching keys, `--count 2` any two: one lease id for all, "
+        "granted all at once, and the answer says which keys you got. A selector matching fewer than --count "
+        "keys fails at once (exit 3). While it waits, the request lives only as long as the command: "
+        "stopped (SIGINT/SIGTERM/SIGHUP: exit 130/143/129) or killed, it leaves the queue within seconds. A lease "
+        "it printed outlives it, to its TTL.",
     )
-    reserve.add_argument("resource", help=RESOURCE_HELP)
+    reserve.add_argument("resource", nargs="?", default=None, help=RESOURCE_HELP + "; KEY1,KEY2 for several together")
+    reserve.add_argument("--labels", default=None, metavar="K=V[,K=V]", help="any key whose labels match")
+    reserve.add_argument("--pool", default=None, help="any key of this named pool (`list` shows pools)")
+    reserve.add_argument("--count", type=int, default=None, help="how many keys (default: 1 of a pool, all of a set)")
     reserve.add_argument("--holder", default=None, help="who holds it (default: user@host)")
     reserve.add_argument(
         "--ttl",
@@ -101,6 +123,16 @@ def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -
     )
     json_option(reserve)
     reserve.set_defaults(run=_reserve)
+
+    health = resources.add_parser(
+        "health",
+        parents=[common],
+        help="a key's health probe: its last results, failures in a row, quarantine (--now: probe it first)",
+    )
+    health.add_argument("resource", help=RESOURCE_HELP)
+    health.add_argument("--now", action="store_true", help="run the probe now, if nobody holds the key")
+    json_option(health)
+    health.set_defaults(run=_health)
 
     release = resources.add_parser("release", parents=[common], help="give a lease back (idempotent)")
     release.add_argument("lease_id", help=LEASE_ID_HELP)
@@ -165,10 +197,10 @@ def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -
 # ---------------------------------------------------------------------- reads
 
 
-def _statuses(ctx: Context) -> list[ResourceStatus]:
+def _statuses(ctx: Context) -> list[Any]:
     fast = ctx.read_api("resources")
     if fast is not None:
-        return [ResourceStatus.model_validate(item) for item in fast]
+        return [Answer(item) for item in fast]
     return list(ctx.client().resources())
 
 
@@ -178,7 +210,7 @@ def _list(ctx: Context) -> int:
     if args.mine:
         holders.add(default_holder())
     chosen = ResourceFilter(
-        states=frozenset(ResourceState(state) for state in args.state or ()),
+        states=frozenset(args.state or ()),
         labels=parse_labels(args.labels),
         holders=frozenset(holders),
     )
@@ -187,10 +219,30 @@ def _list(ctx: Context) -> int:
         emit_json(statuses)
         return 0
     print(table(_COLUMNS, [_status_row(status) for status in statuses]))
+    pools = _pools(ctx) if not (args.state or args.labels or holders) else []
+    if pools:
+        print()
+        rows = [
+            [
+                pool["pool"],
+                pool["labels"],
+                f"{pool['free']}/{pool['total']}",
+                str(pool["waiting_groups"]),
+                str(pool["waiting_single"]),
+            ]
+            for pool in pools
+        ]
+        print(table(["pool", "labels", "free", "waiting (any-of)", "waiting (one key)"], rows))
     return 0
 
 
-def _status_of(ctx: Context, resource: str) -> ResourceStatus:
+def _statuses_or_none(ctx: Context) -> list[Any] | None:
+    """The statuses from the HTTP API for a waiting command's progress line; None if it cannot say."""
+    fast = ctx.read_api("resources")
+    return [Answer(item) for item in fast] if fast is not None else None
+
+
+def _status_of(ctx: Context, resource: str) -> Any:
     if not is_resource_key(resource):
         raise InvalidRequest(f"invalid resource={resource!r}: not a resource key", "resource")
     statuses = _statuses(ctx)
@@ -234,12 +286,12 @@ def _show(ctx: Context) -> int:
     lease = ctx.client().get_lease(what)
     _out(ctx, lease)
     # Scripts and agents ask "do I still hold it?" with the exit code alone.
-    return 0 if lease.state is LeaseState.GRANTED else LeaseNotHeld.exit_code
+    return 0 if lease.state == LeaseState.GRANTED else LeaseNotHeld.exit_code
 
 
 def _looks_like_lease_id(text: str) -> bool:
-    from broker.models import resource_of_lease_id
-
+    if is_group_lease_id(text):
+        return True
     try:
         resource_of_lease_id(text)
     except InvalidRequest:
@@ -247,26 +299,26 @@ def _looks_like_lease_id(text: str) -> bool:
     return True
 
 
-def _headline(status: ResourceStatus) -> str:
+def _headline(status: Any) -> str:
     """One line: who has it, until when, how many wait."""
-    if status.state is ResourceState.DOWN:
+    if status.state == ResourceState.DOWN:
         return f"{status.key}: down (its actor does not answer)"
     parts = []
-    if status.state is ResourceState.MAINTENANCE:
+    if status.state == ResourceState.MAINTENANCE:
         parts.append(f"in maintenance ({status.maintenance_reason or 'no reason given'})")
     if status.holder is not None:
         parts.append(
             f"held by {status.holder} (ref {status.lease_ref}, token {status.fencing_token}), "
             f"expires {when(status.expires_at)}"
         )
-    elif status.state is not ResourceState.MAINTENANCE:
+    elif status.state != ResourceState.MAINTENANCE:
         parts.append("free")
     waiting = len(status.queue)
     parts.append(f"{waiting} waiting" if waiting else "nobody waiting")
     return f"{status.key}: " + "; ".join(parts)
 
 
-def _print_status(status: ResourceStatus) -> None:
+def _print_status(status: Any) -> None:
     print(_headline(status))
     for entry in status.queue:
         since = format_duration(max(0.0, time.time() - entry.queued_at), units=2)
@@ -278,10 +330,10 @@ def _print_status(status: ResourceStatus) -> None:
         print(status.description)
 
 
-def _status_row(status: ResourceStatus) -> list[str]:
+def _status_row(status: Any) -> list[str]:
     queue = ", ".join(f"{entry.holder}" + (f"(p{entry.priority})" if entry.priority else "") for entry in status.queue)
     labels = ",".join(f"{name}={value}" for name, value in status.labels.items())
-    state = status.state.value
+    state = str(status.state)
     if status.maintenance_reason:
         state += f" ({status.maintenance_reason})"
     return [
@@ -298,8 +350,8 @@ def _status_row(status: ResourceStatus) -> list[str]:
 # ---------------------------------------------------------------------- leases
 
 
-def _print_lease(lease: Lease, *, show_id: bool = True, asked_at: float | None = None) -> None:
-    if lease.state is LeaseState.GRANTED:
+def _print_lease(lease: Any, *, show_id: bool = True, asked_at: float | None = None) -> None:
+    if lease.state == LeaseState.GRANTED:
         print(
             f"{lease.resource}: granted to {lease.holder}, fencing token {lease.fencing_token}, "
             f"expires {when(lease.expires_at)}"
@@ -310,53 +362,185 @@ def _print_lease(lease: Lease, *, show_id: bool = True, asked_at: float | None =
                 f"the lease ends at {when(lease.must_end_by)} and renewals cannot pass it"
             )
     else:
-        tail = f" ({lease.end_reason})" if lease.end_reason and lease.end_reason != lease.state.value else ""
-        print(f"{lease.resource}: {lease.state.value}{tail}, holder {lease.holder}")
+        tail = f" ({lease.end_reason})" if lease.end_reason and lease.end_reason != lease.state else ""
+        print(f"{lease.resource}: {lease.state}{tail}, holder {lease.holder}")
     if show_id:
         print(f"lease id: {lease.lease_id}  (ref {lease.ref})")
+
+
+def _group_form(ctx: Context) -> dict[str, Any] | None:
+    """The group request the arguments ask for (labels, pool or KEY1,KEY2), or None for one key."""
+    args = ctx.args
+    forms = [form for form in (args.labels, args.pool, args.resource) if form is not None]
+    if len(forms) != 1:
+        from broker.cli import UsageError
+
+        raise UsageError("reserve takes one of: a resource key (or KEY1,KEY2), --labels, --pool (see --help)")
+    if args.pool is not None:
+        pools = {pool["pool"]: pool for pool in _pools(ctx)}
+        if args.pool not in pools:
+            known = ", ".join(sorted(pools)) or "none"
+            raise InvalidRequest(f"no pool named {args.pool!r} in the catalog (pools: {known})", "pool")
+        return {"labels": pools[args.pool]["labels"], "count": args.count}
+    if args.labels is not None:
+        return {"labels": args.labels, "count": args.count}
+    if "," in args.resource:
+        return {"keys": [key.strip() for key in args.resource.split(",")], "count": args.count}
+    if args.count is not None:
+        return {"keys": [args.resource], "count": args.count}
+    return None
+
+
+def _pools(ctx: Context) -> list[dict[str, Any]]:
+    fast = ctx.read_api("pools")
+    return fast if fast is not None else ctx.client().call("pools")
+
+
+def _progress_line(ctx: Context, shown: str, *, key: str | None = None) -> Any:
+    """What a waiting `reserve` prints when its place changes: the place, how long it has waited
+    and, for one key, who holds it until when."""
+    started = time.time()
+
+    def on_position(position: int | None) -> None:
+        if position is None:
+            return
+        waited = format_duration(time.time() - started, units=2)
+        line = f"waiting for {shown}: place {position} in the queue, {waited} so far"
+        status = next((s for s in (_statuses_or_none(ctx) or ()) if s.key == key), None) if key else None
+        if status is not None and status.holder is not None:
+            line += f"; held by {status.holder} until {when(status.expires_at)}"
+        elif status is not None and status.maintenance_reason:
+            line += f"; in maintenance: {status.maintenance_reason}"
+        note(line)
+
+    return on_position
+
+
+def _request_options(args: Any) -> dict[str, Any]:
+    """What a single-key and a group reserve ask alike (ttl, wait, priority, request id, note)."""
+    return {
+        "ttl_s": args.ttl,
+        "wait": args.wait,
+        "timeout_s": args.timeout,
+        "priority": args.priority,
+        "request_id": args.request_id,
+        "note": args.note,
+    }
+
+
+def _reserve_group(ctx: Context, form: dict[str, Any], holder: str) -> int:
+    args = ctx.args
+    shown = form.get("labels") or ",".join(form.get("keys") or ())
+    try:
+        group = ctx.client().reserve_group(
+            holder,
+            **form,
+            **_request_options(args),
+            on_position=_progress_line(ctx, shown) if args.wait else None,
+            bind_session=False,  # as for one key: the wait dies with the command, the lease outlives it
+        )
+    except KeyboardInterrupt as interrupt:
+        if not args.wait:
+            raise
+        raise stopped(interrupt, f"the request for {shown} left every queue") from None
+    if group.state != LeaseState.GRANTED and not args.show_ended:
+        why = group.end_reason or str(group.state)
+        raise LeaseNotHeld(
+            group.lease_id, str(group.state), f"request id {args.request_id} names a group lease that is {why}"
+        )
+    if args.json:
+        emit_json(group.for_holder())
+    else:
+        _print_group(group)
+        if group.state == LeaseState.GRANTED:
+            note(f"keep the lease id: `merlin ray resources release {group.lease_id}` gives all its keys back")
+    return 0
+
+
+def _print_group(group: Any, *, show_id: bool = True) -> None:
+    if group.state == LeaseState.GRANTED:
+        print(f"group of {len(group.members)}: granted to {group.holder}, expires {when(group.expires_at)}")
+        for member in group.members:
+            facts = ", ".join(f"{name}={value}" for name, value in member.properties.items())
+            host = f", host {member.host}" if member.host else ""
+            print(f"  {member.key}: fencing token {member.fencing_token}{host}" + (f" ({facts})" if facts else ""))
+    else:
+        tail = f" ({group.end_reason})" if group.end_reason and group.end_reason != group.state else ""
+        wanted = group.selector or ",".join(group.candidates)
+        print(f"group {wanted} x{group.count}: {group.state}{tail}, holder {group.holder}")
+    if show_id:
+        print(f"lease id: {group.lease_id}  (ref {group.ref})")
 
 
 def _reserve(ctx: Context) -> int:
     args = ctx.args
     holder = default_holder() if args.holder is None else args.holder
+    form = _group_form(ctx)
+    if form is not None:
+        return _reserve_group(ctx, form, holder)
 
-    def on_position(position: int | None) -> None:
-        if position is not None:
-            note(f"waiting for {args.resource}: place {position} in the queue")
-
-    lease = ctx.client().reserve(
-        args.resource,
-        holder,
-        ttl_s=args.ttl,
-        wait=args.wait,
-        timeout_s=args.timeout,
-        priority=args.priority,
-        request_id=args.request_id,
-        note=args.note,
-        on_position=on_position if args.wait else None,
-    )
-    if lease.state is not LeaseState.GRANTED and not args.show_ended:
+    client = ctx.client()
+    try:
+        # Tied to this command while it waits (it leaves the queue if the command dies); once
+        # granted and received, the lease outlives the command (a script reserves, works, releases).
+        lease = client.reserve(
+            args.resource,
+            holder,
+            **_request_options(args),
+            on_position=_progress_line(ctx, args.resource, key=args.resource) if args.wait else None,
+            bind_session=False,
+        )
+    except KeyboardInterrupt as interrupt:
+        if not args.wait:
+            raise
+        raise stopped(interrupt, f"the request for {args.resource} left the queue") from None
+    if lease.state != LeaseState.GRANTED and not args.show_ended:
         # Exit 0 means "you hold it": an old answer to a reused request id is not that.
         raise _not_held_answer(lease, args.request_id)
     if args.json:
         emit_json(lease.for_holder())
     else:
         _print_lease(lease)
-        if lease.state is LeaseState.GRANTED:
+        if lease.state == LeaseState.GRANTED:
             note(f"keep the lease id: `merlin ray resources release {lease.lease_id}` gives it back")
     return 0
 
 
-def _not_held_answer(lease: Lease, request_id: str | None) -> LeaseNotHeld:
-    if lease.state is LeaseState.QUEUED:
+def _not_held_answer(lease: Any, request_id: str | None) -> LeaseNotHeld:
+    if lease.state == LeaseState.QUEUED:
         detail = f"request id {request_id} is still queued for {lease.resource}; reserve --wait waits for it"
     else:
-        why = lease.end_reason or lease.state.value
+        why = lease.end_reason or str(lease.state)
         detail = (
             f"request id {request_id} names a lease on {lease.resource} that ended ({why}); "
             "use a new request id, or --show-ended to print it"
         )
-    return LeaseNotHeld(lease.lease_id, lease.state.value, detail)
+    return LeaseNotHeld(lease.lease_id, str(lease.state), detail)
+
+
+def _health(ctx: Context) -> int:
+    args = ctx.args
+    if not is_resource_key(args.resource):
+        raise InvalidRequest(f"invalid resource={args.resource!r}: not a resource key", "resource")
+    report = ctx.client().call("health", args.resource, args.now)
+    if args.json:
+        emit_json(report)
+        return 0
+    if report["health_check"] is None:
+        print(f"{args.resource}: no health_check in the catalog")
+        return 0
+    check = report["health_check"]
+    state = "never probed" if report["ok"] is None else ("healthy" if report["ok"] else "FAILING")
+    quarantine = ", quarantined (in maintenance until a probe passes)" if report["quarantined"] else ""
+    print(f"{args.resource}: {state}{quarantine}; {report['failures_in_a_row']} failure(s) in a row, "
+          f"{report['failures_total']} in all; probe `{' '.join(check['run'])}` every {format_duration(check['every'])}")  # fmt: skip
+    rows = [
+        [when(r["at"]), "ok" if r["ok"] else "FAILED", f"{r['duration_s']:.2f}s", r["detail"] or "-"]
+        for r in report["results"][-10:]
+    ]
+    if rows:
+        print(table(["at", "result", "took", "detail"], rows))
+    return 0
 
 
 def _release(ctx: Context) -> int:
@@ -389,9 +573,9 @@ def _withdraw(ctx: Context) -> int:
         lease = client.call("withdraw", args.resource, holder, args.request_id)
         if lease is None:
             raise LeaseNotFound(args.request_id, f"no request {args.request_id!r} of {holder} on {args.resource!r}")
-    if lease.state is not LeaseState.CANCELLED:
-        detail = "granted: release it instead" if lease.state is LeaseState.GRANTED else lease.end_reason
-        raise LeaseNotHeld(lease.ref, lease.state.value, f"not queued ({lease.state.value}): {detail}")
+    if lease.state != LeaseState.CANCELLED:
+        detail = "granted: release it instead" if lease.state == LeaseState.GRANTED else lease.end_reason
+        raise LeaseNotHeld(lease.ref, str(lease.state), f"not queued ({lease.state}): {detail}")
     if args.json:
         emit_json(lease.public())
     else:
@@ -420,7 +604,7 @@ def _maintenance(ctx: Context) -> int:
     if args.json:
         emit_json(status)
         return 0
-    if status.state is ResourceState.MAINTENANCE:
+    if status.state == ResourceState.MAINTENANCE:
         why = f" ({status.maintenance_reason})" if status.maintenance_reason else ""
         line = f"{status.key}: in maintenance{why} since {when(status.maintenance_since)}, by {by}; no new grants"
         if status.holder is not None:
@@ -438,5 +622,7 @@ def _maintenance(ctx: Context) -> int:
 def _out(ctx: Context, lease: Any, *, asked_at: float | None = None) -> None:
     if ctx.args.json:
         emit_json(lease.for_holder(asked_at))
+    elif is_group(lease):
+        _print_group(lease, show_id=False)
     else:
         _print_lease(lease, show_id=False, asked_at=asked_at)

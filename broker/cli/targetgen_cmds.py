@@ -10,8 +10,8 @@ from pathlib import Path
 from typing import Any
 
 from broker.cli.common import Context, emit_json, json_option, note, table, when
-from broker.client import default_holder
 from broker.errors import BrokerUnavailable, InvalidRequest
+from broker.holders import default_holder
 
 __all__ = ["register"]
 
@@ -118,9 +118,7 @@ def _plan(ctx: Context) -> int:
     if ctx.args.json:
         emit_json(plan)
         return 0
-    print(
-        f"{plan.target} ({plan.target_class.value}) on {plan.resource or 'no hardware'}: {len(plan.rungs)} rungs -> {path}"
-    )
+    print(f"{plan.target} ({plan.target_class.value}) on {plan.where}: {len(plan.rungs)} rungs -> {path}")
     rows = [
         [rung.name, rung.resource or "-", ", ".join(step.id for step in rung.steps), "; ".join(rung.gates) or "-"]
         for rung in plan.rungs
@@ -158,13 +156,22 @@ def _bundle(ctx: Context) -> int:
     if ctx.args.json:
         emit_json(bundle)
         return 0
-    print(f"{bundle.target}: {len(bundle.steps)} steps on {bundle.resource or 'no hardware'} -> {path}")
+    print(f"{bundle.target}: {len(bundle.steps)} steps on {_where(bundle)} -> {path}")
     rows = [
         [step.id, step.rung, step.resource or "-", f"{step.timeout_s:g}s", step.gate.prompt if step.gate else "-"]
         for step in bundle.steps
     ]
     print(table(["step", "rung", "resource", "timeout", "gate"], rows))
     return 0
+
+
+def _where(bundle: Any) -> str:
+    """A bundle's hardware, for people: its key, or ``any of: k1, k2 (labels)`` for a pool."""
+    from targetgen.plan import pool_text
+
+    if bundle.pool:
+        return pool_text(bundle.resource_labels, bundle.count, bundle.candidates or bundle.resource_keys)
+    return bundle.resource or "no hardware"
 
 
 def _execute(ctx: Context) -> int:
@@ -193,25 +200,41 @@ def _execute(ctx: Context) -> int:
 
 
 def _execute_local(ctx: Context) -> int:
-    from executor.local import BrokerFence, FenceCheck, LocalEngine, exit_code_for, held_leases
+    from executor.local import BrokerFence, FenceCheck, LocalEngine, exit_code_for, held_leases, load_state
+    from targetgen.bundle import POOL_RESOURCE
 
     target_dir = _target_dir(ctx)
     bundle = ensure_bundle(ctx, target_dir)
-    fence: FenceCheck | None = BrokerFence.from_env()  # a Ray-engine job: the broker leased the key for this run
-    resources = sorted({step.resource for step in bundle.steps if step.resource is not None})
+    env_fence = BrokerFence.from_env()  # a Ray-engine job: the broker leased the key(s) for this run
+    fence: FenceCheck | None = env_fence
+    bound: tuple[str, ...] = env_fence.keys if env_fence is not None and bundle.pool else ()
+    resources = sorted({step.resource for step in bundle.steps if step.resource not in (None, POOL_RESOURCE)})
     with contextlib.ExitStack() as leases:
-        if fence is None and resources and not ctx.args.no_broker:
+        if fence is None and (resources or bundle.pool) and not ctx.args.no_broker:
             # Nobody leased the hardware for us: take the leases ourselves, for the whole run.
             holder = default_holder() if ctx.args.holder is None else ctx.args.holder
             try:
-                client = ctx.client()
+                client = ctx.ray_client()  # held leases need the shim's lease() (heartbeats); HTTP has none
             except BrokerUnavailable as exc:
+                wanted = ", ".join(resources or bundle.resource_keys) or f"a key of {bundle.resource_labels}"
                 raise BrokerUnavailable(
-                    f"{', '.join(resources)} must be leased before its steps run, and {exc.message}",
+                    f"{wanted} must be leased before its steps run, and {exc.message}",
                     "start the broker, or pass --no-broker on a machine that has none",
                 ) from None
-            fence = leases.enter_context(held_leases(client, resources, holder, report=note))
-        engine = LocalEngine(target_dir, fence=fence, report=lambda line: print(line, flush=True))
+            pool = None
+            if bundle.pool:  # a resumed run asks for the keys it began on
+                previous = None if ctx.args.restart else load_state(target_dir)
+                began = previous.resources if previous is not None else ()
+                pool = (bundle.resource_labels or "", bundle.count, began or bundle.resource_keys)
+            held = leases.enter_context(held_leases(client, resources, holder, report=note, pool=pool))
+            fence = held
+            bound = held.keys if bundle.pool else ()
+        elif fence is None and bundle.pool:
+            # --no-broker: nothing picks a member, so the pool's first members (at plan time) stand in.
+            bound = bundle.candidates[: bundle.count]
+            if bundle.resource_labels is not None:
+                note(f"--no-broker: {{resource}} is {', '.join(bound)} (the first of {bundle.resource_labels})")
+        engine = LocalEngine(target_dir, fence=fence, report=lambda line: print(line, flush=True), bound=bound)
         # Ray stops a job with SIGTERM: stop the running step's process group, record "cancelled".
         signal.signal(signal.SIGTERM, lambda *_: engine.stop.set())
         state = engine.run(resume=ctx.args.resume, restart=ctx.args.restart)

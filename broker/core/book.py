@@ -18,9 +18,17 @@ Rules (README "Leases"):
 * a request queued before a restart and granted before its holder came back
   lasts at most the claim window; the holder's return lifts that cap;
 * maintenance stops new grants; the current holder keeps its lease;
+* a request tied to its caller's session leaves the queue when the session ends, and
+  a grant tied to it ends then too (``holder gone``); a grant its holder has not yet
+  acknowledged is tied even when only the wait was (see :class:`SessionTie`);
 * so does a host that is down (the key's Ray node is not in the cluster): a flag
   the coordinator sets and lifts from what the cluster reports, apart from an
-  admin's maintenance, and never written to disk (the cluster is its authority).
+  admin's maintenance, and never written to disk (the cluster is its authority);
+* a queued entry of a group request (``Lease.group``) is never granted by the
+  book and holds back everything queued behind it: a free key headed by one
+  is *ready* for that group, and the coordinator takes it for the group
+  (:meth:`LeaseBook.take_for_group`) together with the group's other keys
+  (:mod:`broker.core.groups`).
 
 Transactions: everything the book knows is one :class:`_State`. A command
 works on a fork of it (copy-on-write, so a fork costs what the previous
@@ -47,6 +55,7 @@ from broker.models import (
     LeaseState,
     LeaseTransition,
     ReserveRequest,
+    SessionTie,
     check_transition,
     lease_ref,
 )
@@ -187,6 +196,7 @@ class _State:
     queue: tuple[tuple[int, int, str], ...] = ()  # (-priority, seq, lease_id), sorted
     unclaimed: frozenset[str] = frozenset()  # queued before a restart; nobody awaits them yet
     swept_at: float = -math.inf  # when ended leases past the retention window were last forgotten
+    freed_at: float | None = None  # when the last grant ended (None: never granted since the records began)
     leases: _Table[str, Lease] = field(default_factory=_Table)
     by_request: _Table[tuple[str, str], str] = field(default_factory=_Table)
     revokes: _Table[str, str] = field(default_factory=_Table)  # a revoke's request_id -> the lease it ended
@@ -213,6 +223,15 @@ def release_ended(lease: Lease) -> Lease:
         return lease
     detail = lease.end_reason or ""
     raise LeaseNotHeld(lease.lease_id, lease.state.value, detail)
+
+
+def _tie_of(request: ReserveRequest, *, granted_now: bool) -> SessionTie:
+    """What of ``request`` its session's end takes with it (a grant in the answer itself is received)."""
+    if request.session is None:
+        return SessionTie.NONE
+    if request.bind_session:
+        return SessionTie.LEASE
+    return SessionTie.NONE if granted_now else SessionTie.UNTIL_ACKNOWLEDGED
 
 
 class LeaseBook:
@@ -286,7 +305,9 @@ class LeaseBook:
             elif lease.state is LeaseState.QUEUED:
                 book._enqueue(lease)
                 unclaimed.add(lease.lease_id)
-            elif lease.ended_at is not None and lease.ended_at < now - book.retention_s:
+            elif lease.granted_at is not None and lease.ended_at is not None:
+                state.freed_at = max(state.freed_at or lease.ended_at, lease.ended_at)
+            if not lease.active and lease.ended_at is not None and lease.ended_at < now - book.retention_s:
                 continue
             book._index(lease)
         state.unclaimed = frozenset(unclaimed)
@@ -317,6 +338,21 @@ class LeaseBook:
     def granted(self) -> Lease | None:
         granted_id = self._state.granted_id
         return self._state.leases[granted_id] if granted_id is not None else None
+
+    @property
+    def freed_at(self) -> float | None:
+        """When the last grant ended, for any-of placement (None: not since the records began)."""
+        return self._state.freed_at
+
+    @property
+    def ready_for_group(self) -> str | None:
+        """The group whose entry heads the queue of this free key (it waits for that group), else None."""
+        state = self._state
+        if state.granted_id is not None or state.maintenance is not None or state.host_down is not None:
+            return None
+        if not state.queue:
+            return None
+        return state.leases[state.queue[0][2]].group
 
     @property
     def queue(self) -> list[Lease]:
@@ -375,23 +411,16 @@ class LeaseBook:
             self._advance(now, outcome)
             existing = self.find_request(request.holder, request.request_id)
             if existing is not None:
-                outcome.result = self._claim(existing, now, outcome)
+                outcome.result = self._acknowledge(self._claim(existing, now, outcome), request, outcome)
                 return outcome
             if lease_id in state.leases:
                 raise InvalidRequest(f"lease id collision on {lease_id!r}", "lease_id")
             busy = state.maintenance is not None or state.granted_id is not None or bool(state.queue)
             if (busy or state.host_down is not None) and not request.wait:
-                granted = self.granted
-                raise ResourceBusy(
-                    self.resource,
-                    granted.holder if granted else None,
-                    granted.expires_at if granted else None,
-                    len(state.queue),
-                    state.maintenance.reason if state.maintenance else None,
-                    down_reason=state.host_down.reason if state.host_down else None,
-                )
+                raise self._busy()
             state.seq += 1
             deadline = None if request.timeout_s is None else now + request.timeout_s
+            tie = _tie_of(request, granted_now=not busy and state.host_down is None)
             lease = Lease(
                 lease_id=lease_id,
                 resource=self.resource,
@@ -405,6 +434,9 @@ class LeaseBook:
                 note=request.note,
                 request_id=request.request_id,
                 history=(LeaseTransition(state=LeaseState.QUEUED, at=now),),
+                group=request.group,
+                session=request.session if tie is not SessionTie.NONE else None,
+                session_tie=tie,
             )
             self._put(lease)
             self._enqueue(lease)
@@ -499,6 +531,7 @@ class LeaseBook:
                 detail = "granted: release it instead" if lease.state is LeaseState.GRANTED else lease.end_reason
                 raise LeaseNotHeld(lease_id, lease.state.value, detail)
             self._end(lease, LeaseState.CANCELLED, now, reason, outcome, by=by)
+            self._advance(now, outcome)  # a group's entry heading a free key held back those behind it
             outcome.result = self.get(lease_id)
             return outcome
 
@@ -540,6 +573,94 @@ class LeaseBook:
             self._advance(now, outcome)
             return outcome
 
+    def take_for_group(self, lease_id: str, now: float, *, awaited: bool = True) -> Outcome:
+        """Grant a group's queued entry: only if the key is free and the entry heads its queue.
+
+        ``awaited=False`` (the group's caller has not come back since a restart) caps the
+        grant at the claim window, like any request granted while its holder is away.
+
+        Raises:
+            ResourceBusy: the key is held, in maintenance or down, or another request heads its queue.
+            LeaseNotHeld: the entry is not a queued group entry (granted already, or ended).
+        """
+        with self._transaction(now) as outcome:
+            self._advance(now, outcome)
+            lease = self.get(lease_id)
+            if lease.state is LeaseState.GRANTED and lease.group is not None:
+                outcome.result = lease  # a retried take: it is the group's already
+                return outcome
+            if lease.state is not LeaseState.QUEUED or lease.group is None:
+                raise LeaseNotHeld(lease_id, lease.state.value, "not a queued group entry")
+            if self.ready_for_group != lease.group or self._state.queue[0][2] != lease_id:
+                raise self._busy()
+            unclaimed = self._state.unclaimed - {lease_id}
+            self._state.unclaimed = unclaimed if awaited else unclaimed | {lease_id}
+            self._grant(lease_id, now, outcome)
+            outcome.result = self.get(lease_id)
+            return outcome
+
+    def requeue_group_member(self, lease_id: str, new_lease_id: str, now: float) -> Outcome:
+        """Undo a take whose group could not get its other keys: the grant ends (nobody was told of it;
+        its token is never reused) and a new entry takes the old one's place in the queue."""
+        with self._transaction(now) as outcome:
+            lease = self.get(lease_id)
+            if lease.state is not LeaseState.GRANTED or lease.group is None:
+                raise LeaseNotHeld(lease_id, lease.state.value, "not a granted group entry")
+            if new_lease_id in self._state.leases:
+                raise InvalidRequest(f"lease id collision on {new_lease_id!r}", "lease_id")
+            self._end(lease, LeaseState.RELEASED, now, EndReason.GROUP_GRANT_ABORTED, outcome)
+            entry = Lease(
+                lease_id=new_lease_id,
+                resource=self.resource,
+                holder=lease.holder,
+                state=LeaseState.QUEUED,
+                priority=lease.priority,
+                seq=lease.seq,
+                ttl_s=lease.ttl_s,
+                queued_at=lease.queued_at,
+                note=lease.note,
+                request_id=lease.request_id,
+                history=(LeaseTransition(state=LeaseState.QUEUED, at=now),),
+                group=lease.group,
+            )
+            self._put(entry)
+            self._state.by_request[(entry.holder, entry.request_id)] = new_lease_id
+            self._enqueue(entry)
+            outcome.changes.append(Change(LeaseEvent.QUEUED, entry))
+            self._advance(now, outcome)
+            outcome.result = self.get(new_lease_id)
+            return outcome
+
+    def end_session(self, session: str, now: float) -> Outcome:
+        """The caller's session ``session`` ended: its queued requests leave, its tied grant ends.
+
+        Both end with reason ``holder gone``; the next live waiter is granted in the
+        same command. Idempotent: nothing of a gone session is left to end.
+        """
+        with self._transaction(now) as outcome:
+            self._advance(now, outcome)
+            for lease in self.queue:
+                if lease.session == session and lease.session_tie is not SessionTie.NONE:
+                    self._end(lease, LeaseState.CANCELLED, now, EndReason.HOLDER_GONE, outcome)
+            granted = self.granted
+            if granted is not None and granted.session == session and granted.session_tie is not SessionTie.NONE:
+                self._end(granted, LeaseState.EXPIRED, now, EndReason.HOLDER_GONE, outcome)
+            self._advance(now, outcome)
+            return outcome
+
+    def sessions(self) -> dict[str, float]:
+        """Every session something active is tied to, with the earliest arrival among its requests.
+
+        The arrival time lets the cluster tell a live session from a later one that reused its
+        id (Ray's job ids restart at 1 with a new cluster): the job must have started before it.
+        """
+        seen: dict[str, float] = {}
+        granted = self.granted
+        for lease in [*self.queue, *([granted] if granted is not None else [])]:
+            if lease.session is not None and lease.session_tie is not SessionTie.NONE:
+                seen[lease.session] = min(seen.get(lease.session, lease.queued_at), lease.queued_at)
+        return seen
+
     def tick(self, now: float) -> Outcome:
         """Expire what is due at ``now``: leases past ``expires_at``, waiters past their deadline."""
         with self._transaction(now) as outcome:
@@ -568,6 +689,19 @@ class LeaseBook:
             self.rollback()
             raise
 
+    def _busy(self) -> ResourceBusy:
+        """Why the key cannot be had now: its holder, its queue, its maintenance or its absent host."""
+        state = self._state
+        granted = self.granted
+        return ResourceBusy(
+            self.resource,
+            granted.holder if granted else None,
+            granted.expires_at if granted else None,
+            len(state.queue),
+            state.maintenance.reason if state.maintenance else None,
+            down_reason=state.host_down.reason if state.host_down else None,
+        )
+
     def _advance(self, now: float, outcome: Outcome) -> None:
         """Apply everything due at ``now``, in time order, then grant if the key is free."""
         granted = self.granted
@@ -592,7 +726,14 @@ class LeaseBook:
             return
         if state.host_down is not None:
             return
-        (_, _, lease_id), state.queue = state.queue[0], state.queue[1:]
+        if state.leases[state.queue[0][2]].group is not None:
+            return  # ready for its group: the coordinator takes it with the group's other keys
+        self._grant(state.queue[0][2], now, outcome)
+
+    def _grant(self, lease_id: str, now: float, outcome: Outcome) -> None:
+        """Grant the queued lease at the head of the queue (the caller checked the key is free)."""
+        state = self._state
+        state.queue = state.queue[1:]
         lease = state.leases[lease_id]
         check_transition(lease_id, lease.state, LeaseState.GRANTED)
         state.counter += 1
@@ -633,6 +774,26 @@ class LeaseBook:
         outcome.changes.append(Change(LeaseEvent.CLAIMED, claimed))
         return claimed
 
+    def _acknowledge(self, lease: Lease, request: ReserveRequest, outcome: Outcome) -> Lease:
+        """The holder asked again with its request_id: it has the answer, and it is the caller now.
+
+        A grant tied only until acknowledged is untied (it outlives the session from now on);
+        a tied request asked for from another session (a retry from a new process) follows it.
+        """
+        if not lease.active or lease.session_tie is SessionTie.NONE:
+            return lease
+        update: dict[str, Any] = {}
+        if request.session is not None and request.session != lease.session:
+            update["session"] = request.session
+        if lease.state is LeaseState.GRANTED and lease.session_tie is SessionTie.UNTIL_ACKNOWLEDGED:
+            update["session_tie"] = SessionTie.NONE
+        if not update:
+            return lease
+        acknowledged = lease.model_copy(update=update)
+        self._put(acknowledged)
+        outcome.changes.append(Change(LeaseEvent.CLAIMED, acknowledged))
+        return acknowledged
+
     def _expiry(self, granted_at: float | None, now: float, ttl_s: float) -> float:
         expires_at = now + ttl_s
         if self.max_hold_s is not None and granted_at is not None:
@@ -667,6 +828,7 @@ class LeaseBook:
             book.queue = tuple(entry for entry in book.queue if entry[2] != lease.lease_id)
         if book.granted_id == lease.lease_id:
             book.granted_id = None
+            book.freed_at = at
         if lease.lease_id in book.unclaimed:
             book.unclaimed = book.unclaimed - {lease.lease_id}
         self._put(ended)
@@ -681,7 +843,12 @@ class LeaseBook:
         """Put a lease read from disk (restore): newer versions of a request win."""
         state = self._state
         state.leases[lease.lease_id] = lease
-        state.by_request[(lease.holder, lease.request_id)] = lease.lease_id
+        request_key = (lease.holder, lease.request_id)
+        current = state.leases.get(state.by_request.get(request_key, ""))
+        # A group entry given back (requeue_group_member) shares its request with the ended take:
+        # the request names the active one, whatever order the records are read in.
+        if current is None or not current.active or lease.active:
+            state.by_request[request_key] = lease.lease_id
         if lease.end_request_id is not None:
             state.revokes[lease.end_request_id] = lease.lease_id
 

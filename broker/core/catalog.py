@@ -21,6 +21,8 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from broker.core.durations import parse_duration
+from broker.core.groups import parse_selector
+from broker.core.health import HealthCheck
 from broker.core.placement_rules import HOST_PATTERN
 from broker.errors import InvalidRequest
 from broker.models import MAX_TTL_S, RESOURCE_KEY_PATTERN
@@ -42,6 +44,7 @@ MAX_CATALOG_FILE_BYTES = 1024 * 1024
 MAX_CATALOG_NODES = 200_000
 MAX_RESOURCES = 2000
 MAX_LABELS = 64
+MAX_POOLS = 64
 MAX_PROPERTIES_BYTES = 16 * 1024  # one key's properties, as JSON
 
 _RESOURCE_KEY = re.compile(RESOURCE_KEY_PATTERN)
@@ -70,6 +73,8 @@ class ResourceSpec(BaseModel):
     host: str | None = Field(default=None, pattern=HOST_PATTERN)
     max_hold_s: float | None = Field(default=None, alias="max_hold", gt=0, le=MAX_TTL_S)
     warn_before_s: float = Field(default=300.0, alias="warn_before", ge=0)
+    # A probe run on the key's host while nobody holds it; failures quarantine the key (broker.core.health).
+    health_check: HealthCheck | None = None
 
     @field_validator("max_hold_s", "warn_before_s", mode="before")
     @classmethod
@@ -123,6 +128,28 @@ class Catalog(BaseModel):
     version: Literal[1] = 1  # CATALOG_VERSIONS
     broker: BrokerSettings = Field(default_factory=BrokerSettings)
     resources: dict[str, ResourceSpec]
+    # Named pools: a name for a label selector (``u250: board=u250``), for listings, metrics and
+    # `reserve --pool`. Any selector can be asked for without a name; a name only shows it.
+    pools: dict[str, str] = Field(default_factory=dict)
+
+    @field_validator("pools")
+    @classmethod
+    def _pools(cls, pools: dict[str, str]) -> dict[str, str]:
+        if len(pools) > MAX_POOLS:
+            raise ValueError(f"{len(pools)} pools; at most {MAX_POOLS} are allowed")
+        for name, selector in pools.items():
+            if not _LABEL_KEY.match(name):
+                raise ValueError(f"pool name {name!r} must match {_LABEL_KEY.pattern}")
+            try:
+                parse_selector(selector)
+            except InvalidRequest as exc:
+                raise ValueError(f"pool {name!r}: {exc}") from None
+        return {name: parse_selector(selector).text() for name, selector in pools.items()}
+
+    def pool_members(self, name: str) -> tuple[str, ...]:
+        """The keys of the named pool, in catalog order."""
+        selector = parse_selector(self.pools[name])
+        return tuple(key for key, spec in self.resources.items() if selector.matches(spec.labels))
 
     @field_validator("resources")
     @classmethod

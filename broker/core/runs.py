@@ -2,7 +2,12 @@
 
 A run is one bundle submitted to the broker: it waits for its resource's
 lease, then runs as a Ray Job whose entrypoint is the local executor with
-``--resume``. Its files live under ``runs/<run_id>/`` (seed ``000``):
+``--resume``. A pool bundle's run waits on the pool (``resource_labels``,
+``count``) and is *bound* when its group lease is granted: ``resources`` says
+which keys it got (``resource`` too, for one key), ``fencing_tokens`` their
+tokens. A bound run stays bound: a run that queues again (its lease expired
+while the broker was away) asks for the same keys, because its finished
+steps touched those boards. Its files live under ``runs/<run_id>/`` (seed ``000``):
 ``run_request.json`` (what was asked), ``run_record.json`` (what happened)
 and ``artifacts.json`` (files found under the target's artifact dir).
 """
@@ -129,7 +134,14 @@ class RunRecord(BaseModel):
     holder: str
     priority: int = 0
     request_id: str
-    resource: str | None
+    resource: str | None  # the key it holds (a pool run: once bound to one key)
+    resource_labels: str | None = None  # a pool run: the selector it waits on (canonical text)
+    resource_keys: tuple[str, ...] = ()  # a set run: the keys it holds together
+    count: int = 1  # a pool run: how many of the pool's keys it holds
+    resources: tuple[str, ...] = ()  # a pool run: the keys it was bound to (empty until then)
+    fencing_tokens: dict[str, int] = {}  # a pool run: each bound key's token
+    group_lease_id: str | None = None  # a pool run's group lease: on disk only (0600), like lease_id
+    lease_ids: dict[str, str] = {}  # a pool run: each bound key's lease (the group's members); on disk only
     command: str  # the exact entrypoint submitted to Ray
     workdir: str  # the target dir
     artifact_dir: str
@@ -155,10 +167,45 @@ class RunRecord(BaseModel):
     def finished(self) -> bool:
         return self.status in TERMINAL_RUN_STATUSES
 
+    @property
+    def pool(self) -> bool:
+        """Bound through a group lease: a pool's member(s), or a set of keys together."""
+        return self.resource_labels is not None or bool(self.resource_keys)
+
+    @property
+    def where(self) -> str:
+        """Its hardware, for people: the key(s) it holds, or what it waits on (``any of board=u250``)."""
+        if self.resources:
+            return ",".join(self.resources)
+        if self.resource_keys:
+            return "all of " + ",".join(self.resource_keys)
+        if self.resource_labels is not None:
+            return f"{'any' if self.count == 1 else f'any {self.count}'} of {self.resource_labels}"
+        return self.resource or "-"
+
+    @property
+    def needs_lease(self) -> bool:
+        return self.resource is not None or self.pool
+
+    @property
+    def held(self) -> dict[str, str]:
+        """Each key the run holds now -> its lease id (empty while it waits)."""
+        if self.pool:
+            return dict(self.lease_ids)
+        return {self.resource: self.lease_id} if self.resource is not None and self.lease_id is not None else {}
+
     def public(self) -> RunRecord:
         """The record as any caller may see it: the lease id is the holder's capability, and a
         request id would let a stranger replay the request and learn it."""
-        return self.model_copy(update={"lease_id": None, "lease_request_id": None, "request_id": ""})
+        return self.model_copy(
+            update={
+                "lease_id": None,
+                "lease_request_id": None,
+                "request_id": "",
+                "group_lease_id": None,
+                "lease_ids": {},
+            }
+        )
 
     @computed_field  # type: ignore[prop-decorator]
     @property
@@ -221,14 +268,27 @@ def new_run(
         priority=priority,
         request_id=request_id,
         resource=bundle.resource,
+        resource_labels=bundle.resource_labels,
+        resource_keys=bundle.resource_keys,
+        count=bundle.count,
         command=" ".join(executor_command(python, str(target_dir))),
         workdir=str(target_dir),
         artifact_dir=str(target_dir / bundle.artifact_dir),
         bundle_sha256=bundle_sha256,
         created_at=now,
-        message="waiting for the lease" if bundle.resource else "submitting",
+        message=_first_message(bundle),
     )
     return request, record
+
+
+def _first_message(bundle: Any) -> str:
+    if bundle.resource_keys:
+        return f"waiting for all of {', '.join(bundle.resource_keys)}"
+    labels = bundle.resource_labels
+    if labels is not None:
+        count = bundle.count
+        return f"waiting for {'any' if count == 1 else count} of {labels}"
+    return "waiting for the lease" if bundle.resource else "submitting"
 
 
 def new_run_id(now: float | None = None) -> str:

@@ -61,6 +61,7 @@ class UsageCounters:
     leased_seconds: float = 0.0  # of holds that ended; the live one is added at scrape
     wait: Histogram = field(default_factory=lambda: Histogram(WAIT_BUCKETS_S))
     hold: Histogram = field(default_factory=lambda: Histogram(HOLD_BUCKETS_S))
+    holder_gone: int = 0  # requests and leases ended because their caller's session ended
 
     @classmethod
     def from_leases(cls, leases: Iterable[Lease]) -> UsageCounters:
@@ -98,6 +99,8 @@ class UsageCounters:
             self.cancellations += 1
             if EndReason.of(lease.end_reason) is EndReason.WAIT_TIMED_OUT:
                 self.wait_timeouts += 1
+        if EndReason.of(lease.end_reason) is EndReason.HOLDER_GONE:
+            self.holder_gone += 1
         if lease.granted_at is not None and lease.ended_at is not None:
             held = max(0.0, lease.ended_at - lease.granted_at)
             self.leased_seconds += held
@@ -114,6 +117,7 @@ class UsageCounters:
             self.leased_seconds,
             self.wait.copy(),
             self.hold.copy(),
+            self.holder_gone,
         )
 
 
@@ -131,6 +135,12 @@ class ResourceSnapshot:
     oldest_queued_at: float | None
     maintenance_since: float | None
     counters: UsageCounters
+    # (session, earliest arrival) of every caller session something active is tied to: the
+    # coordinator watches them end (broker.core.book.LeaseBook.sessions)
+    sessions: tuple[tuple[str, float], ...] = ()
+    # The refs of the group requests whose entries wait in this key's queue (counted in queue_depth):
+    # a pool's queue depth counts a group queued on several of its members once.
+    queued_groups: tuple[str, ...] = ()
 
     def leased_seconds_total(self, now: float) -> float:
         """Ended holds plus the live one, capped at its expiry so the total never steps back."""

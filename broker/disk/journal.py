@@ -31,7 +31,9 @@ from broker.models import lease_ref
 __all__ = ["configure_logging", "Journal", "EventSink", "read_journal", "iso", "redact_lease_ids"]
 
 # A lease id anywhere in a text (a temp file's name, a path under corrupt/, an error message).
-_LEASE_ID_IN_TEXT = re.compile(r"(?<![a-z0-9_-])[a-z0-9][a-z0-9_.-]{0,63}\.[0-9a-f]{32}(?![0-9a-f])")
+_LEASE_ID_IN_TEXT = re.compile(
+    r"(?<![a-z0-9_-])(?:[a-z0-9][a-z0-9_.-]{0,63}\.|group:)[0-9a-f]{32}(?![0-9a-f])"  # a key's, or a group's
+)
 
 
 def redact_lease_ids(value: Any) -> Any:

@@ -260,6 +260,16 @@ def frame_record(payload: bytes) -> bytes:
 
 
 @dataclass(frozen=True)
+class _Staged:
+    """An appended record waiting for its sync, and the file updates it brings once durable."""
+
+    end: int  # the log's size with this record in it
+    leases: list[Lease]
+    meta: ResourceMeta | None
+    fence: int
+
+
+@dataclass(frozen=True)
 class _Record:
     leases: list[Lease]
     meta: ResourceMeta | None
@@ -371,7 +381,11 @@ class ResourceLedger:
         self._lease_name = re.compile(rf"^{re.escape(key)}\.[0-9a-f]{{32}}\.json$")
         self.wal_path = state.resources_dir / f"{key}.wal"
         self._wal_fd: int | None = None
-        self._wal_size: int | None = None  # end of the last good record; None: read it from the file
+        self._wal_size: int | None = None  # end of the last good record appended; None: read it from the file
+        self._durable_size: int | None = None  # end of the last record known synced (<= _wal_size)
+        self._staged: list[_Staged] = []  # records appended, in order, not yet synced
+        self._syncing = False  # a sync of the log is in flight (its fd must stay open)
+        self._durable_fence = 0
         self._wal_cut_pending = False  # a failed append's cut-back is not yet on disk
         self._wal_name_synced = False  # its directory entry: synced once per life (it may be new)
         self._wal_records = 0
@@ -380,12 +394,30 @@ class ResourceLedger:
         self._replay_synced = True
 
     @property
+    def staged(self) -> int:
+        """How many appended records wait for a sync (:meth:`sync_begin`)."""
+        return len(self._staged)
+
+    @property
     def cut_pending(self) -> bool:
         """A failed append is still in the log (cutting it back failed too); no append is made until it is cut."""
         return self._wal_cut_pending
 
     def load(self) -> LedgerContents:
         """Read every record of this key, replay the log over them; corrupt files go to ``corrupt/``."""
+        return self._load(durable_only=False)
+
+    def reload(self) -> LedgerContents:
+        """What is on disk now, after a failed sync: the log up to its last synced record only.
+
+        The failed records were cut from the log, or are still in it if that cut failed
+        too; either way they are not read back (nobody was told of them).
+        """
+        return self._load(durable_only=True)
+
+    def _load(self, *, durable_only: bool) -> LedgerContents:
+        if self._staged or self._syncing:
+            raise RuntimeError("load with records not yet synced")
         self.state.ensure()
         corrupt: list[tuple[Path, str]] = []
         meta = ResourceMeta(key=self.key)
@@ -414,10 +446,12 @@ class ResourceLedger:
             raw = self.wal_path.read_bytes()
         except FileNotFoundError:
             raw = b""
+        if durable_only and self._durable_size is not None:
+            raw = raw[: self._durable_size]
         records, good = read_log(raw)
         # What is replayed must be on disk before anyone is told of it: a record in the page
         # cache only (its sync failed, and so did cutting it back) would be served, then lost.
-        self._replay_synced = not records or self._sync_log()
+        self._replay_synced = durable_only or not records or self._sync_log()
         replayed: set[str] = set()
         replayed_meta: ResourceMeta | None = None
         fence = meta.fencing_counter
@@ -431,6 +465,7 @@ class ResourceLedger:
         fence = max([fence] + [lease.fencing_token or 0 for lease in leases.values()])
         current = (replayed_meta or meta).model_copy(update={"fencing_counter": fence})
         self._wal_size, self._fence, self._meta = good, fence, current
+        self._durable_size, self._durable_fence = good, fence
         return LedgerContents(
             meta=current,
             leases=list(leases.values()),
@@ -488,15 +523,39 @@ class ResourceLedger:
             return None
 
     def write(self, leases: Iterable[Lease], meta: ResourceMeta | None = None) -> None:
-        """Make one command's changes durable (the log), then update the files.
+        """Make one command's changes durable (append, then sync at once), then update the files.
+
+        For callers with nothing else in flight (a start, a test); the resource actor's calls
+        go through :class:`~broker.disk.group_commit.GroupCommitter`, which syncs in groups.
 
         Raises:
             OSError: the log could not be written; nothing is durable (the log
                 was cut back to its last good record), the caller rolls back.
         """
+        if self._staged or self._syncing:
+            raise RuntimeError("write() while records wait for a group sync")
+        if not self.append(leases, meta):
+            return
+        try:
+            self.sync_begin()()
+        except BaseException:
+            self.sync_failed()
+            raise
+        self.synced(1)
+
+    def append(self, leases: Iterable[Lease], meta: ResourceMeta | None = None) -> bool:
+        """Append one command's record to the log, not synced yet; False if it changed nothing.
+
+        The record is durable once a sync begun after this returns (:meth:`sync_begin`);
+        until then the file updates it implies wait too.
+
+        Raises:
+            OSError: the record could not be appended; the log was cut back to the
+                records appended before it (they stay), the caller rolls back.
+        """
         leases = list(leases)
         if not leases and meta is None:
-            return
+            return False
         fence = max(
             [self._fence, meta.fencing_counter if meta is not None else 0]
             + [lease.fencing_token or 0 for lease in leases]
@@ -506,13 +565,38 @@ class ResourceLedger:
             payload += f',"meta":{meta.model_dump_json()}'
         payload += f',"fence":{fence}}}'
         self._append(frame_record(payload.encode()))
-        # Durable now: nothing below may fail the call. The files are views of the log.
         self._fence = fence
-        for lease in leases:
-            self._pending[self.state.lease_path(lease.lease_id)] = lease.model_dump_json().encode()
-        if meta is not None:
-            self._meta = meta
-            self._pending[self.state.resource_meta_path(self.key)] = meta.model_dump_json(indent=2).encode()
+        self._staged.append(_Staged(self._wal_size or 0, leases, meta, fence))
+        return True
+
+    def sync_begin(self) -> Callable[[], None]:
+        """The sync of every record staged now, to run anywhere (a worker thread); then :meth:`synced`.
+
+        Until :meth:`synced` or :meth:`sync_failed`, the log's fd stays open and appends
+        may go on (they are not covered by this sync).
+
+        Raises:
+            OSError: the log cannot be opened; call :meth:`sync_failed`.
+        """
+        fd = self._log()
+        self._syncing = True
+        disk = self._disk
+        return lambda: disk.fdatasync(fd)
+
+    def synced(self, count: int) -> None:
+        """The sync returned: the first ``count`` staged records are durable; update the files."""
+        self._syncing = False
+        done, self._staged = self._staged[:count], self._staged[count:]
+        if not done:
+            return
+        # Durable now: nothing below may fail the callers. The files are views of the log.
+        self._durable_size, self._durable_fence = done[-1].end, done[-1].fence
+        for record in done:
+            for lease in record.leases:
+                self._pending[self.state.lease_path(lease.lease_id)] = lease.model_dump_json().encode()
+            if record.meta is not None:
+                self._meta = record.meta
+                self._pending[self.state.resource_meta_path(self.key)] = record.meta.model_dump_json(indent=2).encode()
         self._unsynced.update(self._pending)
         if self._defer is None:
             with contextlib.suppress(OSError):  # kept pending: the next flush or load writes them
@@ -520,10 +604,24 @@ class ResourceLedger:
         elif not self._flush_scheduled:  # also after a failed flush: it is tried again
             self._flush_scheduled = True
             self._defer(self.flush)
-        self._wal_records += 1
-        if self._wal_records >= self.CHECKPOINT_RECORDS:
+        self._wal_records += len(done)
+        # A checkpoint empties the log: only when no record waits in it for a sync.
+        if self._wal_records >= self.CHECKPOINT_RECORDS and not self._staged:
             with contextlib.suppress(OSError):  # the log keeps everything; the next record tries again
                 self._checkpoint_files()
+
+    def sync_failed(self) -> int:
+        """The sync failed (or never began): every staged record is dropped and cut from the log.
+
+        Returns how many were dropped. Their callers must be told they failed.
+        """
+        self._syncing = False
+        dropped, self._staged = len(self._staged), []
+        self._wal_size, self._fence = self._durable_size, self._durable_fence
+        if self._wal_fd is None:
+            self._wal_cut_pending = True  # cut when the log is next opened
+        self._cut_back()
+        return dropped
 
     def flush(self) -> None:
         """Write the pending file updates (not synced: the log holds them until a checkpoint)."""
@@ -557,13 +655,12 @@ class ResourceLedger:
         self._truncate_log()
 
     def _append(self, data: bytes) -> None:
-        """Append one record and fdatasync it; on any failure cut the log back first, then raise."""
+        """Append one record (no sync); on any failure cut the log back first, then raise."""
         fd = self._log()
         try:
             view = memoryview(data)
             while view:
                 view = view[self._disk.write(fd, view) :]
-            self._disk.fdatasync(fd)
         except BaseException:
             self._cut_back()
             raise
@@ -571,9 +668,14 @@ class ResourceLedger:
 
     def _cut_back(self) -> None:
         """Truncate the log to its last good record, durably; if that fails, the next append retries it."""
-        fd, self._wal_fd = self._wal_fd, None  # reopened next time: after a failed sync the fd is suspect
+        fd = self._wal_fd
         if fd is None:
             return
+        # Reopened next time (after a failed sync the fd is suspect), unless a sync in a
+        # worker thread still uses it: then it stays, and the next append retries a failed cut.
+        close = not self._syncing
+        if close:
+            self._wal_fd = None
         self._wal_cut_pending = True
         try:
             self._disk.ftruncate(fd, self._wal_size or 0)
@@ -582,18 +684,24 @@ class ResourceLedger:
         except OSError:
             self._wal_cut_pending = True  # still pending: no append until a later cut succeeds
         finally:
-            with contextlib.suppress(OSError):
-                self._disk.close(fd)
+            if close:
+                with contextlib.suppress(OSError):
+                    self._disk.close(fd)
 
     def _log(self) -> int:
         """The log's fd, opened with anything after its last good record cut off (durably)."""
         if self._wal_fd is not None:
+            if self._wal_cut_pending:  # a failed append's cut, retried (the fd stayed open for a sync)
+                self._disk.ftruncate(self._wal_fd, self._wal_size or 0)
+                self._disk.fsync(self._wal_fd)
+                self._wal_cut_pending = False
             return self._wal_fd
         if self._wal_size is None:  # not loaded: the good part is what a replay would read
             try:
                 self._wal_size = read_log(self._disk.read_bytes(self.wal_path))[1]
             except FileNotFoundError:
                 self._wal_size = 0
+            self._durable_size = self._wal_size
         fd = self._disk.open(self.wal_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, FILE_MODE)
         try:
             if not self._wal_name_synced:  # the log's name must survive a power loss, not only its bytes
@@ -617,11 +725,11 @@ class ResourceLedger:
             self._disk.fsync(fd)
         except BaseException:
             # Where the file ends now is unknown: read it again before the next append.
-            self._wal_fd, self._wal_size = None, None
+            self._wal_fd, self._wal_size, self._durable_size = None, None, None
             with contextlib.suppress(OSError):
                 self._disk.close(fd)
             raise
-        self._wal_size = 0
+        self._wal_size = self._durable_size = 0
         self._wal_records = 0
         self._unsynced.clear()
 

@@ -1,13 +1,6 @@
-"""The coordinator's HTTP listener (127.0.0.1 by default): Prometheus metrics and a read-only API.
-
-``GET /metrics``                Prometheus text, answered from memory (no remote calls)
-``GET /api/v1/resources``      what ``resources()`` returns, as JSON (never a lease id)
-``GET /api/v1/status``         what ``status()`` returns, as JSON
-
-The read API exists for speed: ``merlin ray resources list`` reads it
-without importing Ray (importing Ray alone costs about 0.4 s here). It only
-reads; every change goes through Ray, which authenticates callers. The
-coordinator records the URLs in ``broker.json`` in the state dir.
+"""The coordinator's metrics listener (127.0.0.1 by default): ``GET /metrics``, Prometheus text
+answered from memory (no remote calls). ``readers`` may add read-only JSON routes under
+``/api/v1/``; the coordinator adds none — its API, authenticated, is :mod:`broker.http.rest`.
 
 The listener is bounded (issue 10): at most ``max_connections`` connections
 are served at once (one thread each; more are closed at once), a request

@@ -13,8 +13,15 @@ oldest waiter's wait) are rendered at each scrape — a few lines per key.
 Rendering every family costs about 0.3 ms per key here, in the coordinator's
 process, competing for its GIL with the event loop.
 
-Labels are bounded: ``resource`` (catalog keys), ``state`` and ``status``
-(enums). Never a lease id or a holder.
+Pools (the catalog's named selectors) are summed from the same snapshots:
+members, free members, and the requests waiting for a member — a group
+request with entries on several members counts once (each key's snapshot names
+the groups queued there). Group requests' waits come from the coordinator's
+group manager, seeded from the group records at start, so a restart does not
+reset them.
+
+Labels are bounded: ``resource`` (catalog keys), ``pool`` (catalog pool names),
+``state`` and ``status`` (enums). Never a lease id, a group ref or a holder.
 """
 
 from __future__ import annotations
@@ -22,7 +29,7 @@ from __future__ import annotations
 import dataclasses
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -30,7 +37,7 @@ from prometheus_client import generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector, CollectorRegistry
 
-from broker.core.usage import Histogram, ResourceSnapshot
+from broker.core.usage import WAIT_BUCKETS_S, Histogram, ResourceSnapshot
 from broker.models import ResourceState
 
 __all__ = [
@@ -39,9 +46,11 @@ __all__ = [
     "RUN_STATUSES",
     "RUN_DURATION_BUCKETS_S",
     "RunStats",
+    "BoardView",
     "MetricsBoard",
     "BrokerCollector",
     "Exposition",
+    "pool_queue_depth",
 ]
 
 DEFAULT_METRICS_HOST = "127.0.0.1"
@@ -60,6 +69,19 @@ class RunStats:
     duration: Histogram = field(default_factory=lambda: Histogram(RUN_DURATION_BUCKETS_S))
 
 
+@dataclass(frozen=True)
+class BoardView:
+    """One consistent read of the board (taken under its lock)."""
+
+    keys: tuple[str, ...]
+    snapshots: dict[str, ResourceSnapshot]
+    up: dict[str, bool]
+    runs: RunStats
+    version: str
+    pools: dict[str, tuple[str, ...]]  # pool name -> its member keys, catalog order
+    group_wait: Histogram
+
+
 class MetricsBoard:
     """What a scrape serves. Written by the coordinator's event loop, read by the HTTP thread.
 
@@ -74,12 +96,17 @@ class MetricsBoard:
         self._keys: tuple[str, ...] = ()
         self._runs = RunStats()
         self._version = ""
+        self._pools: dict[str, tuple[str, ...]] = {}
+        self._group_wait = Histogram(WAIT_BUCKETS_S)
         self.version = 0
+        self._health: dict[str, tuple[bool | None, int]] = {}  # key -> (last probe ok, failures so far)
 
-    def set_keys(self, keys: list[str], version: str = "") -> None:
+    def set_keys(self, keys: list[str], version: str = "", pools: Mapping[str, Sequence[str]] | None = None) -> None:
+        """The catalog's keys and its named pools (name -> member keys); a pool not named is not shown."""
         with self._lock:
             self._keys = tuple(keys)
             self._version = version
+            self._pools = {name: tuple(members) for name, members in (pools or {}).items()}
             for key in list(self._snapshots):
                 if key not in keys:
                     del self._snapshots[key]
@@ -111,10 +138,34 @@ class MetricsBoard:
             self._runs = runs
             self.version += 1
 
-    def view(self) -> tuple[tuple[str, ...], dict[str, ResourceSnapshot], dict[str, bool], RunStats, str]:
+    def observe_group_wait(self, wait_s: float) -> None:
+        """A group request was granted after ``wait_s`` (the group manager's ``observe_wait``)."""
+        with self._lock:
+            self._group_wait.observe(max(0.0, wait_s))
+            self.version += 1
+
+    def set_health(self, key: str, ok: bool | None, failures_total: int) -> None:
+        with self._lock:
+            if self._health.get(key) != (ok, failures_total):
+                self._health[key] = (ok, failures_total)
+                self.version += 1
+
+    def health_view(self) -> dict[str, tuple[bool | None, int]]:
+        with self._lock:
+            return {key: value for key, value in self._health.items() if key in self._keys}
+
+    def view(self) -> BoardView:
         with self._lock:
             snapshots = {key: entry[1] for key, entry in self._snapshots.items()}
-            return self._keys, snapshots, dict(self._up), self._runs, self._version
+            return BoardView(
+                self._keys,
+                snapshots,
+                dict(self._up),
+                self._runs,
+                self._version,
+                dict(self._pools),
+                self._group_wait.copy(),
+            )
 
     def snapshot(self, key: str) -> ResourceSnapshot | None:
         with self._lock:
@@ -141,9 +192,11 @@ class BrokerCollector(Collector):
     def collect(self) -> Iterator[Metric]:
         view = self._board.view()
         if self._part in (None, "static"):
-            yield from _static_families(*view)
+            yield from _static_families(view.keys, view.snapshots, view.up, view.runs, view.version)
+            yield from _health_families(self._board.health_view())
+            yield from _pool_families(view)
         if self._part in (None, "live"):
-            yield from _live_families(view[0], view[1], time.time())
+            yield from _live_families(view.keys, view.snapshots, time.time())
 
 
 class Exposition:
@@ -207,6 +260,11 @@ def _static_families(
         "timeouts": CounterMetricFamily(
             "merlin_broker_lease_wait_timeouts", "Waiting requests that timed out.", labels=["resource"]
         ),
+        "holder_gone": CounterMetricFamily(
+            "merlin_broker_lease_holder_gone",
+            "Waiting requests and leases ended because their client's session ended.",
+            labels=["resource"],
+        ),
         "wait": HistogramMetricFamily(
             "merlin_broker_lease_wait_seconds", "Time from request to grant.", labels=["resource"]
         ),
@@ -232,6 +290,7 @@ def _static_families(
         families["expirations"].add_metric([key], float(counters.expirations))
         families["revocations"].add_metric([key], float(counters.revocations))
         families["timeouts"].add_metric([key], float(counters.wait_timeouts))
+        families["holder_gone"].add_metric([key], float(counters.holder_gone))
         families["wait"].add_metric([key], counters.wait.cumulative(), sum_value=counters.wait.total)
         families["hold"].add_metric([key], counters.hold.cumulative(), sum_value=counters.hold.total)
     yield from families.values()
@@ -246,6 +305,54 @@ def _static_families(
     duration = HistogramMetricFamily("merlin_broker_run_duration_seconds", "Wall time of finished runs.")
     duration.add_metric([], runs.duration.cumulative(), sum_value=runs.duration.total)
     yield duration
+
+
+def _pool_families(view: BoardView) -> Iterator[Metric]:
+    members = GaugeMetricFamily(
+        "merlin_broker_pool_members", "Keys the pool's selector matches in the catalog.", labels=["pool"]
+    )
+    free = GaugeMetricFamily(
+        "merlin_broker_pool_free",
+        "Members in state free (answering, not leased, not in maintenance); a free member may be "
+        "promised to a group request at the head of its queue.",
+        labels=["pool"],
+    )
+    queue = GaugeMetricFamily(
+        "merlin_broker_pool_queue_depth",
+        "Requests waiting for a member: single-key requests queued on a member, plus group requests "
+        "queued on at least one member, each counted once.",
+        labels=["pool"],
+    )
+    for name, keys in sorted(view.pools.items()):
+        members.add_metric([name], float(len(keys)))
+        free.add_metric([name], float(sum(1 for key in keys if _is_free(view, key))))
+        queue.add_metric([name], float(pool_queue_depth(view.snapshots, keys)))
+    yield members
+    yield free
+    yield queue
+    wait = HistogramMetricFamily(
+        "merlin_broker_group_wait_seconds", "Time from a group request (selector or set of keys) to its grant."
+    )
+    wait.add_metric([], view.group_wait.cumulative(), sum_value=view.group_wait.total)
+    yield wait
+
+
+def _is_free(view: BoardView, key: str) -> bool:
+    snapshot = view.snapshots.get(key)
+    return snapshot is not None and view.up.get(key, False) and ResourceState(snapshot.state) is ResourceState.FREE
+
+
+def pool_queue_depth(snapshots: Mapping[str, ResourceSnapshot], keys: Sequence[str]) -> int:
+    """Distinct requests waiting on ``keys``: each key's single-key waiters, plus every group queued on any."""
+    singles = 0
+    groups: set[str] = set()
+    for key in keys:
+        snapshot = snapshots.get(key)
+        if snapshot is None:
+            continue
+        singles += max(0, snapshot.queue_depth - len(snapshot.queued_groups))
+        groups.update(snapshot.queued_groups)
+    return singles + len(groups)
 
 
 def _live_families(keys: tuple[str, ...], snapshots: dict[str, ResourceSnapshot], now: float) -> Iterator[Metric]:
@@ -268,3 +375,20 @@ def _live_families(keys: tuple[str, ...], snapshots: dict[str, ResourceSnapshot]
         leased_s.add_metric([key], snapshot.leased_seconds_total(now))
     yield oldest
     yield leased_s
+
+
+def _health_families(health: dict[str, tuple[bool | None, int]]) -> Iterator[Metric]:
+    """Keys with a ``health_check``: did the last probe pass, and how many probes have failed."""
+    ok = GaugeMetricFamily(
+        "merlin_broker_health_ok", "1 if the key's last health probe passed, 0 if it failed.", labels=["resource"]
+    )
+    failures = CounterMetricFamily(
+        "merlin_broker_health_check_failures", "Health probes of the key that failed.", labels=["resource"]
+    )
+    for key in sorted(health):
+        passed, failed = health[key]
+        if passed is not None:
+            ok.add_metric([key], 1.0 if passed else 0.0)
+        failures.add_metric([key], float(failed))
+    yield ok
+    yield failures

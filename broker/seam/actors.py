@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import asyncio
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -108,6 +108,17 @@ class ActorSystem(ABC):
     @abstractmethod
     def alive_nodes(self) -> list[NodeInfo]:
         """The cluster's alive nodes with their labels and total resources (a blocking call)."""
+
+    @abstractmethod
+    async def dead_sessions(self, seen: Mapping[str, float], wait_s: float) -> set[str]:
+        """Which callers' sessions in ``seen`` (Ray job id -> a time it was alive) have ended.
+
+        With none ended, first waits up to ``wait_s`` for the cluster to report a change
+        (Ray: the GCS job channel), so a caller's death is seen in moments without polling;
+        cancelling the wait is safe. A session the cluster does not know (from a cluster since
+        restarted) or whose job started after its time (a reused id) is never reported: what
+        it had stays to the claim window and its TTL.
+        """
 
     @abstractmethod
     def job_runner(self) -> JobRunner:

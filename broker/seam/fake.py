@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import pickle
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -33,6 +34,7 @@ class _Hosted:
     instance: Any = None
     alive: bool = False
     died: asyncio.Future[None] | None = None  # set when the instance is killed
+    life: int = 0  # how many instances have been started: a dead one's calls never come back
 
 
 @dataclass(frozen=True)
@@ -55,6 +57,8 @@ class FakeSystem(ActorSystem):
         self.node_id = "fake-head-node"
         # The cluster's nodes as alive_nodes() reports them; a test adds, labels or removes nodes.
         self.nodes: list[NodeInfo] = [NodeInfo(self.node_id, {}, {"CPU": 2.0, "memory": 4.0 * 1024**3}, is_head=True)]
+        self.ended_sessions: set[str] = set()  # callers' sessions (job ids) a test ended: end_session()
+        self._session_ended: asyncio.Event | None = None
 
     # ------------------------------------------------------------------ ActorSystem
 
@@ -82,6 +86,26 @@ class FakeSystem(ActorSystem):
 
     def alive_nodes(self) -> list[NodeInfo]:
         return list(self.nodes)
+
+    async def dead_sessions(self, seen: Mapping[str, float], wait_s: float) -> set[str]:
+        dead = {session for session in seen if session in self.ended_sessions}
+        if dead or wait_s <= 0:
+            return dead
+        ended = self._ended_event()
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(ended.wait(), wait_s)
+        ended.clear()
+        return {session for session in seen if session in self.ended_sessions}
+
+    def end_session(self, session: str) -> None:
+        """A caller's driver died: the cluster reports its session ended from now on."""
+        self.ended_sessions.add(session)
+        self._ended_event().set()
+
+    def _ended_event(self) -> asyncio.Event:
+        if self._session_ended is None:
+            self._session_ended = asyncio.Event()
+        return self._session_ended
 
     def job_runner(self) -> FakeJobRunner:
         return self.jobs
@@ -139,7 +163,9 @@ class FakeSystem(ActorSystem):
     def _start(self, key: tuple[str, str]) -> Any:
         hosted = self._hosted[key]
         hosted.died = asyncio.get_running_loop().create_future()
-        hosted.instance = hosted.spawn.cls(*_copied(tuple(hosted.spawn.args)), system=self)
+        hosted.life += 1
+        system = _OneLife(self, hosted, hosted.life)
+        hosted.instance = hosted.spawn.cls(*_copied(tuple(hosted.spawn.args)), system=system)
         hosted.alive = True
         return hosted.instance
 
@@ -156,3 +182,42 @@ class FakeSystem(ActorSystem):
             with contextlib.suppress(Exception):
                 exc = _copied(exc)
             raise CallFailed(Failure.REMOTE_ERROR, cause=exc) from None
+
+
+class _OneLife:
+    """The system as one instance of an actor sees it: after that instance is killed, its calls
+    never return and its tells go nowhere — code of a killed process runs no further, as on Ray
+    (its coroutines are frozen, not cancelled, so no cleanup handler writes anything)."""
+
+    def __init__(self, system: FakeSystem, hosted: _Hosted, life: int):
+        self._system = system
+        self._hosted = hosted
+        self._life = life
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._system, name)
+
+    @property
+    def _dead(self) -> bool:
+        return self._hosted.life != self._life or not self._hosted.alive
+
+    async def _freeze_if_dead(self) -> None:
+        if self._dead:
+            task = asyncio.current_task()
+            if task is not None and getattr(task, "cancelling", lambda: 0)():  # Python 3.11+
+                # Cancelled (the test's loop shuts down, or a caller gives up): a killed process's
+                # cleanup handlers must not freeze again, or the loop waits for them forever.
+                raise asyncio.CancelledError
+            await asyncio.get_running_loop().create_future()  # never set
+
+    async def call(self, ref: ActorRef, method: str, /, *args: Any, **kwargs: Any) -> Any:
+        await self._freeze_if_dead()
+        try:
+            result = await self._system.call(ref, method, *args, **kwargs)
+        finally:
+            await self._freeze_if_dead()
+        return result
+
+    def tell(self, ref: ActorRef, method: str, *args: Any) -> None:
+        if not self._dead:
+            self._system.tell(ref, method, *args)

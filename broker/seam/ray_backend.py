@@ -13,7 +13,7 @@ import asyncio
 import contextlib
 import functools
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
@@ -78,6 +78,7 @@ class RaySystem(ActorSystem):
 
     def __init__(self, policy: RetryPolicy | None = None):
         super().__init__(policy)
+        self._job_changes: Any = None  # ray_private.JobChanges, made in the loop that first waits
 
     def create(self, spawn: Spawn, name: str, namespace: str) -> Any:
         options = actor_options(name, namespace, spawn.node_id)
@@ -113,6 +114,21 @@ class RaySystem(ActorSystem):
 
     def alive_nodes(self) -> list[NodeInfo]:
         return alive_nodes()
+
+    async def dead_sessions(self, seen: Mapping[str, float], wait_s: float) -> set[str]:
+        from broker.seam.ray_private import JobChanges, ended_jobs
+
+        dead = await asyncio.to_thread(ended_jobs, seen)
+        if dead or wait_s <= 0:
+            return dead
+        if self._job_changes is None:
+            self._job_changes = JobChanges(ray.get_runtime_context().gcs_address)
+        await self._job_changes.wait(wait_s)
+        return await asyncio.to_thread(ended_jobs, seen)
+
+    def session_id(self) -> str:
+        """This driver's session: its Ray job id (what a waiting request is tied to)."""
+        return str(ray.get_runtime_context().get_job_id())
 
     def job_runner(self) -> RayJobRunner:
         return RayJobRunner()

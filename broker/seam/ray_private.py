@@ -8,12 +8,28 @@ with the function's name instead of breaking a user's notebook.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import os
+from collections.abc import Mapping
 from typing import Any
 
 from broker.errors import BrokerUnavailable
 
-__all__ = ["refresh_imported_ray", "route_ray_messages_to_stderr", "dashboard_url", "job_info_or_none"]
+__all__ = [
+    "refresh_imported_ray",
+    "route_ray_messages_to_stderr",
+    "dashboard_url",
+    "job_info_or_none",
+    "ended_jobs",
+    "JobChanges",
+]
+
+# A job's start time (GCS clock) and a request's arrival (the actor's clock) are both wall time on
+# the head node; this much disagreement still counts the job as the one that made the request.
+_CLOCK_SLACK_S = 2.0
+# Without the job channel (its subscription failed), look at the job table this often.
+_FALLBACK_POLL_S = 1.0
 
 
 def refresh_imported_ray(env: dict[str, str]) -> None:
@@ -79,3 +95,61 @@ def job_info_or_none(client: Any, submission_id: str) -> Any | None:
     if response.status_code != 200:
         client._raise_error(response)
     return JobDetails(**response.json())
+
+
+def ended_jobs(seen: Mapping[str, float]) -> set[str]:
+    """The jobs (hex ids) in ``seen`` that the GCS job table marks dead, one GCS call.
+
+    ``seen`` maps a job id to a time its job was alive: a row for that id whose job started
+    later is another job (ids restart at 1 with a new cluster), not this one. Public
+    alternatives: ``ray.util.state.list_jobs`` goes through the dashboard's HTTP server (an
+    extra process and hop) and ``JobSubmissionClient`` lists only submitted jobs, not drivers.
+    """
+    from ray._private.state import state
+
+    dead: set[str] = set()
+    for row in state.job_table():
+        job_id = row["JobID"]
+        since = seen.get(job_id)
+        if since is None or not row["IsDead"]:
+            continue
+        if row["StartTime"] / 1000.0 <= since + _CLOCK_SLACK_S:
+            dead.add(job_id)
+    return dead
+
+
+class JobChanges:
+    """Wakes whoever waits when the cluster's job table changes: the GCS job channel.
+
+    The GCS publishes a job's record when it starts and when its driver ends (exit, crash,
+    kill -9: its raylet sees the socket close). Ray has no public subscriber; the
+    dashboard uses this one (``ray._private.gcs_pubsub.GcsAioJobSubscriber``, token auth
+    included). If the subscription fails, :meth:`wait` falls back to a short sleep, so the
+    caller's table reads still see every end, only later.
+    """
+
+    def __init__(self, gcs_address: str):
+        self._address = gcs_address
+        self._changed = asyncio.Event()
+        self._reader: asyncio.Task[None] | None = None
+
+    async def wait(self, timeout_s: float) -> None:
+        """Until the job table changes or ``timeout_s`` passes (safe to cancel)."""
+        if self._reader is None:
+            self._reader = asyncio.get_running_loop().create_task(self._read())
+        if self._reader.done():  # no channel: poll the table instead
+            await asyncio.sleep(min(timeout_s, _FALLBACK_POLL_S))
+            return
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(self._changed.wait(), timeout_s)
+        self._changed.clear()
+
+    async def _read(self) -> None:
+        from ray._private.gcs_pubsub import GcsAioJobSubscriber
+
+        subscriber = GcsAioJobSubscriber(address=self._address)
+        await subscriber.subscribe()
+        self._changed.set()  # a job may have ended before the subscription: read the table again
+        while True:
+            if await subscriber.poll(batch_size=1000, timeout=30):
+                self._changed.set()

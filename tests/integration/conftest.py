@@ -1,14 +1,19 @@
 """One real local Ray cluster per test session (on loopback, token auth); each test gets its own
-namespace and state dir, and its broker actors are killed afterwards."""
+namespace and state dir, and its broker actors are killed afterwards.
+
+Starting a broker (four actor processes) is most of a short test's time, so the next test's
+broker with the default catalog starts in the background while the current test runs."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import subprocess
 import sys
 import uuid
 from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -105,10 +110,42 @@ def make_broker(cluster: Cluster, root: Path, catalog: dict[str, Any] | None = N
     return BrokerEnv(state=state, namespace=namespace, client=BrokerClient(namespace, retry_s=60.0))
 
 
+class SpareBrokers:
+    """Brokers with the default catalog, each started while the test before it runs."""
+
+    def __init__(self, cluster: Cluster, root: Path):
+        self._cluster = cluster
+        self._root = root
+        self._starter = ThreadPoolExecutor(max_workers=1, thread_name_prefix="spare-broker")
+        self._spare: Future[BrokerEnv] | None = None
+
+    def _start(self) -> BrokerEnv:
+        return make_broker(self._cluster, self._root / uuid.uuid4().hex[:12])
+
+    def take(self) -> BrokerEnv:
+        spare, self._spare = self._spare, self._starter.submit(self._start)
+        return spare.result() if spare is not None else self._start()
+
+    def close(self) -> None:
+        from broker.actors.deploy import broker_down
+
+        if self._spare is not None:
+            with contextlib.suppress(Exception):  # a spare that failed to start has nothing to stop
+                broker_down(self._spare.result(timeout=300).namespace)
+        self._starter.shutdown(wait=False, cancel_futures=True)
+
+
+@pytest.fixture(scope="session")
+def spare_brokers(ray_cluster: Cluster, tmp_path_factory: pytest.TempPathFactory) -> Iterator[SpareBrokers]:
+    spares = SpareBrokers(ray_cluster, tmp_path_factory.mktemp("brokers"))
+    yield spares
+    spares.close()
+
+
 @pytest.fixture
-def broker_env(ray_cluster: Cluster, tmp_path: Path) -> Iterator[BrokerEnv]:
+def broker_env(spare_brokers: SpareBrokers) -> Iterator[BrokerEnv]:
     from broker.actors.deploy import broker_down
 
-    env = make_broker(ray_cluster, tmp_path / "state")
+    env = spare_brokers.take()
     yield env
     broker_down(env.namespace)

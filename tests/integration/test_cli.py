@@ -75,7 +75,7 @@ def test_reserve_wait_shows_its_place_in_the_queue(broker_env):
     out, _ = proc.communicate(timeout=60)
     err = stderr.text()
     assert proc.returncode == 0, err
-    assert "place 1 in the queue" in err
+    assert "place 1 in the queue" in err and "so far; held by alice until" in err  # and who it waits for
     assert json.loads(out)["holder"] == "bob"
 
 

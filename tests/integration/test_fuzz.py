@@ -40,6 +40,8 @@ BAD = {
     "run_id": ["run-x", "../../etc", None, 5, "run-20260101-000000-zzzzzzzz", HUGE],
     "bundle": [5, None, {"target": "x"}, "relative/path", "/nonexistent/dir", ["a"], {"steps": []}],
     "active_only": [],
+    "session": ["", "01", "0000000G", 5, "job-1", HUGE],
+    "bind_session": ["yes", 1, None],
 }
 GOOD = {
     "resource": ["firesim_u250"],
@@ -56,10 +58,13 @@ GOOD = {
     "fencing_token": [1],
     "run_id": ["run-20260101-000000-00000000"],
     "bundle": ["/nonexistent/dir"],
+    "session": [None],
+    "bind_session": [True],
 }
+RESERVE_OPTIONS = ("ttl_s", "wait", "timeout_s", "priority", "request_id", "note", "session", "bind_session")
 # (method, positional parameters, keyword parameters)
 METHODS = [
-    ("reserve", ["resource", "holder"], ["ttl_s", "wait", "timeout_s", "priority", "request_id", "note"]),
+    ("reserve", ["resource", "holder"], [*RESERVE_OPTIONS]),
     ("release", ["lease_id"], []),
     ("renew", ["lease_id", "ttl_s"], []),
     ("lease", ["lease_id"], []),

@@ -34,7 +34,7 @@ def journal(env) -> list[dict]:
 HOLDER = """
 import sys, time, broker
 client = broker.connect()
-with client.lease(sys.argv[1], "doomed-holder", ttl_s=2.0, heartbeat_s=0.3) as held:
+with client.lease(sys.argv[1], "doomed-holder", ttl_s=2.0, heartbeat_s=0.3, bind_session=False) as held:
     print("held", held.lease_id, flush=True)
     time.sleep(600)
 """

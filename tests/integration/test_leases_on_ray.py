@@ -69,10 +69,8 @@ def test_handoff_to_the_next_waiter(broker_env):
 def test_a_waiter_times_out_and_leaves_the_queue(broker_env):
     client = broker_env.client
     client.reserve("spacemit_x60_board_01", "alice")
-    started = time.monotonic()
     with pytest.raises(WaitTimeout):
         client.reserve("spacemit_x60_board_01", "bob", wait=True, timeout_s=0.5)
-    assert time.monotonic() - started < 20
     board = next(s for s in client.resources() if s.key == "spacemit_x60_board_01")
     assert board.queue == ()
 

@@ -147,19 +147,31 @@ def test_journal_records_every_change_in_order(broker_env):
 def test_read_api_answers_like_resources_and_never_shows_a_lease_id(broker_env):
     import urllib.error
 
+    from broker.disk.token_store import read_operator_token
+    from tests.waiting import until
+
     lease = broker_env.client.reserve(KEY, "alice")
-    record = json.loads(broker_env.state.broker_record_path.read_text())
+    record = until(
+        lambda: (r := json.loads(broker_env.state.broker_record_path.read_text())).get("api_url") and r,
+        "the API listens",
+    )
     assert record["namespace"] == broker_env.namespace and record["api_url"].startswith("http://127.0.0.1:")
-    with urllib.request.urlopen(f"{record['api_url']}/resources", timeout=10) as response:
+    headers = {"Authorization": f"Bearer {read_operator_token(broker_env.state)}"}
+    request = urllib.request.Request(f"{record['api_url']}/resources", headers=headers)
+    with urllib.request.urlopen(request, timeout=10) as response:
         listed = json.loads(response.read())
     assert [item["key"] for item in listed] == [status.key for status in broker_env.client.resources()]
     assert listed[0]["holder"] == "alice" and lease.lease_id not in json.dumps(listed)
-    request = urllib.request.Request(f"{record['api_url']}/resources", data=b"{}", method="POST")
-    with pytest.raises(urllib.error.HTTPError) as refused:
-        urllib.request.urlopen(request, timeout=10)
-    assert refused.value.code == 405
+    with pytest.raises(urllib.error.HTTPError) as refused:  # reads need a token too
+        urllib.request.urlopen(f"{record['api_url']}/resources", timeout=10)
+    assert refused.value.code == 401
+    posted = urllib.request.Request(f"{record['api_url']}/resources", data=b"{}", method="POST", headers=headers)
+    with pytest.raises(urllib.error.HTTPError) as wrong:
+        urllib.request.urlopen(posted, timeout=10)
+    assert wrong.value.code == 405
+    # The metrics listener serves only /metrics now.
     with pytest.raises(urllib.error.HTTPError) as missing:
-        urllib.request.urlopen(f"{record['api_url']}/leases/{lease.lease_id}", timeout=10)
+        urllib.request.urlopen(broker_env.metrics_url().replace("/metrics", "/api/v1/resources"), timeout=10)
     assert missing.value.code == 404
 
 

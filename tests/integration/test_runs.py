@@ -22,16 +22,43 @@ from tests.waiting import until
 
 pytestmark = pytest.mark.ray
 PY = sys.executable
+MEET_WAIT_S = 150.0  # a step that waits longer for its partner fails (exit 97)
 
 
-def target(root: Path, name: str, resource: str | None, seconds: float = 1.0, exit_code: int = 0) -> Path:
-    """A target dir whose one hardware step holds the resource for ``seconds`` and leaves an artifact."""
+def target(
+    root: Path,
+    name: str,
+    resource: str | None,
+    seconds: float = 1.0,
+    exit_code: int = 0,
+    meet: tuple[Path, tuple[Path, ...]] | None = None,
+) -> Path:
+    """A target dir whose one hardware step holds the resource for ``seconds`` and leaves an artifact.
+
+    ``meet=(mine, theirs)``: the step first writes the file ``mine`` and waits (holding its key)
+    until one of ``theirs`` exists, so two runs that meet provably ran at the same time.
+    """
     directory = root / name
     directory.mkdir(parents=True)
-    code = (
-        f"import os, pathlib, sys, time; time.sleep({seconds!r}); p = pathlib.Path('artifacts/out.txt'); "
-        f"p.parent.mkdir(exist_ok=True); p.write_text(os.environ.get('MERLIN_FENCING_TOKEN', '-')); sys.exit({exit_code:d})"
-    )
+    lines = ["import os, pathlib, sys, time"]
+    if meet is not None:
+        mine, theirs = meet
+        lines.append(f"pathlib.Path({str(mine)!r}).touch()")
+        if theirs:
+            lines += [
+                f"end = time.monotonic() + {MEET_WAIT_S!r}",
+                f"while not any(pathlib.Path(p).exists() for p in {[str(t) for t in theirs]!r}):",
+                "    if time.monotonic() > end: sys.exit(97)",
+                "    time.sleep(0.05)",
+            ]
+    lines += [
+        f"time.sleep({seconds!r})",
+        "p = pathlib.Path('artifacts/out.txt')",
+        "p.parent.mkdir(exist_ok=True)",
+        "p.write_text(os.environ.get('MERLIN_FENCING_TOKEN', '-'))",
+        f"sys.exit({exit_code:d})",
+    ]
+    code = "\n".join(lines)
     step = {"id": "hold", "argv": [PY, "-c", code], "resource": resource}
     bundle = ExecutionBundle.model_validate(
         {"target": name, "target_class": "silicon_board", "resource": resource, "steps": [step]}
@@ -50,8 +77,8 @@ def wait_for(client, run_id: str, statuses: set[RunStatus], timeout: float = 120
     return record
 
 
-def finished(client, run_id: str):
-    return wait_for(client, run_id, {RunStatus.SUCCEEDED, RunStatus.FAILED, RunStatus.STOPPED})
+def finished(client, run_id: str, timeout: float = 120.0):
+    return wait_for(client, run_id, {RunStatus.SUCCEEDED, RunStatus.FAILED, RunStatus.STOPPED}, timeout)
 
 
 def span(record) -> tuple[float, float]:
@@ -61,10 +88,14 @@ def span(record) -> tuple[float, float]:
 
 def test_bundles_on_one_key_run_in_turn_and_another_key_runs_alongside(broker_env, tmp_path):
     client = broker_env.client
-    a = client.call("submit", str(target(tmp_path, "a", "firesim_u250", 2.0)), holder="alice")
-    b = client.call("submit", str(target(tmp_path, "b", "firesim_u250", 2.0)), holder="bob")
-    c = client.call("submit", str(target(tmp_path, "c", "spacemit_x60_board_01", 3.0)), holder="carol")
-    a, b, c = (finished(client, run.run_id) for run in (a, b, c))
+    # a (on firesim_u250) and c (on the board) wait for each other: they can only both succeed
+    # if c's key let it start while a held firesim_u250 (no timing involved).
+    started_a, started_c = tmp_path / "a.started", tmp_path / "c.started"
+    meet_a, meet_c = (started_a, (started_c,)), (started_c, (started_a,))
+    a = client.call("submit", str(target(tmp_path, "a", "firesim_u250", 0.5, meet=meet_a)), holder="alice")
+    b = client.call("submit", str(target(tmp_path, "b", "firesim_u250", 0.5)), holder="bob")
+    c = client.call("submit", str(target(tmp_path, "c", "spacemit_x60_board_01", 0.5, meet=meet_c)), holder="carol")
+    a, b, c = (finished(client, run.run_id, timeout=240.0) for run in (a, b, c))
     assert {a.status, b.status, c.status} == {RunStatus.SUCCEEDED}, [
         (r.message, client.call("logs", r.run_id)[-2000:]) for r in (a, b, c) if r.status is not RunStatus.SUCCEEDED
     ]
@@ -96,9 +127,8 @@ def test_cancel_a_queued_run_and_a_running_one(broker_env, tmp_path):
     assert [entry.holder for entry in client.resources()[0].queue] == ["carol"]
 
     until(lambda: _step_started(Path(long.workdir)), "the long run's step to start")
-    started = time.monotonic()
     cancelled = client.call("cancel", long.run_id)
-    assert cancelled.status is RunStatus.STOPPED and time.monotonic() - started < 30
+    assert cancelled.status is RunStatus.STOPPED
     assert finished(client, after.run_id).status is RunStatus.SUCCEEDED
     assert client.call("cancel", long.run_id).status is RunStatus.STOPPED  # idempotent
     assert not (Path(long.workdir) / "artifacts/out.txt").exists()  # stopped before its step finished

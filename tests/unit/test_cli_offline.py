@@ -55,7 +55,8 @@ SPEC = ROOT / "configs" / "targets" / "radiance_sim.yaml"
 def test_targetgen_local_engine_end_to_end_through_the_cli(tmp_path):
     target = tmp_path / "sim"
     assert merlin(tmp_path, "targetgen", "bundle", "--spec", str(SPEC), "--dir", str(target)).returncode == 0
-    assert json.loads((target / "bundle.json").read_text())["resource"] == "radiance_sim_lane_a"
+    written = json.loads((target / "bundle.json").read_text())
+    assert written["resource"] is None and written["resource_labels"] == "kind=sim,simulator=verilator"  # a pool
     refused = merlin(tmp_path, "targetgen", "execute", "--engine", "local", "--from-dir", str(target))
     assert refused.returncode == 10, refused.stderr  # hardware steps never run without their lease
     assert "--no-broker" in refused.stderr and len(refused.stderr.strip().splitlines()) == 1
@@ -63,6 +64,7 @@ def test_targetgen_local_engine_end_to_end_through_the_cli(tmp_path):
     run = merlin(tmp_path, "targetgen", "execute", "--engine", "local", "--no-broker", "--from-dir", str(target))
     assert run.returncode == 0, run.stderr
     assert "bundle radiance-sim: succeeded" in run.stdout
+    assert "radiance_sim_lane_a" in run.stderr  # --no-broker binds the pool's first member, and says so
     status = json.loads(merlin(tmp_path, "targetgen", "status", str(target), "--json").stdout)
     assert {step["status"] for step in status["steps"]} == {"succeeded"}
 

@@ -399,7 +399,7 @@ def script() -> str:
 
 
 def test_completion_of_subcommands(script):
-    assert _complete(script, ["merlin", ""]) == ["broker", "targetgen", "bench", "chaos", "ray", "completion"]
+    assert _complete(script, ["merlin", ""]) == ["broker", "targetgen", "mcp", "bench", "chaos", "ray", "completion"]
     assert _complete(script, ["merlin", "ray", "resources", "re"]) == ["reserve", "release", "renew", "revoke"]
 
 

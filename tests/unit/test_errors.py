@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import pickle
 
 import pytest
@@ -43,7 +44,10 @@ def test_the_contract_names_exist_and_share_one_root():
         assert issubclass(cls, BrokerError)
     # the contract's names, plus NotAuthorized (admin secret, issue 5)
     # plus the surfaces and their hints, the JSON form of an error (issue 14), and how runs end
-    extra = ["NotAuthorized", "EXIT_CODES", "Surface", "Hint", "HINTS", "error_json", "RunEnd", "RUN_EXIT_CODES"]
+    # plus the HTTP API's: a missing token, and errors rebuilt from their JSON (issue 12)
+    extra = ["NotAuthorized", "EXIT_CODES", "Surface", "Hint", "HINTS", "error_json", "RunEnd", "RUN_EXIT_CODES",
+             "NotAuthenticated", "ERROR_TYPES", "error_from_json"]  # fmt: skip
+    extra += ["SIGNAL_EXIT_CODES"]  # how a signal stops a command (issue 13)
     assert sorted(errors.__all__) == sorted(names + extra)
 
 
@@ -66,3 +70,11 @@ def test_messages_name_the_bad_value():
     assert "alice" in str(ResourceBusy("k", "alice", None, 0, None))
     assert "maintenance: fan swap" in str(ResourceBusy("k", None, None, 0, "fan swap"))
     assert "4" in str(StaleFencingToken("k", 3, 4))
+
+
+@pytest.mark.parametrize("error", SAMPLES, ids=lambda e: type(e).__name__)
+def test_every_error_comes_back_from_its_json_as_the_same_error(error):
+    from broker.errors import error_from_json
+
+    again = error_from_json(json.loads(json.dumps(errors.error_json(error))))
+    assert type(again) is type(error) and again.fields() == error.fields()

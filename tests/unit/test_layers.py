@@ -14,7 +14,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("disk", ("broker.disk",)),
     ("targetgen", ("targetgen",)),
     ("seam", ("broker.seam",)),
-    ("shim", ("broker.client",)),
+    ("shim", ("broker.client", "broker.holders")),
     ("executor", ("executor",)),
     ("http", ("broker.http",)),
     ("actors", ("broker.actors",)),

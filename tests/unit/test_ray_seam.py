@@ -32,10 +32,26 @@ def test_retry_window_opens_at_the_first_failure_and_doubles_up_to_the_cap():
     clock.now += 3600  # a long wait before the first failure does not use up the window
     delays = [window.next_delay(Failure.RESTARTING) for _ in range(5)]
     assert delays == [0.1, 0.2, 0.4, 0.5, 0.5]
-    clock.now += 9.8
+    clock.now += 1.7  # the five delays above were slept
+    opened = 100.0 + 3600
+    while clock.now < opened + 9.8 - 0.5:  # retries that each fail at once: one outage
+        clock.now += window.next_delay(Failure.DEAD)
+    clock.now = opened + 9.8
     assert window.next_delay(Failure.DEAD) == pytest.approx(0.2)  # never past the window's end
     clock.now += 0.2
     assert window.next_delay(Failure.DEAD) is None
+
+
+def test_a_retry_that_was_served_a_while_starts_a_new_window():
+    clock = Clock()
+    window = RetryPolicy(window_s=10.0, first_delay_s=0.1, max_delay_s=0.5, served_s=5.0).window(clock)
+    for _ in range(3):  # three outages of 8 s, each followed by a minute of waiting on a live actor
+        for _ in range(16):
+            delay = window.next_delay(Failure.RESTARTING)
+            assert delay is not None
+            clock.now += delay
+        clock.now += 60.0
+    assert window.next_delay(Failure.DEAD) == pytest.approx(0.1)  # a new outage, a new window
 
 
 @pytest.mark.parametrize("failure", [Failure.TIMED_OUT, Failure.REMOTE_ERROR])
@@ -78,6 +94,8 @@ PINNED = [
     ("ray._private.worker", "print_to_stdstream"),
     ("ray._private.services", "get_webui_url_from_internal_kv"),
     ("ray.dashboard.modules.job.pydantic_models", "JobDetails"),
+    ("ray._private.state", "state"),
+    ("ray._private.gcs_pubsub", "GcsAioJobSubscriber"),
 ]
 
 
@@ -94,6 +112,11 @@ def test_private_api_signatures_the_seam_calls():
     assert list(inspect.signature(worker.print_to_stdstream).parameters)[:2] == ["data", "ignore_prefix"]
     assert callable(AuthenticationTokenLoader.instance().reset_cache)
     assert callable(JobSubmissionClient._do_request) and callable(JobSubmissionClient._raise_error)
+    from ray._private.gcs_pubsub import GcsAioJobSubscriber
+    from ray._private.state import GlobalState
+
+    assert list(inspect.signature(GcsAioJobSubscriber.poll).parameters)[1:] == ["batch_size", "timeout"]
+    assert callable(GcsAioJobSubscriber.subscribe) and callable(GlobalState.job_table)
 
 
 def test_no_ray_import_outside_the_seam_and_the_tools():

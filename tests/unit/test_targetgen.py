@@ -13,8 +13,10 @@ import pytest
 import targetgen
 from broker.core.catalog import load_catalog
 from targetgen import (
+    POOL_RESOURCE,
     ExecutionBundle,
     TargetClass,
+    bound_step,
     execution_bundle,
     load_target_spec,
     prepare_target_dir,
@@ -30,7 +32,8 @@ TARGETS = ROOT / "configs" / "targets"
 SHIPPED = [
     ("firesim_u250_rocket.yaml", "firesim-u250-rocket", TargetClass.FPGA_EMULATION, "firesim_u250"),
     ("spacemit_x60_k1.yaml", "spacemit-x60-k1", TargetClass.SILICON_BOARD, "spacemit_x60_board_01"),
-    ("radiance_sim.yaml", "radiance-sim", TargetClass.RTL_SIMULATION, "radiance_sim_lane_a"),
+    # A pool: any free Verilator lane, bound when the run starts.
+    ("radiance_sim.yaml", "radiance-sim", TargetClass.RTL_SIMULATION, POOL_RESOURCE),
 ]
 
 
@@ -38,8 +41,9 @@ def test_the_public_names_are_exported():
     expected = {
         "load_spec", "parse_spec", "TargetSpec", "Platform", "RungSpec", "StepSpec",
         "TargetClass", "classify", "normalize_name",
-        "support_plan", "resolve_resource", "SupportPlan", "Rung",
+        "support_plan", "resolve_resource", "resolve_pool", "SupportPlan", "Rung",
         "execution_bundle", "ExecutionBundle", "BundleStep", "Gate", "load_bundle", "parse_bundle", "write_bundle",
+        "POOL_RESOURCE", "bound_step",
         "prepare_target_dir", "load_target_spec", "write_plan", "load_plan", "TARGET_FILE", "PLAN_FILE", "BUNDLE_FILE",
     }  # fmt: skip
     assert set(targetgen.__all__) == expected
@@ -71,7 +75,11 @@ def prepare(spec_name: str, target_dir: Path) -> ExecutionBundle:
 def test_shipped_specs_plan_and_bundle_against_the_shipped_catalog(tmp_path, spec_name, target, target_class, resource):
     bundle = prepare(spec_name, tmp_path / target)
     assert bundle.target == target and bundle.target_class == target_class.value
-    assert bundle.resource == resource
+    if resource == POOL_RESOURCE:
+        assert bundle.resource is None and bundle.resource_labels == "kind=sim,simulator=verilator"
+        assert bundle.candidates == ("radiance_sim_lane_a", "radiance_sim_lane_b") and bundle.count == 1
+    else:
+        assert bundle.resource == resource and bundle.resource_labels is None
     assert len({step.id for step in bundle.steps}) == len(bundle.steps)
     assert any(step.resource is None for step in bundle.steps), "the build needs no hardware"
     assert {step.resource for step in bundle.steps} == {None, resource}
@@ -87,6 +95,8 @@ def test_shipped_bundles_run_with_the_standins_and_leave_their_artifacts(
     env = {name: value for name, value in os.environ.items() if name not in inherited}
     env.update({"MERLIN_STANDIN_SECONDS": "0", "MERLIN_FENCING_TOKEN": "42"})
     for step in bundle.steps:  # in bundle order: each stand-in reads what the one before it wrote
+        held = bundle.candidates[0] if step.resource == POOL_RESOURCE else step.resource
+        step = bound_step(step, [bundle.candidates[0]]) if bundle.pool else step  # what the executor does
         done = subprocess.run(
             step.argv, cwd=target_dir / step.cwd, env={**env, **step.env}, capture_output=True, text=True, timeout=60
         )
@@ -98,7 +108,7 @@ def test_shipped_bundles_run_with_the_standins_and_leave_their_artifacts(
             if path.suffix == ".json":
                 record = json.loads(path.read_text())
                 assert record["standin"] is True and record["step"] == step.id and record["target"] == target
-                assert record["resource"] == step.resource
+                assert record["resource"] == held
                 assert record["fencing_token"] == 42
     written = {str(p.relative_to(target_dir)) for p in (target_dir / "artifacts").rglob("*") if p.is_file()}
     assert written == {artifact for step in bundle.steps for artifact in step.artifacts}

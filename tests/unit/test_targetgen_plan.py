@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import sys
 from pathlib import Path
 from typing import Any
@@ -14,12 +15,15 @@ import yaml
 from broker.core.catalog import load_catalog
 from broker.errors import InvalidRequest
 from targetgen import (
+    POOL_RESOURCE,
     SupportPlan,
     TargetClass,
+    bound_step,
     execution_bundle,
     load_bundle,
     load_plan,
     load_target_spec,
+    parse_bundle,
     parse_spec,
     prepare_target_dir,
     support_plan,
@@ -164,11 +168,57 @@ def test_a_default_rung_can_change_purpose_and_hardware_without_new_steps():
     assert "--resource" in rung.steps[0].argv
 
 
-def test_resource_labels_pick_the_first_matching_key_in_catalog_order():
+def test_resource_labels_plan_a_pool_and_bind_no_key():
     plan = plan_of({"name": "t", "platform": {"fpga": "u250"}}, resource_labels={"kind": "fpga", "board": "u250"})
-    assert plan.resource == "firesim_u250"
-    plan = plan_of({"name": "t", "platform": {"simulator": "verilator"}}, resource_labels={"kind": "sim"})
-    assert plan.resource == "radiance_sim_lane_a"
+    assert plan.resource is None and plan.resource_labels == "board=u250,kind=fpga" and plan.count == 1
+    assert plan.candidates == ("firesim_u250", "firesim_u250_b")
+    assert plan.where == "any of: firesim_u250, firesim_u250_b (board=u250,kind=fpga)"
+    steps = steps_by_id(plan)
+    # Hardware steps hold the pool; {resource} stays in their texts until the run is bound.
+    assert steps["flash-fpga"].resource == POOL_RESOURCE and "{resource}" in steps["flash-fpga"].argv
+    assert steps["flash-fpga"].gate is not None and "{resource}" in steps["flash-fpga"].gate.prompt
+    assert steps["build-bitstream"].resource is None
+    plan = plan_of({"name": "t", "platform": {"simulator": "verilator"}}, resource_labels={"kind": "sim"}, count=2)
+    assert plan.count == 2 and plan.where.startswith("any 2 of: radiance_sim_lane_a, radiance_sim_lane_b")
+
+
+def test_a_pool_bundle_keeps_the_pool_and_binds_its_steps_at_run_time():
+    target = spec(
+        {"name": "t", "platform": {"simulator": "verilator"}},
+        resource_labels={"kind": "sim"},
+        ladder={"simulate": {"steps": [{"run": ["{python}", "sim", "--lane", "{resource}"], "env": {"LANE": "{resource}"},
+                                        "gate": "is {resource} idle?"}]}},
+    )  # fmt: skip
+    bundle = execution_bundle(target, support_plan(target, CATALOG), python=PYTHON)
+    assert bundle.resource is None and bundle.resource_labels == "kind=sim" and bundle.count == 1
+    step = bundle.step("simulate")
+    assert step.resource == POOL_RESOURCE and step.argv == (PYTHON, "sim", "--lane", "{resource}")
+    bound = bound_step(step, ["radiance_sim_lane_b"])
+    assert bound.argv[-1] == "radiance_sim_lane_b" and bound.env == {"LANE": "radiance_sim_lane_b"}
+    assert bound.gate is not None and bound.gate.prompt == "is radiance_sim_lane_b idle?"
+    assert bound_step(step, ["a", "b"]).argv[-1] == "a,b"  # several keys: joined
+    other = bundle.step("verilate")
+    assert bound_step(other, ["radiance_sim_lane_b"]) is other  # a step without hardware is left alone
+
+
+def test_old_bundles_and_plans_still_load_and_a_pool_bundle_is_checked():
+    old = {"target": "a", "target_class": "silicon_board", "resource": "k",
+           "steps": [{"id": "s", "argv": ["x"], "resource": "k"}]}  # fmt: skip
+    assert parse_bundle(old).resource == "k" and parse_bundle(old).resource_labels is None
+    pool = {"target": "a", "target_class": "fpga_emulation", "resource_labels": "kind=fpga , board=u250", "count": 2,
+            "steps": [{"id": "s", "argv": ["x"], "resource": POOL_RESOURCE}]}  # fmt: skip
+    assert parse_bundle(pool).resource_labels == "board=u250,kind=fpga"  # canonical text
+    bad = [
+        ({**pool, "resource": "k"}, "not both"),
+        ({**old, "count": 2}, "needs resource_labels"),
+        ({**pool, "steps": [{"id": "s", "argv": ["x"], "resource": "k"}]}, "hold {resource}"),
+        ({**old, "steps": [{"id": "s", "argv": ["x"], "resource": POOL_RESOURCE}], "resource": None}, "no pool"),
+        ({**pool, "resource_labels": "kind fpga"}, "invalid labels"),
+        ({**pool, "count": 0}, "count"),
+    ]
+    for data, words in bad:
+        with pytest.raises(InvalidRequest, match=re.escape(words)):
+            parse_bundle(data)
 
 
 # --- refusals ----------------------------------------------------------------------------------
@@ -179,6 +229,8 @@ def test_resource_labels_pick_the_first_matching_key_in_catalog_order():
     [
         (FPGA, {"resource": "firesim_u999"}, ["resource='firesim_u999'", "not in the catalog", "firesim_u250_b"]),
         (FPGA, {"resource": None, "resource_labels": {"board": "u999"}}, ["board=u999", "no catalog resource"]),
+        (FPGA, {"resource": None, "resource_labels": {"board": "u250"}, "count": 3}, ["only 2 keys", "count 3"]),
+        (FPGA, {"count": 2}, ["count", "needs resource_labels"]),
         (FPGA, {"resource": None}, ["rung flash-fpga needs hardware", "add resource:"]),
         (FPGA, {"ladder": {"warmup": {"purpose": "x"}}}, ["ladder.warmup", "needs steps"]),
         (
@@ -349,3 +401,24 @@ def test_the_plan_is_plain_json(tmp_path):
     assert data["target_class"] == "rtl_simulation" and data["resource"] == "radiance_sim_lane_a"
     assert [rung["name"] for rung in data["rungs"]] == ["verilate", "simulate", "check-results"]
     assert SupportPlan.model_validate(data) == plan
+
+
+def test_resource_keys_plan_a_set_held_together():
+    target = spec(
+        {"name": "cosim", "kind": "fpga_emulation", "platform": {"fpga": "u250", "simulator": "verilator"}},
+        resource_keys=["firesim_u250", "radiance_sim_lane_a"],
+    )
+    plan = support_plan(target, CATALOG)
+    assert plan.resource is None and plan.resource_labels is None and plan.count == 2
+    assert plan.resource_keys == ("firesim_u250", "radiance_sim_lane_a")
+    assert plan.where == "all of: firesim_u250, radiance_sim_lane_a"
+    bundle = execution_bundle(target, plan, python=PYTHON)
+    assert bundle.pool and bundle.resource_keys == plan.resource_keys and bundle.count == 2
+    assert bundle.step("flash-fpga").resource == POOL_RESOURCE
+    with pytest.raises(InvalidRequest, match="firesim_u999 not in the catalog"):
+        support_plan(spec(FPGA, resource=None, resource_keys=["firesim_u999"]), CATALOG)
+    with pytest.raises(InvalidRequest, match="one of resource, resource_labels or resource_keys"):
+        spec(FPGA, resource_keys=["firesim_u250"])
+    data = bundle.model_dump()
+    with pytest.raises(InvalidRequest, match="held whole"):
+        parse_bundle({**data, "count": 1})

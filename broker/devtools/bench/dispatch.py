@@ -90,28 +90,46 @@ def _wall(argv: list[str], env: dict[str, str]) -> float:
 
 
 def cli(ctx: BenchContext) -> Result:
+    """The CLI's wall time per command, over the HTTP API (the default) and over Ray, beside
+    ``python -c pass`` and ``python -c "import ray"`` measured in the same rounds."""
+    import json
+
     key = ctx.keys[0]
     merlin = Path(sys.executable).parent / "merlin"
     command = [str(merlin)] if merlin.exists() else [sys.executable, "-m", "broker.cli"]
     env = {**os.environ, "MERLIN_STATE_DIR": str(ctx.state.root), "MERLIN_RAY_NAMESPACE": ctx.namespace}
+    over_ray = {**env, "MERLIN_CLI_TRANSPORT": "ray"}
     count = ctx.samples(7, 3)
-    imports, lists, reserves = [], [], []
-    broker = ctx.broker()
-    for _ in range(count):
-        imports.append(_wall([sys.executable, "-c", "import ray"], env))
-        lists.append(_wall([*command, "ray", "resources", "list"], env))
-        started = time.perf_counter()
-        out = subprocess.run([*command, "ray", "resources", "reserve", key, "--json"], env=env, capture_output=True,
-                             text=True, check=True, timeout=120)  # fmt: skip
-        reserves.append(time.perf_counter() - started)
-        import json
+    walls: dict[str, list[float]] = {}
 
-        ray.get(broker.release.remote(json.loads(out.stdout)["lease_id"]))
+    def timed_run(name: str, argv: list[str], environ: dict[str, str]) -> str:
+        started = time.perf_counter()
+        out = subprocess.run(argv, env=environ, capture_output=True, text=True, check=True, timeout=120)
+        walls.setdefault(name, []).append(time.perf_counter() - started)
+        return out.stdout
+
+    for _ in range(count):
+        timed_run("python -c pass", [sys.executable, "-c", "pass"], env)
+        timed_run('python -c "import ray"', [sys.executable, "-c", "import ray"], env)
+        timed_run("merlin ray resources list", [*command, "ray", "resources", "list"], env)
+        for transport, environ in (("HTTP", env), ("Ray", over_ray)):
+            lease = json.loads(
+                timed_run(
+                    f"reserve --json ({transport})", [*command, "ray", "resources", "reserve", key, "--json"], environ
+                )
+            )
+            timed_run(f"show LEASE ({transport})", [*command, "ray", "resources", "show", lease["lease_id"]], environ)
+            timed_run(
+                f"release LEASE ({transport})", [*command, "ray", "resources", "release", lease["lease_id"]], environ
+            )
     result = Result("cli")
-    result.figures['python -c "import ray"'] = summarize(imports, scale=1.0, unit="s")
-    result.figures["merlin ray resources list"] = summarize(lists, scale=1.0, unit="s")
-    result.figures["merlin ray resources reserve --json"] = summarize(reserves, scale=1.0, unit="s")
+    for name, samples in walls.items():
+        result.figures[name] = summarize(samples, scale=1.0, unit="s")
     ratio = result.ratio("list / import ray", "merlin ray resources list", 'python -c "import ray"')
-    result.ratio("reserve / import ray", "merlin ray resources reserve --json", 'python -c "import ray"')
+    result.ratio("reserve HTTP / Ray", "reserve --json (HTTP)", "reserve --json (Ray)")
+    result.ratio("reserve HTTP / python -c pass", "reserve --json (HTTP)", "python -c pass")
     result.targets.append(Target("CLI read <= 1.3x `import ray` alone", ratio, 1.3))
+    write, read = summarize(walls["reserve --json (HTTP)"], scale=1.0), summarize(walls["show LEASE (HTTP)"], scale=1.0)
+    result.targets.append(Target("a write over HTTP <= 0.3 s", write.median, 0.3))
+    result.targets.append(Target("a read over HTTP <= 0.2 s", read.median, 0.2))
     return result

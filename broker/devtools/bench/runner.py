@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import signal
 import sys
 import tempfile
 import time
@@ -17,12 +18,14 @@ __all__ = ["run", "render", "SCENARIOS"]
 
 
 def _scenarios() -> dict[str, Callable[..., Result]]:
-    from broker.devtools.bench import dispatch, latency, recovery, scale
+    from broker.devtools.bench import dispatch, group_commit, latency, pools, recovery, scale
 
     return {
         "cycle": latency.cycle,
         "handoff": latency.handoff,
+        "pools": pools.pools,
         "throughput": scale.throughput,
+        "group-commit": group_commit.group_commit,
         "footprint": scale.footprint,
         "recovery": recovery.recovery,
         "holder-death": recovery.holder_death,
@@ -36,7 +39,9 @@ def _scenarios() -> dict[str, Callable[..., Result]]:
 SCENARIOS = (
     "cycle",
     "handoff",
+    "pools",
     "throughput",
+    "group-commit",
     "footprint",
     "recovery",
     "holder-death",
@@ -67,19 +72,26 @@ def run(
     workdir = Path(tempfile.mkdtemp(prefix="merlin-bench-"))
     state = StateDir(workdir / "state").ensure()
     own_cluster = address is None
-    if own_cluster:
-        progress("starting a loopback Ray cluster for the benchmark ...")
-        # Custom resources for the Ray-gating baseline of the throughput scenario.
-        start_local(state, resources={f"bench_gate_{index:02d}": 1 for index in range(16)})
     namespace = f"bench-{uuid.uuid4().hex[:8]}"
-    connect_ray(state, address=address, namespace=namespace)
-    keys = ["bench_key_00"]
-    broker_up(state, namespace, _catalog(keys))
-    ctx = BenchContext(state=state, namespace=namespace, keys=keys, quick=quick)
-    # A fresh head keeps starting its dashboard modules for a while: let it settle.
-    time.sleep(ctx.samples(15.0, 2.0))
     results: list[Result] = []
+    connected = False
+    # Stopped from outside (CI cancels, a test times out): unwind, so `finally` stops our cluster.
+    previous = {sig: signal.signal(sig, _unwind) for sig in UNWIND_SIGNALS}
     try:
+        if own_cluster:
+            progress("starting a loopback Ray cluster for the benchmark ...")
+            # Custom resources for the Ray-gating baseline of the throughput scenario.
+            start_local(state, resources={f"bench_gate_{index:02d}": 1 for index in range(16)})
+        connect_ray(state, address=address, namespace=namespace)
+        connected = True
+        for sig in UNWIND_SIGNALS:  # ray.init put its own SIGTERM handler (a stack dump, no clean-up) in place
+            signal.signal(sig, _unwind)
+        keys = ["bench_key_00"]
+        # Ports the OS picks: a broker already on 9477/9478 (`make demo`) must not take the bench's listeners.
+        broker_up(state, namespace, _catalog(keys), metrics_port=0)
+        ctx = BenchContext(state=state, namespace=namespace, keys=keys, quick=quick)
+        # A fresh head keeps starting its dashboard modules for a while: let it settle.
+        time.sleep(ctx.samples(15.0, 2.0))
         for name, scenario in _scenarios().items():
             if only and name not in only:
                 continue
@@ -89,13 +101,27 @@ def run(
             progress(f"[{len(results) + 1}] {name} done in {time.monotonic() - started:.1f}s")
             results.append(result)
     finally:
-        broker_down(namespace)
-        if own_cluster:
-            import ray
+        for sig in previous:
+            signal.signal(sig, signal.SIG_IGN)  # a second signal must not cut the clean-up short
+        try:
+            if connected:
+                broker_down(namespace)
+            if own_cluster:
+                import ray
 
-            ray.shutdown()
-            stop_local(state)
+                ray.shutdown()
+                stop_local(state)
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
     return results
+
+
+UNWIND_SIGNALS = (signal.SIGTERM, signal.SIGHUP)
+
+
+def _unwind(signum: int, _frame: object) -> None:
+    raise SystemExit(128 + signum)
 
 
 def _cell(value: Summary | float) -> str:

@@ -18,11 +18,13 @@ __all__ = ["metrics", "throughput", "footprint", "control_plane"]
 LAB_KEYS = 40
 
 
-def _scrape_samples(url: str, count: int) -> list[float]:
+def _scrape_samples(url: str, count: int, token: str | None = None) -> list[float]:
     import urllib.request
 
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+
     def scrape() -> None:
-        with urllib.request.urlopen(url, timeout=10) as response:
+        with urllib.request.urlopen(urllib.request.Request(url, headers=headers), timeout=10) as response:
             response.read()
 
     return timed(scrape, count, 10)
@@ -205,8 +207,19 @@ def control_plane(ctx: BenchContext) -> Result:
         full, cached = ray.get(handle.__ray_call__.remote(_render_costs))
         result.figures[f"exposition built from scratch, {size} keys (ms, in the coordinator)"] = full * 1000
         result.figures[f"exposition from the cache, {size} keys (ms, in the coordinator)"] = cached * 1000
-        api = url.rsplit("/", 1)[0] + "/api/v1/resources"
-        result.figures[f"GET /api/v1/resources, {size} keys"] = summarize(_scrape_samples(api, ctx.samples(100, 20)))
+        from broker.disk.store import StateDir
+        from broker.disk.token_store import read_operator_token
+
+        extra_state = StateDir(ctx.state.root.parent / namespace)
+        status = ray.get(handle.status.remote())
+        deadline = time.monotonic() + 30
+        while status.http_url is None and time.monotonic() < deadline:  # its listener starts beside it
+            time.sleep(0.1)
+            status = ray.get(handle.status.remote())
+        api = f"{status.http_url}/resources"
+        token = read_operator_token(extra_state)
+        samples = _scrape_samples(api, ctx.samples(100, 20), token)
+        result.figures[f"GET /api/v1/resources, {size} keys"] = summarize(samples)
         merlin = Path(sys.executable).parent / "merlin"
         command = [str(merlin)] if merlin.exists() else [sys.executable, "-m", "broker.cli"]
         env = {

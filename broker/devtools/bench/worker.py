@@ -6,10 +6,12 @@ clients at once. Modes:
 
 ``target`` says how a worker reaches the lock: ``shim`` (``BrokerClient``),
 ``direct`` (a plain Ray call on ``resource:<key>``), ``broker`` (a plain Ray
-call on the coordinator), or ``lock`` (the minimal lock actor baseline).
+call on the coordinator), ``group`` (``reserve_group`` on the coordinator with
+the spec's ``labels`` or ``keys``), or ``lock`` (the minimal lock actor baseline).
 
 * ``handoff``: acquire (waiting) and release ``rounds`` times; prints
-  ``{"grants": [[t_grant, t_release], ...]}``.
+  ``{"grants": [[t_grant, t_release], ...], "keys": [[key, ...], ...]}``
+  (the keys each grant got).
 * ``cycles``: reserve (no wait) + release on its own key until ``until``;
   prints ``{"cycles": n}``.
 * ``gated``: run zero-CPU tasks that each need one unit of a custom
@@ -52,6 +54,12 @@ def _acquire_release(spec: dict[str, Any]) -> tuple[Any, Any]:
         )
         return reserve, (lambda lease: ray.get(actor.release.remote(lease.lease_id)))
     broker = ray.get_actor("broker", namespace=namespace)
+    if target == "group":
+        ask = {"keys": spec["keys"]} if spec.get("keys") else {"labels": spec["labels"]}
+        reserve = lambda: ray.get(  # noqa: E731
+            broker.reserve_group.remote(holder, wait=wait, request_id=uuid.uuid4().hex, **ask)
+        )
+        return reserve, (lambda lease: ray.get(broker.release.remote(lease.lease_id)))
     reserve = lambda: ray.get(broker.reserve.remote(spec["key"], holder, wait=wait, request_id=uuid.uuid4().hex))  # noqa: E731
     return reserve, (lambda lease: ray.get(broker.release.remote(lease.lease_id)))
 
@@ -97,6 +105,7 @@ def main(raw: str) -> None:
         print(json.dumps({"cycles": count}), flush=True)
         return
     grants: list[tuple[float, float]] = []
+    keys: list[list[str]] = []
     _start_together(spec)
     deadline = time.time() + spec.get("max_s", 120.0)
     while len(grants) < spec["rounds"] and time.time() < deadline:
@@ -105,7 +114,15 @@ def main(raw: str) -> None:
         released = time.time()
         release(token)
         grants.append((granted, released))
-    print(json.dumps({"grants": grants}), flush=True)
+        keys.append(_keys_of(token, spec))
+    print(json.dumps({"grants": grants, "keys": keys}), flush=True)
+
+
+def _keys_of(token: Any, spec: dict[str, Any]) -> list[str]:
+    """The keys a grant got: a group lease's members, a lease's key, or the spec's key (the lock)."""
+    if hasattr(token, "members"):
+        return [member.key for member in token.members]
+    return [getattr(token, "resource", None) or spec.get("key") or "lock"]
 
 
 if __name__ == "__main__":

@@ -1,10 +1,14 @@
 """``merlin chaos``: clients hammer the broker while a killer kill -9s its actors; then a checker.
 
-Short mode (CI): 25 s, 4 clients, 2 keys. Long mode (the README's figures):
-10 minutes, 8 clients, 3 keys. The killer picks a resource actor or the
+Short mode (CI): 25 s, 4 clients, 2 keys, a client killed every 8-12 s. Long mode
+(the README's figures): 10 minutes, 8 clients, 3 keys, a client killed every 4-8 s. Every key is in
+one pool (``kind=chaos``), so clients mix single-key requests with group ones (any one of the pool,
+any two, two named keys together) on the same keys. The killer picks a resource actor or the
 coordinator at random every 1-4 s and SIGKILLs its process; Ray restarts it;
-the clients' shim retries with the same request ids. Afterwards every lease
-record, the journal and every answer a client got go through
+the clients' shim retries with the same request ids. A second killer SIGKILLs
+a client process and starts another in its place: what the dead
+client held or waited for must let its key go within the bound. Afterwards
+every lease record, every group record, the journal and every answer a client got go through
 :func:`broker.devtools.chaos.checker.check`.
 """
 
@@ -25,7 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from broker.devtools.chaos.checker import ClientOp, Report, check
+from broker.devtools.chaos.checker import ClientDeath, ClientOp, Report, check
 from broker.disk.journal import read_journal
 
 __all__ = ["ChaosSettings", "SHORT", "LONG", "run_chaos"]
@@ -39,9 +43,16 @@ class ChaosSettings:
     kill_every_s: tuple[float, float] = (1.0, 4.0)
     coordinator_share: float = 0.3  # of kills that hit the coordinator
     seed: int = 1
+    client_kill_every_s: tuple[float, float] | None = (4.0, 8.0)  # None: clients are never killed
+    # A dead client's tied request or lease must end within this. The promise is 5 s; the killer
+    # also kill -9s the key's actor and the coordinator every 1-4 s, and each restart (2-4 s
+    # here) can fall inside a client's window, so the checker allows one restart on top.
+    client_bound_s: float = 10.0
 
 
-SHORT = ChaosSettings(duration_s=25.0, clients=4, keys=2)
+SELECTOR = "kind=chaos"  # the pool every chaos key is in
+# A replacement client needs seconds to start on 2 cores: the short run kills clients less often.
+SHORT = ChaosSettings(duration_s=25.0, clients=4, keys=2, client_kill_every_s=(8.0, 12.0))
 LONG = ChaosSettings(duration_s=600.0, clients=8, keys=3)
 
 
@@ -52,6 +63,7 @@ class ChaosResult:
     kills: list[dict[str, Any]] = field(default_factory=list)
     wall_s: float = 0.0
     workdir: str = ""
+    client_deaths: list[ClientDeath] = field(default_factory=list)
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -65,6 +77,7 @@ class ChaosResult:
                 for target in ("coordinator", "resource")
             },
             **self.report.as_dict(),
+            "client_bound_s": self.settings.client_bound_s,
             "workdir": self.workdir,
         }
 
@@ -83,6 +96,65 @@ def _killer(
         except Exception:  # noqa: BLE001 - restarting: try another moment
             continue
         kills.append({"target": "coordinator" if name == "broker" else "resource", "name": name, "at": time.time()})
+
+
+class _Clients:
+    """The client processes: started, SIGKILLed at random, replaced by a fresh one (a new name)."""
+
+    def __init__(self, spec: dict[str, Any], count: int, logs_dir: Path):
+        self._spec = spec
+        self._logs = logs_dir
+        self._lock = threading.Lock()
+        self.procs: list[subprocess.Popen[str]] = []
+        self._live: dict[str, subprocess.Popen[str]] = {}
+        self.deaths: list[ClientDeath] = []
+        for index in range(count):
+            self._start(f"client-{index}", settings_seed=index)
+
+    def _start(self, name: str, settings_seed: int) -> None:
+        spec = {**self._spec, "name": name, "seed": self._spec["seed"] * 100 + settings_seed,
+                "log": str(self._logs / f"{name}.jsonl")}  # fmt: skip
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "broker.devtools.chaos.client", json.dumps(spec)],
+            stdout=subprocess.PIPE,
+            stderr=open(self._logs / f"{name}.err", "wb"),
+            text=True,
+        )
+        self.procs.append(proc)
+        self._live[name] = proc
+
+    def kill_one(self, rng: random.Random, replacement: int) -> None:
+        with self._lock:
+            live = sorted(name for name, proc in self._live.items() if proc.poll() is None)
+            if not live:
+                return
+            name = rng.choice(live)
+            proc = self._live.pop(name)
+            self.deaths.append(ClientDeath(name, time.time()))
+            proc.send_signal(signal.SIGKILL)
+            proc.wait()
+            self._start(f"{name.split('~')[0]}~{replacement}", settings_seed=1000 + replacement)
+
+
+def _client_killer(clients: _Clients, settings: ChaosSettings, stop: threading.Event) -> None:
+    if settings.client_kill_every_s is None:
+        return
+    rng = random.Random(settings.seed + 2000)
+    replacement = 0
+    while not stop.wait(rng.uniform(*settings.client_kill_every_s)):
+        replacement += 1
+        clients.kill_one(rng, replacement)
+
+
+def _ops(path: Path) -> list[ClientOp]:
+    """A client's log; a SIGKILLed client may have left half a line at the end."""
+    ops = []
+    for line in path.read_text().splitlines():
+        try:
+            ops.append(ClientOp.from_dict(json.loads(line)))
+        except ValueError:
+            continue
+    return ops
 
 
 def _settle(namespace: str, keys: list[str], timeout_s: float = 120.0) -> None:
@@ -122,54 +194,45 @@ def run_chaos(
     namespace = f"chaos-{uuid.uuid4().hex[:8]}"
     connect_ray(state, address=address, namespace=namespace)
     keys = [f"chaos_{index:02d}" for index in range(settings.keys)]
-    broker_up(state, namespace, {"broker": {"claim": "5s"}, "resources": {key: {} for key in keys}}, metrics_port=0)
+    catalog = {
+        "broker": {"claim": "5s"},
+        "pools": {"chaos": SELECTOR},
+        "resources": {key: {"labels": {"kind": "chaos"}} for key in keys},
+    }
+    broker_up(state, namespace, catalog, metrics_port=0)
     kills: list[dict[str, Any]] = []
     try:
         deadline = time.time() + 5.0 + settings.duration_s  # clients need a few seconds to connect
         logs_dir = workdir / "clients"
         logs_dir.mkdir()
-        procs = []
-        for index in range(settings.clients):
-            spec = {
-                "name": f"client-{index}",
-                "seed": settings.seed * 100 + index,
-                "keys": keys,
-                "deadline": deadline,
-                "state_dir": str(state.root),
-                "namespace": namespace,
-                "log": str(logs_dir / f"client-{index}.jsonl"),
-            }
-            procs.append(
-                subprocess.Popen(
-                    [sys.executable, "-m", "broker.devtools.chaos.client", json.dumps(spec)],
-                    stdout=subprocess.PIPE,
-                    stderr=open(logs_dir / f"client-{index}.err", "wb"),
-                    text=True,
-                )
-            )
+        spec = {"seed": settings.seed, "keys": keys, "selector": SELECTOR, "deadline": deadline,
+                "state_dir": str(state.root), "namespace": namespace}  # fmt: skip
+        clients = _Clients(spec, settings.clients, logs_dir)
         progress(
             f"chaos: {settings.clients} clients on {settings.keys} keys for {settings.duration_s:g}s, killing actors ..."
         )
         stop = threading.Event()
         killer = threading.Thread(target=_killer, args=(namespace, keys, settings, stop, kills), daemon=True)
+        client_killer = threading.Thread(target=_client_killer, args=(clients, settings, stop), daemon=True)
         time.sleep(5.0)
         killer.start()
+        client_killer.start()
         while time.time() < deadline:
             time.sleep(1.0)
         stop.set()
         killer.join(30)
-        progress(f"chaos: {len(kills)} kills; waiting for clients to finish ...")
-        for proc in procs:
+        client_killer.join(30)
+        progress(f"chaos: {len(kills)} kills, {len(clients.deaths)} clients killed; waiting for clients to finish ...")
+        for proc in clients.procs:
             proc.communicate(timeout=300)
         _settle(namespace, keys)
+        _until_dead_clients_let_go(clients.deaths, settings.client_bound_s)
         leases = [json.loads(path.read_text()) for path in state.leases_dir.glob("*.json")]
-        ops = [
-            ClientOp.from_dict(json.loads(line))
-            for path in sorted(logs_dir.glob("*.jsonl"))
-            for line in path.read_text().splitlines()
-            if line.strip()
-        ]
-        report = check(leases, read_journal(state.events_path), ops)
+        ops = [op for path in sorted(logs_dir.glob("*.jsonl")) for op in _ops(path)]
+        groups = [json.loads(path.read_text()) for path in (state.root / "groups").glob("*.json")]
+        report = check(
+            leases, read_journal(state.events_path), ops, groups, deaths=clients.deaths, bound_s=settings.client_bound_s
+        )
     finally:
         broker_down(namespace)
         if own_cluster:
@@ -177,4 +240,10 @@ def run_chaos(
 
             ray.shutdown()
             stop_local(state)
-    return ChaosResult(settings, report, kills, time.monotonic() - started, str(workdir))
+    return ChaosResult(settings, report, kills, time.monotonic() - started, str(workdir), clients.deaths)
+
+
+def _until_dead_clients_let_go(deaths: list[ClientDeath], bound_s: float) -> None:
+    """A client killed in the last moments still has its bound to let go: wait it out before reading."""
+    if deaths:
+        time.sleep(max(0.0, deaths[-1].at + bound_s - time.time()))

@@ -1,0 +1,160 @@
+"""The authenticated HTTP API on the real loopback cluster: tokens as identities, JSON errors with
+their statuses, a waiting reserve that leaves the queue when its client goes, every documented route
+served, and the CLI on HTTP without importing Ray."""
+
+from __future__ import annotations
+
+import http.client
+import json
+import statistics
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from typing import Any
+
+import pytest
+
+from broker.disk.token_store import read_operator_token
+from tests.integration.conftest import ROOT
+from tests.waiting import until
+
+pytestmark = pytest.mark.ray
+
+
+def _url(env) -> str:
+    return json.loads(env.state.broker_record_path.read_text())["http_url"]
+
+
+def call(env, method: str, path: str, body: Any = None, token: str | None = None) -> tuple[int, Any]:
+    headers = {"Content-Type": "application/json"}
+    if token is not None:
+        headers["Authorization"] = f"Bearer {token}"
+    data = json.dumps(body).encode() if body is not None else None
+    request = urllib.request.Request(_url(env) + path, data=data, method=method, headers=headers)
+    try:
+        with urllib.request.urlopen(request, timeout=60) as answer:
+            raw, status, kind = answer.read(), answer.status, answer.headers.get_content_type()
+    except urllib.error.HTTPError as failed:
+        raw, status, kind = failed.read(), failed.code, failed.headers.get_content_type()
+    return status, (json.loads(raw) if kind == "application/json" else raw.decode())
+
+
+@pytest.fixture
+def api(broker_env):
+    until(lambda: json.loads(broker_env.state.broker_record_path.read_text()).get("http_url"), "the API listens")
+    return broker_env
+
+
+def test_tokens_are_identities_and_errors_are_json_with_statuses(api):
+    operator = read_operator_token(api.state)
+    assert operator and (api.state.root / "operator.token").stat().st_mode & 0o777 == 0o600
+    status, body = call(api, "GET", "/resources")
+    assert status == 401 and body["error"]["type"] == "NotAuthenticated"
+    assert call(api, "GET", "/resources", token="mt_" + "0" * 64)[0] == 401
+
+    made = api.cli("broker", "token", "create", "alice", "--json")
+    assert made.returncode == 0, made.stderr
+    alice = json.loads(made.stdout)["token"]
+    bob = json.loads(api.cli("broker", "token", "create", "bob", "--json").stdout)["token"]
+    tokens = json.loads((api.state.root / "tokens.json").read_text())
+    assert alice not in json.dumps(tokens) and {t["name"] for t in tokens} == {"alice", "bob"}  # hashes only
+
+    status, lease = call(api, "POST", "/reserve", {"resource": "firesim_u250", "ttl_s": 600}, alice)
+    assert status == 200 and lease["holder"] == "alice" and lease["state"] == "granted"
+    status, busy = call(api, "POST", "/reserve", {"resource": "firesim_u250"}, bob)
+    assert status == 409 and busy["error"]["type"] == "ResourceBusy" and busy["error"]["holder"] == "alice"
+    assert call(api, "POST", "/reserve", {"resource": "nope"}, bob)[1]["error"]["type"] == "UnknownResource"
+    status, bad = call(api, "POST", "/reserve", {"resource": "firesim_u250", "ttl_s": -1}, bob)
+    assert status == 422 and bad["error"]["type"] == "InvalidRequest"
+    assert call(api, "POST", "/reserve", {"resource": "firesim_u250", "colour": "red"}, bob)[0] == 422
+    # Nobody acts as someone else: bob can neither take a lease as alice nor release hers.
+    status, refused = call(api, "POST", "/reserve", {"resource": "radiance_sim_lane_a", "holder": "alice"}, bob)
+    assert status == 403 and refused["error"]["type"] == "NotAuthorized"
+    assert call(api, "POST", f"/leases/{lease['lease_id']}/release", {}, bob)[0] == 403
+    assert call(api, "POST", "/resources/firesim_u250/revoke", {"reason": "mine now"}, bob)[0] == 403
+    assert call(api, "GET", f"/leases/{lease['lease_id']}", token=alice)[1]["state"] == "granted"
+    assert call(api, "POST", f"/leases/{lease['lease_id']}/renew", {"ttl_s": 900}, alice)[0] == 200
+    # The operator (the state dir's own token) is the local admin: it may revoke, and act for anyone.
+    status, revoked = call(api, "POST", "/resources/firesim_u250/revoke", {"reason": "bench"}, operator)
+    assert status == 200 and revoked["state"] == "revoked" and revoked["ended_by"] == "operator"
+    assert call(api, "POST", "/reserve", {"resource": "radiance_sim_lane_a", "holder": "carol"}, operator)[0] == 200
+    # A revoked token is refused from then on.
+    assert api.cli("broker", "token", "revoke", "bob").returncode == 0
+    assert call(api, "GET", "/status", token=bob)[0] == 401
+    journal = api.state.events_path.read_text()
+    assert '"auth.refused"' in journal and alice not in journal and bob not in journal
+
+
+def test_a_waiting_reserve_leaves_the_queue_when_its_client_disconnects(api):
+    operator = read_operator_token(api.state)
+    status, held = call(api, "POST", "/reserve", {"resource": "spacemit_x60_board_01", "holder": "x"}, operator)
+    assert status == 200
+    host, port = _url(api).split("//")[1].split("/")[0].split(":")
+    connection = http.client.HTTPConnection(host, int(port), timeout=30)
+    body = json.dumps({"resource": "spacemit_x60_board_01", "holder": "waiter", "wait": True}).encode()
+    headers = {"Authorization": f"Bearer {operator}", "Content-Type": "application/json"}
+    connection.request("POST", "/api/v1/reserve", body=body, headers=headers)
+    board = lambda: next(s for s in api.client.resources() if s.key == "spacemit_x60_board_01")  # noqa: E731
+    until(lambda: [e.holder for e in board().queue] == ["waiter"], "the HTTP waiter queued")
+    gone = time.monotonic()
+    connection.close()  # the client goes away
+    until(lambda: board().queue == (), "the waiter left the queue")
+    print(f"\nHTTP waiter disconnect -> out of the queue: {time.monotonic() - gone:.3f} s")
+    call(api, "POST", f"/leases/{held['lease_id']}/release", {}, operator)
+    assert board().holder is None  # nobody was granted a lease nobody waits for
+
+
+def test_every_documented_route_is_served(api):
+    operator = read_operator_token(api.state)
+    status, document = call(api, "GET", "/openapi.json")
+    assert status == 200 and document["openapi"].startswith("3.")
+    samples = {
+        "lease_id": "firesim_u250." + "0" * 32,
+        "key": "firesim_u250",
+        "run_id": "r" + "0" * 11,
+        "name": "nobody",
+    }
+    for path, operations in document["paths"].items():
+        for method in operations:
+            concrete = path.removeprefix("/api/v1")
+            for name, value in samples.items():
+                concrete = concrete.replace("{" + name + "}", value)
+            status, _ = call(api, method.upper(), concrete, {} if method != "get" else None, operator)
+            assert status not in (404, 405) or isinstance(_, dict) and "error" in _, f"{method} {path}: {status}"
+
+
+def test_cli_writes_go_over_http_without_importing_ray(api):
+    env = api.env()
+    probe = (
+        "import sys, runpy; sys.argv = ['merlin'] + sys.argv[1:]\n"
+        "from broker.cli import main\n"
+        "code = main()\n"
+        "print('RAY_IMPORTED' if 'ray' in sys.modules else 'NO_RAY', file=sys.stderr)\n"
+        "sys.exit(code)\n"
+    )
+
+    def merlin(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-c", probe, *args], env=env, capture_output=True, text=True, timeout=120, cwd=ROOT
+        )
+
+    reserved = merlin("ray", "resources", "reserve", "radiance_sim_lane_a", "--ttl", "10m", "--json")
+    assert reserved.returncode == 0, reserved.stderr
+    assert "NO_RAY" in reserved.stderr
+    lease_id = json.loads(reserved.stdout)["lease_id"]
+    walls = {}
+    for verb, args in (("show", (lease_id,)), ("renew", (lease_id, "--ttl", "5m")), ("release", (lease_id,))):
+        samples = []
+        for _ in range(3 if verb == "show" else 1):
+            started = time.monotonic()
+            out = merlin("ray", "resources", verb, *args)
+            samples.append(time.monotonic() - started)
+            assert out.returncode == 0 and "NO_RAY" in out.stderr, out.stderr
+        walls[verb] = statistics.median(samples)
+    print("\nCLI over HTTP, wall s: " + ", ".join(f"{verb} {wall:.3f}" for verb, wall in walls.items()))
+    again = merlin("ray", "resources", "show", lease_id)
+    assert again.returncode == 7  # released: not held
+    busy = merlin("ray", "resources", "reserve", "nope", "--json")
+    assert busy.returncode == 4 and json.loads(busy.stdout)["error"]["type"] == "UnknownResource"

@@ -1,0 +1,160 @@
+"""A lab sharing two U250 slots and two sim lanes between single, selector and group requests, on
+the real loopback cluster: the shim, the CLI, the read API, and kill -9 of the coordinator and of a
+resource actor in the middle of a group's wait."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import threading
+import time
+
+import pytest
+
+from broker.errors import InvalidRequest, ResourceBusy
+from broker.models import GroupLease, LeaseState
+from tests.integration.conftest import make_broker
+from tests.waiting import until
+
+pytestmark = pytest.mark.ray
+
+LAB = {
+    "version": 1,
+    "broker": {"claim": "20s"},
+    "pools": {"u250": "kind=fpga,board=u250", "sim_lanes": "kind=sim"},
+    "resources": {
+        "firesim_u250": {"labels": {"kind": "fpga", "board": "u250"}, "properties": {"pcie_slot": "0000:3b:00.0"}},
+        "firesim_u250_b": {"labels": {"kind": "fpga", "board": "u250"}, "properties": {"pcie_slot": "0000:d8:00.0"}},
+        "radiance_sim_lane_a": {"labels": {"kind": "sim"}},
+        "radiance_sim_lane_b": {"labels": {"kind": "sim"}},
+    },
+}
+
+
+@pytest.fixture
+def lab(ray_cluster, tmp_path):
+    from broker.actors.deploy import broker_down
+
+    env = make_broker(ray_cluster, tmp_path / "state", LAB)
+    yield env
+    broker_down(env.namespace)
+
+
+def _kill(env, name: str) -> None:
+    old = env.actor_pid(name)
+    os.kill(old, signal.SIGKILL)
+
+    def back() -> bool:
+        try:
+            return env.actor_pid(name) != old
+        except Exception:
+            return False
+
+    until(back, f"{name} back after kill -9", timeout_s=60)
+
+
+def test_selector_set_and_single_requests_share_the_lab(lab):
+    client = lab.client
+    alice = client.reserve("firesim_u250", "alice", ttl_s=600)
+    # "Any free U250": the other slot, with the facts the job needs to touch it.
+    bob = client.reserve_group("bob", labels="kind=fpga,board=u250", ttl_s=600)
+    assert bob.state is LeaseState.GRANTED and bob.keys == ("firesim_u250_b",)
+    assert bob.members[0].properties == {"pcie_slot": "0000:d8:00.0"} and bob.members[0].fencing_token == 1
+    with pytest.raises(ResourceBusy):
+        client.reserve_group("carol", labels="board=u250")
+    with pytest.raises(InvalidRequest):
+        client.reserve_group("carol", labels="board=u250", count=3, wait=True)
+
+    # A co-simulation needs a U250 and a sim lane together; it waits for the U250 while the
+    # free lane waits for it (held back, not handed to a later request).
+    got: dict[str, GroupLease] = {}
+    cosim = threading.Thread(
+        target=lambda: got.update(
+            g=client.reserve_group("cosim", keys=["firesim_u250", "radiance_sim_lane_a"], wait=True, ttl_s=600)
+        )
+    )
+    cosim.start()
+    until(lambda: any(e.group for e in _status(client, "radiance_sim_lane_a").queue), "cosim queued on the lane")
+    late = lab.cli("ray", "resources", "reserve", "radiance_sim_lane_a", "--holder", "dave")
+    assert late.returncode == 5, late.stderr  # the lane is held for the waiting group
+    started = time.monotonic()
+    client.release(alice.lease_id)
+    cosim.join(60)
+    print(f"\nrelease -> 2-key group grant: {time.monotonic() - started:.3f} s")
+    group = got["g"]
+    assert set(group.keys) == {"firesim_u250", "radiance_sim_lane_a"}
+    statuses = {s.key: s for s in client.resources()}
+    assert statuses["firesim_u250"].holder == "cosim" and statuses["radiance_sim_lane_a"].holder == "cosim"
+    assert statuses["firesim_u250"].fencing_token == alice.fencing_token + 1
+
+    # The group is one capability: renew and release it as a whole.
+    assert client.renew(group.lease_id, 900).state is LeaseState.GRANTED
+    assert client.release(group.lease_id).state is LeaseState.RELEASED
+    statuses = {s.key: s for s in client.resources()}
+    assert statuses["firesim_u250"].holder is None and statuses["radiance_sim_lane_a"].holder is None
+    client.release(bob.lease_id)
+
+
+def _status(client, key: str):
+    return next(s for s in client.resources() if s.key == key)
+
+
+def test_cli_any_two_lanes_and_a_pair_with_pools_in_list(lab):
+    two = lab.cli("ray", "resources", "reserve", "--pool", "sim_lanes", "--count", "2", "--json")
+    assert two.returncode == 0, two.stderr
+    granted = json.loads(two.stdout)
+    assert sorted(m["key"] for m in granted["members"]) == ["radiance_sim_lane_a", "radiance_sim_lane_b"]
+    listing = lab.cli("ray", "resources", "list")
+    assert listing.returncode == 0, listing.stderr
+    pool_lines = {line.split()[0]: line for line in listing.stdout.splitlines() if line.startswith(("u250", "sim_"))}
+    assert "0/2" in pool_lines["sim_lanes"] and "2/2" in pool_lines["u250"]
+    pair = lab.cli("ray", "resources", "reserve", "firesim_u250,firesim_u250_b", "--ttl", "10m")
+    assert pair.returncode == 0, pair.stderr
+    assert "firesim_u250: fencing token 1" in pair.stdout and "firesim_u250_b: fencing token 1" in pair.stdout
+    lease_id = next(line.split()[2] for line in pair.stdout.splitlines() if line.startswith("lease id:"))
+    shown = lab.cli("ray", "resources", "show", lease_id)
+    assert shown.returncode == 0, shown.stderr
+    assert lab.cli("ray", "resources", "release", lease_id).returncode == 0
+    assert lab.cli("ray", "resources", "show", lease_id).returncode == 7  # not held any more
+    released = lab.cli("ray", "resources", "release", granted["lease_id"])
+    assert released.returncode == 0, released.stderr
+    bad = lab.cli("ray", "resources", "reserve", "--labels", "kind=sim", "--count", "3")
+    assert bad.returncode == 3 and bad.stderr.count("\n") == 1
+    assert lab.client.groups() == []
+
+
+def test_waiting_group_survives_kill_9_of_coordinator_and_resource_actor(lab):
+    client = lab.client
+    lane = client.reserve("radiance_sim_lane_a", "alice", ttl_s=600)
+    got: dict[str, GroupLease] = {}
+    waiter = threading.Thread(
+        target=lambda: got.update(
+            g=client.reserve_group(
+                "ci", labels="kind=sim", count=2, wait=True, ttl_s=600, request_id="nightly-42", timeout_s=300
+            )
+        )
+    )
+    waiter.start()
+    until(lambda: any(e.group for e in _status(client, "radiance_sim_lane_a").queue), "ci queued")
+    single = threading.Thread(
+        target=lambda: got.update(s=client.reserve("radiance_sim_lane_b", "dave", wait=True, ttl_s=600))
+    )
+    single.start()
+    until(lambda: len(_status(client, "radiance_sim_lane_b").queue) == 2, "dave queued behind ci")
+    _kill(lab, "broker")
+    _kill(lab, "resource:radiance_sim_lane_b")
+    queue = _status(client, "radiance_sim_lane_b").queue
+    assert [bool(e.group) for e in queue] == [True, False] and queue[1].holder == "dave"  # order kept
+    client.release(lane.lease_id)
+    waiter.join(90)
+    group = got["g"]
+    assert group.request_id == "nightly-42" and set(group.keys) == {"radiance_sim_lane_a", "radiance_sim_lane_b"}
+    assert "s" not in got  # dave waits behind the group
+    client.release(group.lease_id)
+    single.join(60)
+    assert got["s"].holder == "dave" and got["s"].state is LeaseState.GRANTED
+    journal = [json.loads(line) for line in lab.state.events_path.read_text().splitlines()]
+    grants = [e for e in journal if e["event"] == "group.granted"]
+    assert len(grants) == 1 and sorted(grants[0]["keys"]) == ["radiance_sim_lane_a", "radiance_sim_lane_b"]
+    assert not any(group.lease_id in line for line in lab.state.events_path.read_text().splitlines())

@@ -1,0 +1,83 @@
+"""A retried group request after its group ended without a grant: an error, never the ended lease as an answer.
+
+Found by the chaos suite: a no-wait request cancelled while the coordinator was killed mid-way was
+answered, on the shim's retry, with the cancelled group lease as if it had been granted.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+
+import pytest
+
+from broker.core.groups import entry_request_id
+from broker.errors import BrokerError, LeaseNotHeld, WaitTimeout
+from broker.models import LeaseState
+from broker.seam import ActorRef
+from broker.seam.fake import FakeSystem
+from broker.seam.placement import COORDINATOR_NAME
+from tests.unit.test_group_shells import NS, book, up
+from tests.unit.test_shells import run, until
+
+
+def test_a_retried_request_of_a_group_that_lost_its_entry_raises_lease_not_held(tmp_path):
+    async def body() -> None:
+        system = FakeSystem()
+        broker = await up(tmp_path, system)
+        held = await system.call(broker, "reserve", "lane_a", "alice", ttl_s=60)
+        ask = dict(keys=["lane_a", "lane_b"], ttl_s=60, request_id="ci-1")
+        waiting = asyncio.ensure_future(system.call(broker, "reserve_group", "ci", wait=True, **ask))
+        await until(lambda: len(book(system, "lane_a").queue) == 1, "the group's entry queued on lane_a")
+        # Its entry on lane_a is taken back from under it: the group can no longer wait there.
+        await system.call(broker, "withdraw", "lane_a", "ci", entry_request_id("ci-1", "lane_a"))
+        manager = system.instance(COORDINATOR_NAME, NS)._groups
+        await until(
+            lambda: all(r.lease.state is LeaseState.CANCELLED for r in manager._groups.values()), "group cancelled"
+        )
+        with pytest.raises((BrokerError, asyncio.CancelledError)):
+            await waiting
+        with pytest.raises(LeaseNotHeld):
+            await system.call(broker, "reserve_group", "ci", wait=True, **ask)
+        with pytest.raises(LeaseNotHeld):
+            await system.call(broker, "reserve_group", "ci", wait=False, **ask)
+        assert book(system, "lane_b").queue == [] and book(system, "lane_b").granted is None
+        await system.call(broker, "release", held.lease_id)
+
+    run(body)
+
+
+def test_a_group_whose_wait_ran_out_while_the_coordinator_was_down_is_not_granted_on_restart(tmp_path):
+    async def body() -> None:
+        system = FakeSystem()
+        broker = await up(tmp_path, system)
+        held = await system.call(broker, "reserve", "lane_a", "alice", ttl_s=60)
+        ask = dict(keys=["lane_a", "lane_b"], ttl_s=60, request_id="ci-2")
+        waiting = asyncio.ensure_future(system.call(broker, "reserve_group", "ci", wait=True, timeout_s=30, **ask))
+
+        def entries_on_disk() -> int:
+            paths = list((tmp_path / "groups").glob("*.json"))
+            return len(json.loads(paths[0].read_text())["entries"]) if paths else 0
+
+        await until(lambda: entries_on_disk() == 2, "the group's entries queued and recorded")
+        # Crash it only once it is idle in the wait: a coroutine resumed after the fake's kill would
+        # still write (a real kill -9 stops the process mid-step; the fake stops calls only).
+        manager = system.instance(COORDINATOR_NAME, NS)._groups
+        await until(lambda: any(manager._waiters.values()), "the caller waiting for the group")
+        system.crash(COORDINATOR_NAME, NS)
+        # While no coordinator runs, the group's wait runs out (its record says so: the wall clock
+        # moved past its deadline) and its keys come free.
+        (path,) = (tmp_path / "groups").glob("*.json")
+        record = json.loads(path.read_text())
+        record["lease"]["wait_deadline"] = time.time() - 1.0
+        path.write_text(json.dumps(record))
+        await system.call(ActorRef(system, "resource:lane_a", NS), "release", held.lease_id)
+        system.restart(COORDINATOR_NAME, NS)
+        with pytest.raises(WaitTimeout):  # the caller's retried call
+            await system.call(broker, "reserve_group", "ci", wait=True, timeout_s=30, **ask)
+        assert book(system, "lane_a").granted is None and book(system, "lane_b").granted is None
+        await until(lambda: book(system, "lane_a").queue == [] == book(system, "lane_b").queue, "entries withdrawn")
+        waiting.cancel()
+
+    run(body)
