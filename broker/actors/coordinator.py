@@ -162,7 +162,7 @@ class BrokerActor:
             self._state,
             self._events,
             self._call,
-            self._status_of,
+            self._status_for_decision,
             lambda: self._catalog,
             self._board.observe_group_wait,
         )
@@ -258,7 +258,7 @@ class BrokerActor:
                 "catalog",
             )
         for key in dropped:
-            status = await self._status_of(key)
+            status = await self._status_for_decision(key)  # a slow answer must not read as "nobody holds it"
             if status.holder is not None or status.queue:
                 raise InvalidRequest(f"cannot drop {key!r} from the catalog: it is leased or has waiters", "catalog")
         atomic_write(self._state.catalog_path, new.model_dump_json(by_alias=True, indent=2).encode())
@@ -942,7 +942,13 @@ class BrokerActor:
         if why is not None:
             raise InvalidRequest(f"the bundle's job cannot run: {why}", "job")
 
+    async def _status_for_decision(self, key: str) -> ResourceStatus:
+        """``key``'s status for a scheduling decision: waited for (retried while its actor starts or
+        restarts), never the display's stand-in DOWN of a slow answer, which would refuse a free key."""
+        return self._with_catalog(await self._call(key, "status"))
+
     async def _status_of(self, key: str) -> ResourceStatus:
+        """``key``'s status for a display: DOWN if its actor does not answer within STATUS_TIMEOUT_S."""
         try:
             status = await self._system.call(self._actor(key), "status", answer_within_s=STATUS_TIMEOUT_S, retry=False)
         except BrokerUnavailable:
