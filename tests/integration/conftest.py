@@ -142,6 +142,17 @@ def spare_brokers(ray_cluster: Cluster, tmp_path_factory: pytest.TempPathFactory
     spares.close()
 
 
+@pytest.fixture(scope="module")
+def unchanging_broker(spare_brokers: SpareBrokers) -> Iterator[BrokerEnv]:
+    """One broker for a module's cases that each assert they changed nothing (bad input): a case that
+    did change something fails itself, and starting a broker per case cost most of their time."""
+    from broker.actors.deploy import broker_down
+
+    env = spare_brokers.take()
+    yield env
+    broker_down(env.namespace)
+
+
 @pytest.fixture
 def broker_env(spare_brokers: SpareBrokers) -> Iterator[BrokerEnv]:
     from broker.actors.deploy import broker_down

@@ -54,12 +54,12 @@ def test_reserve_list_release_with_json(broker_env):
         (["ray", "resources", "revoke", "firesim_u250", "--reason", "nobody holds it"], 3, "not leased"),
     ],
 )
-def test_bad_input_is_one_line_a_distinct_code_and_changes_nothing(broker_env, args, code, named):
-    before = sorted(p.name for p in broker_env.state.leases_dir.iterdir())
-    out = broker_env.cli(*args)
+def test_bad_input_is_one_line_a_distinct_code_and_changes_nothing(unchanging_broker, args, code, named):
+    before = sorted(p.name for p in unchanging_broker.state.leases_dir.iterdir())
+    out = unchanging_broker.cli(*args)
     assert out.returncode == code, out.stderr
     assert named in out.stderr and out.stderr.count("\n") == 1 and out.stdout == ""
-    assert sorted(p.name for p in broker_env.state.leases_dir.iterdir()) == before
+    assert sorted(p.name for p in unchanging_broker.state.leases_dir.iterdir()) == before
 
 
 def test_reserve_wait_shows_its_place_in_the_queue(broker_env):

@@ -161,9 +161,9 @@ def test_missing_and_extra_arguments_are_refused_before_the_actor(broker_env):
         (["ray", "resources", "list", "--extra"], {2}),
     ],
 )
-def test_cli_bad_input(broker_env, args, codes):
-    before = _state_files(broker_env)
-    out = broker_env.cli(*args)
+def test_cli_bad_input(unchanging_broker, args, codes):
+    before = _state_files(unchanging_broker)
+    out = unchanging_broker.cli(*args)
     assert out.returncode in codes, out.stderr
     assert out.stderr.count("\n") == 1 and "Traceback" not in out.stderr
-    assert _state_files(broker_env) == before
+    assert _state_files(unchanging_broker) == before
