@@ -13,8 +13,10 @@ The fast path: single-key lease calls on a lease or a queued request
 the call itself (a lease id is ``<key>.<32 hex>``). Anything the fast path
 cannot route — a bad key or lease id, a key with no actor (not in the
 catalog, or dropped from it) — goes to the coordinator, so errors stay those
-of the coordinator's API. ``reserve`` goes through the coordinator: it keeps
-the rule that one request id names one key, which no single key can check.
+of the coordinator's API. ``reserve`` takes the fast path only with a request
+id the shim made itself (random: it can name no other key); a caller's own
+``request_id`` goes through the coordinator, which keeps the rule that one
+request id names one key (no single key can check it).
 """
 
 from __future__ import annotations
@@ -49,10 +51,12 @@ __all__ = ["connect", "BrokerClient", "HeldLease", "default_holder"]
 DEFAULT_RETRY_S = 30.0
 # The fast path's routing table. The resource actor takes the coordinator method's
 # arguments minus the leading resource (first set), or the same ones (second set).
-# `reserve` is not here on purpose: the coordinator holds the rule that one request id names one
-# key (a CI retry that lands on another key must never hold two boards), which no single key can check.
+# `reserve` is routed by `BrokerClient.reserve` itself, and only with a request id it made: the
+# coordinator holds the rule that one *caller's* request id names one key (a CI retry that lands on
+# another key must never hold two boards), which no single key can check.
 _KEYED_BY_RESOURCE = frozenset({"queue_position", "withdraw"})
 _KEYED_BY_LEASE_ID = frozenset({"release", "renew", "lease", "check_fence"})
+_NOT_ROUTED = object()  # the fast path could not take the call: the coordinator answers it
 
 
 def connect(
@@ -120,6 +124,8 @@ class BrokerClient:
         it on and exits (the CLI's ``reserve``).
         """
         holder = default_holder() if holder is None else holder
+        # An id made here names nothing else: the call may go straight to the key (module docstring).
+        direct = request_id is None
         request_id = uuid.uuid4().hex if request_id is None else request_id
         kwargs: dict[str, Any] = dict(
             ttl_s=ttl_s,
@@ -135,12 +141,19 @@ class BrokerClient:
             on_position if wait else None, "queue_position", resource, holder, request_id
         )
 
+        def ask(progress: Callable[[], None] | None = None) -> Lease:
+            if direct and is_resource_key(resource):
+                answer = self._direct(resource, "reserve", (holder,), kwargs, progress=progress)
+                if answer is not _NOT_ROUTED:
+                    return answer
+            return self.call("reserve", resource, holder, progress=progress, **kwargs)
+
         try:
-            lease: Lease = self.call("reserve", resource, holder, progress=progress, **kwargs)
+            lease = ask(progress)
             if lease.state is LeaseState.GRANTED and lease.session_tie is SessionTie.UNTIL_ACKNOWLEDGED:
                 # Granted from the queue: say we have it (the same request again), or it is taken
                 # back when this process ends, as a grant nobody received would be.
-                lease = self.call("reserve", resource, holder, **kwargs)
+                lease = ask()
             return lease
         except KeyboardInterrupt:
             if wait:  # leave the queue rather than be granted a lease nobody will use
@@ -355,21 +368,40 @@ class BrokerClient:
         """
         route = _route(method, args) if not kwargs or method not in _KEYED_BY_RESOURCE else None
         if route is not None:
-            ref = self._resource(route[0])
-            if ref is not None:
-                try:
-                    return self._system().call_sync(
-                        ref, method, *route[1], answer_within_s=answer_within_s, progress=progress, **kwargs
-                    )
-                except BrokerUnavailable:
-                    if self._system().lookup(ref.name, ref.namespace) is not None:
-                        raise
-                    # The actor is gone for good (its key left the catalog, or the broker went
-                    # down): the coordinator says which, as it would have said without the fast path.
-                    self._resources.pop(route[0], None)
+            answer = self._direct(
+                route[0], method, route[1], kwargs, answer_within_s=answer_within_s, progress=progress
+            )
+            if answer is not _NOT_ROUTED:
+                return answer
         return self._system().call_sync(
             self._coordinator(), method, *args, answer_within_s=answer_within_s, progress=progress, **kwargs
         )
+
+    def _direct(
+        self,
+        key: str,
+        method: str,
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        *,
+        answer_within_s: float | None = None,
+        progress: Callable[[], None] | None = None,
+    ) -> Any:
+        """``resource:<key>.<method>`` through its cached handle, or ``_NOT_ROUTED`` if it has no actor."""
+        ref = self._resource(key)
+        if ref is None:
+            return _NOT_ROUTED
+        try:
+            return self._system().call_sync(
+                ref, method, *args, answer_within_s=answer_within_s, progress=progress, **kwargs
+            )
+        except BrokerUnavailable:
+            if self._system().lookup(ref.name, ref.namespace) is not None:
+                raise
+            # The actor is gone for good (its key left the catalog, or the broker went
+            # down): the coordinator says which, as it would have said without the fast path.
+            self._resources.pop(key, None)
+            return _NOT_ROUTED
 
     def _system(self) -> Any:
         if self._ray is None:

@@ -31,9 +31,10 @@ def _records(broker_env, request_id: str) -> list[dict]:
 
 def test_lease_calls_reach_their_key_while_the_coordinator_is_gone(broker_env):
     client = broker_env.client
-    lease = client.reserve(KEY, "alice", ttl_s=60)  # reserve goes through the coordinator (one key per request id)
-    assert lease.state is LeaseState.GRANTED
     ray.kill(ray.get_actor("broker", namespace=broker_env.namespace), no_restart=True)
+    # With a request id the shim made (random: it names no other key), reserve goes straight to the key.
+    lease = client.reserve(KEY, "alice", ttl_s=60)
+    assert lease.state is LeaseState.GRANTED
     assert client.get_lease(lease.lease_id).state is LeaseState.GRANTED
     assert client.renew(lease.lease_id, 120).expires_at > lease.expires_at
     assert client.check_fence(lease.lease_id, lease.fencing_token).lease_id == lease.lease_id
@@ -96,9 +97,18 @@ def test_the_fast_path_raises_what_the_coordinator_raises(broker_env):
         "stale token": ("check_fence", (alice.lease_id, alice.fencing_token + 1), {}),
         "bad token": ("check_fence", (alice.lease_id, "one"), {}),
     }
-    for case, (method, args, kwargs) in cases.items():
+    direct_reserves = {  # the shim's own reserve (no caller request id) takes the fast path
+        "unknown key, direct": ("reserve", ("no_such_board", "bob"), {}),
+        "bad ttl, direct": ("reserve", (KEY, "bob"), {"ttl_s": -1}),
+        "bad holder, direct": ("reserve", (KEY, ""), {}),
+        "busy, direct": ("reserve", (KEY, "bob"), {}),
+    }
+    for case, (method, args, kwargs) in {**cases, **direct_reserves}.items():
         with pytest.raises(BrokerError) as via_shim:
-            client.call(method, *args, **kwargs)
+            if case.endswith(", direct"):
+                client.reserve(*args, **kwargs)
+            else:
+                client.call(method, *args, **kwargs)
         with pytest.raises(BrokerError) as via_broker:
             ray.get(getattr(broker, method).remote(*args, **kwargs))
         expected = via_broker.value.cause  # Ray wraps it: RayTaskError(UnknownResource) is both
