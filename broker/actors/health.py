@@ -5,9 +5,11 @@ coordinator asks every key with a ``health_check`` whether a probe is due;
 a due probe takes the key's lease as :data:`PROBER` (``wait=False``: a busy
 key is probed at a later pass, so a probe never runs during someone's lease
 and a grant waits for a probe in flight), runs the probe as a Ray job placed
-on the key's host, releases the lease, and writes ``health/<key>.json``.
+on the key's host, writes ``health/<key>.json``, and releases the lease.
 Failures beyond the threshold put the key into maintenance with reason
-``health check failed: …``; a later passing probe lifts it.
+``health check failed: …`` — before the probe's lease is released, so a waiter
+queued behind the probe is never granted the broken unit; a later passing
+probe lifts it.
 """
 
 from __future__ import annotations
@@ -153,27 +155,29 @@ class HealthProber:
                     return  # someone holds it or waits: a later pass
             try:
                 result = await self._run(key, check)
+                updated, action = after_probe(check, record, result, grants + (1 if lease is not None else 0))
+                self._save(updated)
+                self._events.emit(
+                    "health.passed" if result.ok else "health.failed",
+                    level="info" if result.ok else "warning",
+                    resource=key,
+                    detail=result.detail or None,
+                    failures_in_a_row=updated.failures_in_a_row,
+                    duration_s=round(result.duration_s, 3),
+                )
+                # Quarantine while the probe still holds the key: released first, the key would be
+                # granted to a waiter queued behind the probe, who would keep the broken unit.
+                if action is HealthAction.QUARANTINE:
+                    reason = (QUARANTINE_PREFIX + (result.detail or "failed"))[:500]
+                    await self._call(key, "set_maintenance", True, reason, PROBER)
+                    self._events.emit("health.quarantined", level="warning", resource=key, reason=reason)
+                elif action is HealthAction.RESTORE:
+                    await self._call(key, "set_maintenance", False, "", PROBER)
+                    self._events.emit("health.restored", resource=key)
             finally:
                 if lease is not None:
                     with contextlib.suppress(LeaseNotHeld):
                         await self._call(key, "release", lease.lease_id)
-            updated, action = after_probe(check, record, result, grants + (1 if lease is not None else 0))
-            self._save(updated)
-            self._events.emit(
-                "health.passed" if result.ok else "health.failed",
-                level="info" if result.ok else "warning",
-                resource=key,
-                detail=result.detail or None,
-                failures_in_a_row=updated.failures_in_a_row,
-                duration_s=round(result.duration_s, 3),
-            )
-            if action is HealthAction.QUARANTINE:
-                reason = (QUARANTINE_PREFIX + (result.detail or "failed"))[:500]
-                await self._call(key, "set_maintenance", True, reason, PROBER)
-                self._events.emit("health.quarantined", level="warning", resource=key, reason=reason)
-            elif action is HealthAction.RESTORE:
-                await self._call(key, "set_maintenance", False, "", PROBER)
-                self._events.emit("health.restored", resource=key)
             if self._on_result is not None:
                 self._on_result(key, updated)
         except BrokerUnavailable as exc:

@@ -143,3 +143,37 @@ def test_a_probe_that_does_not_end_in_time_fails(tmp_path):
         await until(lambda: system.instance("resource:board", NS)._book.granted is None, "the probe's lease released")
 
     run(body)
+
+
+def test_a_waiter_queued_behind_a_failing_probe_is_not_granted_the_broken_unit(tmp_path):
+    """The probe quarantines the key while it still holds its lease, then releases: the waiter stays queued."""
+
+    async def body() -> None:
+        system = FakeSystem()
+        catalog = {
+            "version": 1,
+            "resources": {"board": {"health_check": {"run": ["probe", "board"], "quarantine_after": 1}}},
+        }
+        broker = ActorRef(system, COORDINATOR_NAME, NS, Spawn(BrokerActor, (str(tmp_path), NS, "127.0.0.1", None)))
+        await system.call(broker, "apply_catalog", catalog)
+        asking = asyncio.ensure_future(system.call(broker, "health", "board", True))
+        (job,) = await system.jobs.submitted(1)
+        book = system.instance("resource:board", NS)._book
+        assert book.granted is not None and book.granted.holder == PROBER
+        alice = asyncio.ensure_future(system.call(broker, "reserve", "board", "alice", wait=True, ttl_s=60))
+        await until(lambda: len(book.queue) == 1, "alice queued behind the probe")
+        system.jobs.set_status(job.submission_id, "FAILED", 3)
+        result = await asking
+        assert result["quarantined"] is True
+        assert book.granted is None  # the probe's lease is released ...
+        assert book.maintenance is not None and book.maintenance.by == PROBER  # ... after the quarantine
+        assert [lease.holder for lease in book.queue] == ["alice"] and not alice.done()
+        # A passing probe lifts the quarantine: now alice gets the (working) unit.
+        again = asyncio.ensure_future(system.call(broker, "health", "board", True))
+        second = (await system.jobs.submitted(2))[-1]
+        system.jobs.set_status(second.submission_id, "SUCCEEDED", 0)
+        assert (await again)["quarantined"] is False
+        granted = await alice
+        assert granted.holder == "alice"
+
+    run(body)
