@@ -177,3 +177,52 @@ def test_a_waiter_queued_behind_a_failing_probe_is_not_granted_the_broken_unit(t
         assert granted.holder == "alice"
 
     run(body)
+
+
+ONE_STRIKE = {
+    "version": 1,
+    "resources": {"board": {"health_check": {"run": ["probe", "board"], "quarantine_after": 1}}},
+}
+
+
+def test_an_admins_maintenance_set_while_a_probe_runs_is_neither_relabelled_nor_lifted(tmp_path):
+    async def body() -> None:
+        system = FakeSystem()
+        broker = ActorRef(system, COORDINATOR_NAME, NS, Spawn(BrokerActor, (str(tmp_path), NS, "127.0.0.1", None)))
+        await system.call(broker, "apply_catalog", ONE_STRIKE)
+
+        async def board():
+            return next(s for s in await system.call(broker, "resources") if s.key == "board")
+
+        async def probe_with(status: str, exit_code: int, admin_reason: str) -> dict:
+            """A probe, during which an admin puts the key into maintenance; then it ends."""
+            asking = asyncio.ensure_future(system.call(broker, "health", "board", True))
+            job = (await system.jobs.submitted(len(system.jobs.specs) + 1))[-1]
+            await system.call(broker, "set_maintenance", "board", True, admin_reason, by="admin")
+            system.jobs.set_status(job.submission_id, status, exit_code)
+            return await asking
+
+        # A failing probe finds an admin's maintenance: its quarantine is not applied over it.
+        failed = await probe_with("FAILED", 3, "fan swap")
+        assert failed["ok"] is False and failed["quarantined"] is False
+        status = await board()
+        assert (status.maintenance_reason, status.maintenance_by) == ("fan swap", "admin")
+        jobs = len(system.jobs.specs)
+        await system.call(broker, "health", "board", True)  # an admin's maintenance is not probed
+        assert len(system.jobs.specs) == jobs
+        await system.call(broker, "set_maintenance", "board", False, by="admin")
+        # A failing probe quarantines the key; during the next probe an admin takes the key over ...
+        asking = asyncio.ensure_future(system.call(broker, "health", "board", True))
+        job = (await system.jobs.submitted(jobs + 1))[-1]
+        system.jobs.set_status(job.submission_id, "FAILED", 3)
+        assert (await asking)["quarantined"] is True and (await board()).maintenance_by == PROBER
+        # ... and the probe's pass does not lift the admin's maintenance.
+        passed = await probe_with("SUCCEEDED", 0, "cable reseat")
+        assert passed["ok"] is True and passed["quarantined"] is False
+        status = await board()
+        assert status.state is ResourceState.MAINTENANCE
+        assert (status.maintenance_reason, status.maintenance_by) == ("cable reseat", "admin")
+        journal = (tmp_path / "events.jsonl").read_text()
+        assert '"health.quarantine_skipped"' in journal and '"health.restore_skipped"' in journal
+
+    run(body)
