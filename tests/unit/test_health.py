@@ -7,6 +7,7 @@ import asyncio
 from pathlib import Path
 
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from broker.actors.coordinator import BrokerActor
 from broker.core.catalog import parse_catalog
@@ -22,6 +23,7 @@ from broker.core.health import (
     probe_due,
 )
 from broker.errors import InvalidRequest, ResourceBusy
+from broker.http.metrics import Exposition
 from broker.models import ResourceState
 from broker.seam import ActorRef, Spawn
 from broker.seam.fake import FakeSystem
@@ -224,5 +226,30 @@ def test_an_admins_maintenance_set_while_a_probe_runs_is_neither_relabelled_nor_
         assert (status.maintenance_reason, status.maintenance_by) == ("cable reseat", "admin")
         journal = (tmp_path / "events.jsonl").read_text()
         assert '"health.quarantine_skipped"' in journal and '"health.restore_skipped"' in journal
+
+    run(body)
+
+
+def _health_samples(exposition: Exposition) -> dict[tuple[str, str], float]:
+    """The health samples of a scrape of /metrics: (name, resource) -> value."""
+    text = exposition.render().decode()
+    return {
+        (sample.name, sample.labels["resource"]): sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+        if sample.name.startswith("merlin_broker_health")
+    }
+
+
+def test_health_metrics_read_back_the_last_result_and_the_failures_so_far(tmp_path):
+    async def body() -> None:
+        system = FakeSystem()
+        broker = await _up(tmp_path, system)
+        exposition = Exposition(system.instance(COORDINATOR_NAME, NS)._board)  # one cache across the probes
+        ok, failures = "merlin_broker_health_ok", "merlin_broker_health_check_failures_total"
+        await _probe(system, broker, "FAILED", 3)
+        assert _health_samples(exposition) == {(ok, "board"): 0.0, (failures, "board"): 1.0}  # no probe, no lane
+        await _probe(system, broker, "SUCCEEDED", 0)
+        assert _health_samples(exposition) == {(ok, "board"): 1.0, (failures, "board"): 1.0}
 
     run(body)
