@@ -359,6 +359,7 @@ class ResourceStatus(BaseModel):
     queue: tuple[QueueEntry, ...] = ()
     maintenance_reason: str | None = None
     maintenance_since: float | None = None
+    maintenance_by: str | None = None  # who put it in maintenance ("merlin-health": a health probe's quarantine)
     down_reason: str | None = None  # why it is down, when its actor says so (its host is absent)
     free_since: float | None = None  # when it last became free (any-of placement prefers the longest free)
     ready_for_group: str | None = None  # the group whose entry heads the queue of this free key, if any

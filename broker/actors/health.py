@@ -5,9 +5,12 @@ coordinator asks every key with a ``health_check`` whether a probe is due;
 a due probe takes the key's lease as :data:`PROBER` (``wait=False``: a busy
 key is probed at a later pass, so a probe never runs during someone's lease
 and a grant waits for a probe in flight), runs the probe as a Ray job placed
-on the key's host, releases the lease, and writes ``health/<key>.json``.
+on the key's host, writes ``health/<key>.json``, and releases the lease.
 Failures beyond the threshold put the key into maintenance with reason
-``health check failed: …``; a later passing probe lifts it.
+``health check failed: …`` — before the probe's lease is released, so a waiter
+queued behind the probe is never granted the broken unit; a later passing
+probe lifts it. Both are compare-and-sets on the key (``only_own``): the prober
+never relabels nor lifts maintenance somebody else set.
 """
 
 from __future__ import annotations
@@ -134,17 +137,21 @@ class HealthProber:
     async def _maybe_probe(self, key: str, check: HealthCheck, *, force: bool = False) -> None:
         try:
             status = await self._status_of(key)
+            # Whose maintenance it is, the key says (not the record): an admin's may have replaced
+            # the quarantine, or the answer to the prober's last change may have been lost.
+            own = status.maintenance_reason is not None and status.maintenance_by == PROBER
             record = self.record(key)
+            if record.quarantined != own:
+                record = record.model_copy(update={"quarantined": own})
             grants = self._grants_of(key)
             now_key = KeyNow(status.holder is not None, status.maintenance_reason, grants)
             due = probe_due(check, record, now_key, time.time())
             if force:  # asked for now: whenever the rules would let it run at all
-                due = not now_key.leased and (status.maintenance_reason is None or record.quarantined)
+                due = not now_key.leased and (status.maintenance_reason is None or own)
             if not due:
                 return
-            quarantined = record.quarantined and (status.maintenance_reason or "").startswith(QUARANTINE_PREFIX)
             lease: Lease | None = None
-            if not quarantined:  # a quarantined key grants nobody: probe it without a lease
+            if not own:  # a quarantined key grants nobody: probe it without a lease
                 try:
                     lease = await self._call(
                         key, "reserve", PROBER, ttl_s=check.timeout_s + 60.0, wait=False, note="health probe"
@@ -153,33 +160,59 @@ class HealthProber:
                     return  # someone holds it or waits: a later pass
             try:
                 result = await self._run(key, check)
+                updated, action = after_probe(check, record, result, grants + (1 if lease is not None else 0))
+                self._events.emit(
+                    "health.passed" if result.ok else "health.failed",
+                    level="info" if result.ok else "warning",
+                    resource=key,
+                    detail=result.detail or None,
+                    failures_in_a_row=updated.failures_in_a_row,
+                    duration_s=round(result.duration_s, 3),
+                )
+                try:
+                    # Quarantine while the probe still holds the key: released first, the key would be
+                    # granted to a waiter queued behind the probe, who would keep the broken unit.
+                    updated = await self._act(key, action, result, updated)
+                finally:
+                    self._save(updated)  # its quarantined flag is checked against the key at the next pass
             finally:
                 if lease is not None:
                     with contextlib.suppress(LeaseNotHeld):
                         await self._call(key, "release", lease.lease_id)
-            updated, action = after_probe(check, record, result, grants + (1 if lease is not None else 0))
-            self._save(updated)
-            self._events.emit(
-                "health.passed" if result.ok else "health.failed",
-                level="info" if result.ok else "warning",
-                resource=key,
-                detail=result.detail or None,
-                failures_in_a_row=updated.failures_in_a_row,
-                duration_s=round(result.duration_s, 3),
-            )
-            if action is HealthAction.QUARANTINE:
-                reason = (QUARANTINE_PREFIX + (result.detail or "failed"))[:500]
-                await self._call(key, "set_maintenance", True, reason, PROBER)
-                self._events.emit("health.quarantined", level="warning", resource=key, reason=reason)
-            elif action is HealthAction.RESTORE:
-                await self._call(key, "set_maintenance", False, "", PROBER)
-                self._events.emit("health.restored", resource=key)
             if self._on_result is not None:
                 self._on_result(key, updated)
         except BrokerUnavailable as exc:
             self._events.emit("health.deferred", level="warning", resource=key, error=str(exc)[:200])
         except BrokerError as exc:
             self._events.emit("health.error", level="error", resource=key, error=str(exc)[:200])
+
+    async def _act(self, key: str, action: HealthAction, result: ProbeResult, updated: HealthRecord) -> HealthRecord:
+        """Quarantine or restore the key, compare-and-set: the prober changes only its own maintenance.
+
+        An admin's maintenance set between the prober's look and its act is neither relabelled as
+        a quarantine (so never lifted by a later pass) nor lifted. Returns the record as it is now.
+        """
+        if action is HealthAction.QUARANTINE:
+            reason = (QUARANTINE_PREFIX + (result.detail or "failed"))[:500]
+            status = await self._call(key, "set_maintenance", True, reason, PROBER, only_own=True)
+            if status.maintenance_by == PROBER:
+                self._events.emit("health.quarantined", level="warning", resource=key, reason=reason)
+                return updated
+            self._events.emit(
+                "health.quarantine_skipped",
+                level="warning",
+                resource=key,
+                reason=reason,
+                maintenance_by=status.maintenance_by,  # someone else's maintenance came first
+            )
+            return updated.model_copy(update={"quarantined": False})
+        if action is HealthAction.RESTORE:
+            status = await self._call(key, "set_maintenance", False, "", PROBER, only_own=True)
+            if status.maintenance_reason is None:
+                self._events.emit("health.restored", resource=key)
+            else:  # an admin's maintenance replaced the quarantine: theirs to lift
+                self._events.emit("health.restore_skipped", resource=key, maintenance_by=status.maintenance_by)
+        return updated
 
     async def _run(self, key: str, check: HealthCheck) -> ProbeResult:
         """Run the probe as a job on the key's host; its exit (or its timeout) is the result."""

@@ -102,6 +102,7 @@ def resource_status(book: LeaseBook) -> ResourceStatus:
         queue=queue,
         maintenance_reason=maintenance.reason if maintenance else None,
         maintenance_since=maintenance.since if maintenance else None,
+        maintenance_by=maintenance.by if maintenance else None,
         down_reason=host_down.reason if host_down else None,
         free_since=book.freed_at if granted is None else None,
         ready_for_group=book.ready_for_group,
@@ -309,11 +310,17 @@ class ResourceActor:
         )
         return outcome.result  # type: ignore[return-value]
 
-    async def set_maintenance(self, on: bool, reason: str = "", by: str = "") -> ResourceStatus:
+    async def set_maintenance(
+        self, on: bool, reason: str = "", by: str = "", *, only_own: bool = False
+    ) -> ResourceStatus:
+        """Maintenance on or off; ``only_own``: only if the key's maintenance is none or ``by``'s
+        (a compare-and-set: the answer's ``maintenance_by`` says whose it is now)."""
         if not isinstance(on, bool):
             raise InvalidRequest(f"invalid on={on!r}: must be true or false", "on")
+        if not isinstance(only_own, bool):
+            raise InvalidRequest(f"invalid only_own={only_own!r}: must be true or false", "only_own")
         reason, by = checked(Reason, reason, "reason"), checked(Reason, by, "by")
-        await self._apply(lambda now: self._book.set_maintenance(on, reason, now, by))
+        await self._apply(lambda now: self._book.set_maintenance(on, reason, now, by, only_own=only_own))
         return await self._read(lambda: resource_status(self._book))
 
     async def session_gone(self, session: str) -> int:

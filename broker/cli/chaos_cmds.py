@@ -28,7 +28,7 @@ def register(top: argparse._SubParsersAction, common: argparse.ArgumentParser) -
 def _chaos(ctx: Context) -> int:
     from dataclasses import replace
 
-    from broker.devtools.chaos.runner import LONG, SHORT, run_chaos
+    from broker.devtools.chaos.runner import LONG, SHORT, let_go_line, run_chaos
 
     settings = LONG if ctx.args.long else SHORT
     settings = replace(settings, seed=ctx.args.seed)
@@ -42,12 +42,11 @@ def _chaos(ctx: Context) -> int:
         print(
             f"chaos: {summary['operations']} operations by {summary['clients']} clients on {summary['keys']} keys in "
             f"{summary['duration_s']:g}s; {summary['kills']} kills survived ({summary['kills_by_target']['coordinator']} "
-            f"coordinator, {summary['kills_by_target']['resource']} resource actors); {summary['client_deaths']} "
-            f"clients SIGKILLed (the longest anything outlived its client: {summary['slowest_let_go_s']}s, bound "
-            f"{summary['client_bound_s']:g}s); {summary['grants']} grants, "
+            f"coordinator, {summary['kills_by_target']['resource']} resource actors); {summary['grants']} grants, "
             f"{summary['leases']} lease records, {summary['events']} journal events; "
             f"violations: {len(summary['violations'])}"
         )
+        print(f"chaos: {let_go_line(result.report, result.settings.client_bound_s)}")
         for violation in summary["violations"][:50]:
             print(f"  VIOLATION {violation}")
     return 0 if not summary["violations"] else 1

@@ -17,7 +17,8 @@ Rules (README "Leases"):
 * the same ``(holder, request_id)`` always answers with the same lease;
 * a request queued before a restart and granted before its holder came back
   lasts at most the claim window; the holder's return lifts that cap;
-* maintenance stops new grants; the current holder keeps its lease;
+* maintenance stops new grants; the current holder keeps its lease; it records
+  who set it (``by``), and a caller may change only its own (``only_own``);
 * a request tied to its caller's session leaves the queue when the session ends, and
   a grant tied to it ends then too (``holder gone``); a grant its holder has not yet
   acknowledged is tied even when only the wait was (see :class:`SessionTie`);
@@ -535,12 +536,20 @@ class LeaseBook:
             outcome.result = self.get(lease_id)
             return outcome
 
-    def set_maintenance(self, on: bool, reason: str, now: float, by: str = "") -> Outcome:
-        """Stop (on) or resume (off) grants; the current holder keeps its lease either way."""
+    def set_maintenance(self, on: bool, reason: str, now: float, by: str = "", *, only_own: bool = False) -> Outcome:
+        """Stop (on) or resume (off) grants; the current holder keeps its lease either way.
+
+        ``only_own`` makes it a compare-and-set for an automatic owner (the health prober): it
+        changes nothing while the key is in maintenance set by anyone but ``by`` — its "on"
+        applies only to a key in no maintenance (or in its own), its "off" only lifts its own.
+        Without it, the last word wins (an admin's on takes over whoever's maintenance it was).
+        """
         with self._transaction(now) as outcome:
             state = self._state
             self._advance(now, outcome)
             current = state.maintenance
+            if only_own and current is not None and current.by != by:
+                return outcome  # someone else's maintenance: theirs to change
             if on:
                 since = current.since if current is not None else now
                 updated = Maintenance(reason=reason, since=since, by=by)

@@ -6,7 +6,7 @@ import itertools
 
 import pytest
 
-from broker.core.book import WAIT_TIMED_OUT, LeaseBook
+from broker.core.book import WAIT_TIMED_OUT, LeaseBook, Maintenance
 from broker.errors import InvalidRequest, LeaseNotFound, LeaseNotHeld, ResourceBusy, StaleFencingToken
 from broker.models import EndReason, LeaseEvent, LeaseState, ReserveRequest
 
@@ -222,6 +222,28 @@ def test_maintenance_stops_grants_but_the_holder_keeps_its_lease():
     assert book.granted is None and book.queue[0].lease_id == carol.lease_id
     book.set_maintenance(False, "", 105.0)
     assert book.granted.lease_id == carol.lease_id
+
+
+def test_only_own_maintenance_changes_nothing_someone_else_set():
+    """The health prober's compare-and-set: it neither relabels nor lifts an admin's maintenance."""
+    book = LeaseBook(KEY)
+    book.set_maintenance(True, "fan swap", 100.0, by="admin")
+    outcome = book.set_maintenance(True, "health check failed: x", 101.0, by="merlin-health", only_own=True)
+    assert not outcome.wrote_anything and book.maintenance == Maintenance("fan swap", 100.0, "admin")
+    outcome = book.set_maintenance(False, "", 102.0, by="merlin-health", only_own=True)
+    assert not outcome.wrote_anything and book.maintenance.by == "admin"
+    book.set_maintenance(False, "", 103.0, by="admin")
+    # No maintenance, or its own: it applies.
+    assert book.set_maintenance(True, "health check failed: x", 104.0, by="merlin-health", only_own=True).wrote_anything
+    assert book.maintenance == Maintenance("health check failed: x", 104.0, "merlin-health")
+    book.set_maintenance(True, "fan swap", 105.0, by="admin")  # without only_own the last word wins
+    assert book.maintenance == Maintenance("fan swap", 104.0, "admin")
+    assert not book.set_maintenance(False, "", 106.0, by="merlin-health", only_own=True).wrote_anything
+    book.set_maintenance(True, "health check failed: y", 107.0, by="admin")
+    book.set_maintenance(False, "", 108.0, by="admin")
+    book.set_maintenance(True, "health check failed: z", 109.0, by="merlin-health", only_own=True)
+    outcome = book.set_maintenance(False, "", 110.0, by="merlin-health", only_own=True)
+    assert outcome.maintenance_changed and book.maintenance is None
 
 
 def test_a_waiter_times_out_at_its_deadline_and_leaves_the_queue():

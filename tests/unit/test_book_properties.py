@@ -116,6 +116,17 @@ class LeaseBookMachine(RuleBasedStateMachine):
     def maintenance_mode(self, on):
         self._run(lambda: self.book.set_maintenance(on, "test", self.now))
 
+    @rule(on=st.booleans(), by=st.sampled_from(["admin", "prober"]), only_own=st.booleans())
+    def maintenance_by(self, on, by, only_own):
+        """Compare-and-set: ``only_own`` never touches maintenance someone else set."""
+        before = self.book.maintenance
+        self._run(lambda: self.book.set_maintenance(on, f"by {by}", self.now, by=by, only_own=only_own))
+        after = self.book.maintenance
+        if only_own and before is not None and before.by != by:
+            assert after == before, f"{by} changed {before} with only_own"
+        else:
+            assert (after is not None) == on and (after is None or (after.by, after.reason) == (by, f"by {by}"))
+
     @rule(dt=st.sampled_from([0.5, 2.0, 7.0, 25.0, 70.0]))
     def advance_clock(self, dt):
         self.now += dt

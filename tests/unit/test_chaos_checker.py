@@ -83,6 +83,7 @@ def test_a_dead_client_whose_lease_and_request_went_within_the_bound_passes():
     ]
     report = check(records, JOURNAL, [], deaths=[ClientDeath("c1", 20.0)], bound_s=5.0)
     assert report.violations == [] and report.client_deaths == 1 and report.slowest_let_go_s == 1.5
+    assert report.let_go_measured == 2  # the lease and the request; not c2's
 
 
 def test_a_key_blocked_by_a_dead_client_past_the_bound_is_caught():
@@ -204,3 +205,16 @@ def test_a_client_told_the_wrong_group_or_losing_its_request_is_caught():
     assert any("told it holds group" in v for v in late.violations)
     lost = check([], [{"seq": 1}], [told_group(None, outcome="timeout", request_id="never")], [])
     assert any("group request never has no record (lost)" in v for v in lost.violations)
+
+
+def test_the_chaos_run_bounds_a_dead_clients_hold_at_the_promised_5_s_and_prints_the_worst_figure():
+    from broker.devtools.chaos.checker import ClientDeath
+    from broker.devtools.chaos.runner import LONG, SHORT, let_go_line
+
+    assert SHORT.client_bound_s == LONG.client_bound_s == 5.0
+    death = [ClientDeath("c1", 20.0)]
+    late = check([tied("l1", 1, 10.0, 10.0, 25.5)], JOURNAL, [], deaths=death, bound_s=SHORT.client_bound_s)
+    assert any("ended 5.50s after it (bound 5s)" in v for v in late.violations)
+    line = let_go_line(late, 5.0)
+    assert "worst dead client → its key moved on: 5.50s (1 held or queued at a death; bound 5s)" in line
+    assert "none holding or waiting" in let_go_line(check([], JOURNAL, [], deaths=death), 5.0)

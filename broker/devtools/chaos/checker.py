@@ -74,8 +74,10 @@ class Report:
     group_grants: int = 0
     violations: list[str] = field(default_factory=list)
     client_deaths: int = 0
-    # the longest a dead client's request or lease outlived it (None: nothing was tied at a death)
+    # the longest a dead client's request or lease outlived it (None: nothing was tied at a death):
+    # the moment its key moved on (the next waiter is granted in the same step)
     slowest_let_go_s: float | None = None
+    let_go_measured: int = 0  # how many tied requests and leases were active at their client's death
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -88,6 +90,7 @@ class Report:
             "violations": self.violations,
             "client_deaths": self.client_deaths,
             "slowest_let_go_s": None if self.slowest_let_go_s is None else round(self.slowest_let_go_s, 3),
+            "let_go_measured": self.let_go_measured,
         }
 
 
@@ -128,7 +131,8 @@ def check(
     report.violations += _one_lease_per_request(leases)
     report.violations += _clients_were_told_the_truth(leases, ops)
     report.violations += _journal_in_order(journal)
-    violations, report.slowest_let_go_s = _dead_clients_let_go(leases, deaths, bound_s)
+    violations, outlived = _dead_clients_let_go(leases, deaths, bound_s)
+    report.let_go_measured, report.slowest_let_go_s = len(outlived), max(outlived, default=None)
     report.violations += violations
     report.violations += _groups_hold_together(leases, group_leases, group_end_bound_s)
     report.violations += _journal_names_the_groups(leases, journal, group_leases)
@@ -223,11 +227,11 @@ def _clients_were_told_the_truth(leases: list[dict[str, Any]], ops: list[ClientO
 
 def _dead_clients_let_go(
     leases: list[dict[str, Any]], deaths: list[ClientDeath], bound_s: float
-) -> tuple[list[str], float | None]:
+) -> tuple[list[str], list[float]]:
     """No key stays blocked by a dead client: what was tied to its session at its death ended
-    within ``bound_s`` of it. Returns the violations and the longest time anything outlived its client."""
+    within ``bound_s`` of it. Returns the violations and how long each such request or lease outlived its client."""
     out: list[str] = []
-    slowest: float | None = None
+    outlived_all: list[float] = []
     for death in deaths:
         for lease in leases:
             if lease["holder"] != death.client or lease.get("session_tie", "none") == "none":
@@ -235,7 +239,7 @@ def _dead_clients_let_go(
             if lease["queued_at"] > death.at or _end(lease) <= death.at:
                 continue  # not yet asked for, or over, when the client died
             outlived = _end(lease) - death.at
-            slowest = outlived if slowest is None else max(slowest, outlived)
+            outlived_all.append(outlived)
             if outlived > bound_s:
                 what = "lease" if lease.get("granted_at") is not None else "request"
                 late = "is still active" if _end(lease) == _END else f"ended {outlived:.2f}s after it"
@@ -243,7 +247,7 @@ def _dead_clients_let_go(
                     f"{lease['resource']}: {death.client} died at {death.at} but its {lease['state']} {what} "
                     f"{lease['lease_id']} {late} (bound {bound_s:g}s)"
                 )
-    return out, slowest
+    return out, outlived_all
 
 
 def _journal_in_order(journal: list[dict[str, Any]]) -> list[str]:
