@@ -32,7 +32,15 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from broker.core.catalog import Catalog
-from broker.core.groups import GroupRecord, KeyView, choose_members, entry_request_id, group_order, resolve_ask
+from broker.core.groups import (
+    GroupRecord,
+    KeyView,
+    check_same_ask,
+    choose_members,
+    entry_request_id,
+    group_order,
+    resolve_ask,
+)
 from broker.disk.group_records import GroupRecords
 from broker.disk.journal import EventSink
 from broker.disk.store import StateDir
@@ -178,6 +186,8 @@ class GroupManager:
             one_host={key: spec.host for key, spec in catalog.resources.items()} if one_host else None,
         )
         ref = self._by_request.get((holder, request_id))
+        if ref is not None:  # a retry, or the same id reused for another ask (refused)
+            check_same_ask(self._groups[ref].lease, ask, one_host=one_host)
         if ref is None:
             if not wait and not await self._could_take_now(ask.candidates, ask.count):
                 raise self._busy(ask.selector or ",".join(ask.candidates), ask.candidates)
@@ -187,6 +197,8 @@ class GroupManager:
                     ref = await self._create(
                         holder, request_id, ask, ttl_s, wait, timeout_s, priority, note, session, one_host
                     )
+                else:
+                    check_same_ask(self._groups[ref].lease, ask, one_host=one_host)
         record = self._groups[ref]
         self._awaited.add(ref)
         if ref in self._unclaimed and record.lease.state is LeaseState.GRANTED:

@@ -54,6 +54,7 @@ __all__ = [
     "parse_selector",
     "GroupAsk",
     "resolve_ask",
+    "check_same_ask",
     "KeyView",
     "choose_members",
     "most_on_one_host",
@@ -216,6 +217,35 @@ def _resolve(
             f"labels {selector.text()!r} match {len(candidates)} keys; at most {MAX_GROUP_KEYS} per request", "labels"
         )
     return GroupAsk(candidates, need, selector.text())
+
+
+def check_same_ask(lease: GroupLease, ask: GroupAsk, *, one_host: bool = False) -> None:
+    """A ``request_id`` reused for a group request must ask what it asked before (a retry).
+
+    The same id asking for other keys, another selector, another count or another
+    placement is a new request under an old name: ``InvalidRequest`` naming the field,
+    never the old group as its answer (as ``reserve`` refuses an id reused on another key).
+    A selector is compared by its canonical text, so a retry after the catalog changed
+    the selector's members is still the same request.
+    """
+    asked = ask.selector or ",".join(ask.candidates)
+    before = lease.selector or ",".join(lease.candidates)
+    field = ""
+    if ask.selector != lease.selector:
+        field = "labels" if ask.selector else "keys"
+    elif not ask.selector and set(ask.candidates) != set(lease.candidates):
+        field = "keys"
+    elif ask.count != lease.count:
+        field = "count"
+    elif (one_host and ask.count > 1) != lease.one_host:
+        field = "one_host"
+    if field:
+        raise InvalidRequest(
+            f"request id {lease.request_id} already names a group request for {lease.count} of {before} "
+            f"(holder {lease.holder}{', one host' if lease.one_host else ''}); this one asks another {field} "
+            f"({ask.count} of {asked}{', one host' if one_host and ask.count > 1 else ''}): use a new request id",
+            field,
+        )
 
 
 @dataclass(frozen=True)
