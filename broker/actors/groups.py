@@ -39,6 +39,7 @@ from broker.core.groups import (
     choose_members,
     entry_request_id,
     group_order,
+    open_to_new,
     resolve_ask,
 )
 from broker.disk.group_records import GroupRecords
@@ -305,7 +306,7 @@ class GroupManager:
 
     async def _could_take_now(self, candidates: tuple[str, ...], count: int) -> bool:
         statuses = await asyncio.gather(*(self._status_of(key) for key in candidates))
-        free = [s for s in statuses if s.state is ResourceState.FREE and not s.queue]
+        free = [s for s in statuses if open_to_new(s.state, len(s.queue))]
         return len(free) >= count
 
     def _busy(self, shown: str, candidates: tuple[str, ...]) -> ResourceBusy:

@@ -46,7 +46,7 @@ from dataclasses import dataclass
 from pydantic import BaseModel, ConfigDict, Field
 
 from broker.errors import InvalidRequest, UnknownResource
-from broker.models import RESOURCE_KEY_PATTERN, GroupLease
+from broker.models import RESOURCE_KEY_PATTERN, GroupLease, ResourceState
 
 __all__ = [
     "SelectorTerm",
@@ -57,6 +57,7 @@ __all__ = [
     "check_same_ask",
     "KeyView",
     "choose_members",
+    "open_to_new",
     "most_on_one_host",
     "MAX_GROUP_KEYS",
     "GroupRecord",
@@ -256,6 +257,16 @@ class KeyView:
     ready_for: str | None  # the group ref heading this free key's queue, else None
     free_since: float | None = None  # None: never granted (counts as free the longest)
     host: str | None = None  # the host its hardware hangs off (None: reachable from anywhere)
+
+
+def open_to_new(state: ResourceState, queued: int) -> bool:
+    """Could a new request take this key now: free, and nobody queued for it.
+
+    A free key with a queue is kept for the group whose entry heads it (a book
+    grants a single-key head at once): idle, but no new request of the group's
+    priority or lower can have it, so a pool's free count leaves it out.
+    """
+    return state is ResourceState.FREE and queued == 0
 
 
 def _longest_free(view: KeyView) -> tuple[bool, float, str]:
