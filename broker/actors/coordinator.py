@@ -388,7 +388,8 @@ class BrokerActor:
         return await self._groups.withdraw(holder, request_id)
 
     async def group_position(self, holder: str, request_id: str) -> int | None:
-        """A waiting group request's best place over its keys' queues (1 = next), or None."""
+        """A waiting group request's place in line (1 = next), or None: the one that gates its grant,
+        the ``count``-th best place over the queues of the keys it may use."""
         await self._groups_ready()
         return await self._groups.position(holder, request_id)
 

@@ -38,6 +38,7 @@ from broker.core.groups import (
     check_same_ask,
     choose_members,
     entry_request_id,
+    gating_place,
     group_order,
     open_to_new,
     resolve_ask,
@@ -415,7 +416,8 @@ class GroupManager:
         )
 
     async def position(self, holder: str, request_id: str) -> int | None:
-        """A waiting group request's best place over the queues of the keys it may use (1 = next), or None."""
+        """A waiting group request's place in line (1 = next), or None: the place that gates its grant,
+        the ``count``-th best over the queues of the keys it may use (:func:`gating_place`)."""
         ref = self._by_request.get((holder, request_id)) if isinstance(request_id, str) else None
         record = self._groups.get(ref) if ref else None
         if record is None or record.lease.state is not LeaseState.QUEUED:
@@ -423,7 +425,7 @@ class GroupManager:
         places = []
         for status in await asyncio.gather(*(self._status_of(key) for key in record.lease.candidates)):
             places += [entry.position for entry in status.queue if entry.group == ref]
-        return min(places, default=None)
+        return gating_place(places, record.lease.count)
 
     # ------------------------------------------------------------------ events from the keys
 

@@ -58,6 +58,7 @@ __all__ = [
     "KeyView",
     "choose_members",
     "open_to_new",
+    "gating_place",
     "most_on_one_host",
     "MAX_GROUP_KEYS",
     "GroupRecord",
@@ -267,6 +268,20 @@ def open_to_new(state: ResourceState, queued: int) -> bool:
     priority or lower can have it, so a pool's free count leaves it out.
     """
     return state is ResourceState.FREE and queued == 0
+
+
+def gating_place(places: Sequence[int], count: int) -> int | None:
+    """A waiting group's place in line: the one that gates its grant, from its entries' places.
+
+    The group needs ``count`` keys at once, so it is granted when its ``count``-th best
+    place comes to the head: the k-th smallest of its places (all of a set's keys: the
+    worst of them; any one of a pool: the best). None when it is queued nowhere; with
+    fewer entries than ``count`` (some being queued again), the worst of those it has.
+    """
+    if not places:
+        return None
+    ordered = sorted(places)
+    return ordered[min(count, len(ordered)) - 1]
 
 
 def _longest_free(view: KeyView) -> tuple[bool, float, str]:
