@@ -111,6 +111,12 @@ def test_cli_any_two_lanes_and_a_pair_with_pools_in_list(lab):
     assert listing.returncode == 0, listing.stderr
     pool_lines = {line.split()[0]: line for line in listing.stdout.splitlines() if line.startswith(("u250", "sim_"))}
     assert "0/2" in pool_lines["sim_lanes"] and "2/2" in pool_lines["u250"]
+    # Filtered: the pools with a member listed, with their own figures; --pools --json: the pools' data.
+    sims = lab.cli("ray", "resources", "list", "--labels", "kind=sim")
+    pool_lines = [line for line in sims.stdout.splitlines() if line.startswith(("u250", "sim_"))]
+    assert len(pool_lines) == 1 and "0/2" in pool_lines[0] and pool_lines[0].startswith("sim_lanes"), sims.stdout
+    pools = {p["pool"]: p for p in json.loads(lab.cli("ray", "resources", "list", "--pools", "--json").stdout)}
+    assert (pools["sim_lanes"]["free"], pools["sim_lanes"]["total"], pools["u250"]["free"]) == (0, 2, 2)
     pair = lab.cli("ray", "resources", "reserve", "firesim_u250,firesim_u250_b", "--ttl", "10m")
     assert pair.returncode == 0, pair.stderr
     assert "firesim_u250: fencing token 1" in pair.stdout and "firesim_u250_b: fencing token 1" in pair.stdout
