@@ -52,6 +52,7 @@ from broker.actors.health import HealthProber
 from broker.actors.resource import ResourceActor
 from broker.actors.run_manager import RunManager
 from broker.core.catalog import Catalog, parse_catalog
+from broker.core.groups import open_to_new
 from broker.core.placement_rules import JobNeeds, NodeInfo, Placement, host_down_reason, placement, unsatisfiable
 from broker.core.request_index import RequestIndex
 from broker.core.runs import RunRecord, new_run_id
@@ -387,7 +388,8 @@ class BrokerActor:
         return await self._groups.withdraw(holder, request_id)
 
     async def group_position(self, holder: str, request_id: str) -> int | None:
-        """A waiting group request's best place over its keys' queues (1 = next), or None."""
+        """A waiting group request's place in line (1 = next), or None: the one that gates its grant,
+        the ``count``-th best place over the queues of the keys it may use."""
         await self._groups_ready()
         return await self._groups.position(holder, request_id)
 
@@ -411,7 +413,8 @@ class BrokerActor:
                     "labels": selector,
                     "members": list(members),
                     "total": len(members),
-                    "free": sum(1 for key in members if statuses[key].state is ResourceState.FREE),
+                    # Free for a new request: a free member kept for a waiting group is not.
+                    "free": sum(1 for key in members if open_to_new(statuses[key].state, len(statuses[key].queue))),
                     "waiting_groups": self._groups.waiting_within(members),
                     "waiting_single": sum(1 for key in members for entry in statuses[key].queue if entry.group is None),
                 }

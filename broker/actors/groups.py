@@ -32,7 +32,17 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from broker.core.catalog import Catalog
-from broker.core.groups import GroupRecord, KeyView, choose_members, entry_request_id, group_order, resolve_ask
+from broker.core.groups import (
+    GroupRecord,
+    KeyView,
+    check_same_ask,
+    choose_members,
+    entry_request_id,
+    gating_place,
+    group_order,
+    open_to_new,
+    resolve_ask,
+)
 from broker.disk.group_records import GroupRecords
 from broker.disk.journal import EventSink
 from broker.disk.store import StateDir
@@ -178,6 +188,8 @@ class GroupManager:
             one_host={key: spec.host for key, spec in catalog.resources.items()} if one_host else None,
         )
         ref = self._by_request.get((holder, request_id))
+        if ref is not None:  # a retry, or the same id reused for another ask (refused)
+            check_same_ask(self._groups[ref].lease, ask, one_host=one_host)
         if ref is None:
             if not wait and not await self._could_take_now(ask.candidates, ask.count):
                 raise self._busy(ask.selector or ",".join(ask.candidates), ask.candidates)
@@ -187,6 +199,8 @@ class GroupManager:
                     ref = await self._create(
                         holder, request_id, ask, ttl_s, wait, timeout_s, priority, note, session, one_host
                     )
+                else:
+                    check_same_ask(self._groups[ref].lease, ask, one_host=one_host)
         record = self._groups[ref]
         self._awaited.add(ref)
         if ref in self._unclaimed and record.lease.state is LeaseState.GRANTED:
@@ -293,7 +307,7 @@ class GroupManager:
 
     async def _could_take_now(self, candidates: tuple[str, ...], count: int) -> bool:
         statuses = await asyncio.gather(*(self._status_of(key) for key in candidates))
-        free = [s for s in statuses if s.state is ResourceState.FREE and not s.queue]
+        free = [s for s in statuses if open_to_new(s.state, len(s.queue))]
         return len(free) >= count
 
     def _busy(self, shown: str, candidates: tuple[str, ...]) -> ResourceBusy:
@@ -402,7 +416,8 @@ class GroupManager:
         )
 
     async def position(self, holder: str, request_id: str) -> int | None:
-        """A waiting group request's best place over the queues of the keys it may use (1 = next), or None."""
+        """A waiting group request's place in line (1 = next), or None: the place that gates its grant,
+        the ``count``-th best over the queues of the keys it may use (:func:`gating_place`)."""
         ref = self._by_request.get((holder, request_id)) if isinstance(request_id, str) else None
         record = self._groups.get(ref) if ref else None
         if record is None or record.lease.state is not LeaseState.QUEUED:
@@ -410,7 +425,7 @@ class GroupManager:
         places = []
         for status in await asyncio.gather(*(self._status_of(key) for key in record.lease.candidates)):
             places += [entry.position for entry in status.queue if entry.group == ref]
-        return min(places, default=None)
+        return gating_place(places, record.lease.count)
 
     # ------------------------------------------------------------------ events from the keys
 

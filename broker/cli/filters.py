@@ -1,4 +1,5 @@
-"""``resources list`` filters, pure: ``--state``, ``--labels k=v``, ``--holder``/``--mine``."""
+"""``resources list`` filters, pure: ``--state``, ``--labels k=v``, ``--holder``/``--mine``; and which
+pools a filtered listing shows."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ from typing import Any
 
 from broker.errors import InvalidRequest
 
-__all__ = ["ResourceFilter", "parse_labels"]
+__all__ = ["ResourceFilter", "parse_labels", "pools_for"]
 
 
 def parse_labels(values: Sequence[str] | None) -> dict[str, str]:
@@ -64,3 +65,15 @@ class ResourceFilter:
 
     def apply(self, statuses: Iterable[Any]) -> list[Any]:
         return [status for status in statuses if self.matches(status)]
+
+
+def pools_for(pools: Iterable[dict[str, Any]], shown_keys: Iterable[str], *, filtered: bool) -> list[dict[str, Any]]:
+    """The pools a listing shows: every one without filters, else those with a member among the keys shown.
+
+    A pool's figures (free/total, who waits) stay its own, over all its members: a filter chooses
+    which pools are relevant, never what they count.
+    """
+    if not filtered:
+        return list(pools)
+    shown = set(shown_keys)
+    return [pool for pool in pools if shown & set(pool.get("members", ()))]

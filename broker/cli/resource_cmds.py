@@ -23,7 +23,7 @@ from broker.cli.common import (
     table,
     when,
 )
-from broker.cli.filters import ResourceFilter, parse_labels
+from broker.cli.filters import ResourceFilter, parse_labels, pools_for
 from broker.cli.interrupts import stopped
 from broker.core.durations import format_duration
 from broker.errors import InvalidRequest, LeaseNotFound, LeaseNotHeld, UnknownResource
@@ -65,6 +65,12 @@ def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -
     )
     listing.add_argument("--holder", default=None, help="only resources this holder holds or waits for")
     listing.add_argument("--mine", action="store_true", help="only resources you (user@host) hold or wait for")
+    listing.add_argument(
+        "--pools",
+        action="store_true",
+        help="only the catalog's pools (free/total, who waits; with filters, those with a member listed); "
+        "with --json, as a JSON array (plain --json lists the keys)",
+    )
     json_option(listing)
     listing.set_defaults(run=_list)
 
@@ -215,13 +221,19 @@ def _list(ctx: Context) -> int:
         holders=frozenset(holders),
     )
     statuses = chosen.apply(_statuses(ctx))
-    if args.json:
-        emit_json(statuses)
+    if args.json and not args.pools:
+        emit_json(statuses)  # the keys only: scripts read an array of resources (see --pools)
         return 0
-    print(table(_COLUMNS, [_status_row(status) for status in statuses]))
-    pools = _pools(ctx) if not (args.state or args.labels or holders) else []
+    filtered = bool(args.state or args.labels or holders)
+    pools = pools_for(_pools(ctx), (status.key for status in statuses), filtered=filtered)
+    if args.json:
+        emit_json(pools)
+        return 0
+    if not args.pools:
+        print(table(_COLUMNS, [_status_row(status) for status in statuses]))
     if pools:
-        print()
+        if not args.pools:
+            print()
         rows = [
             [
                 pool["pool"],
@@ -233,6 +245,8 @@ def _list(ctx: Context) -> int:
             for pool in pools
         ]
         print(table(["pool", "labels", "free", "waiting (any-of)", "waiting (one key)"], rows))
+    elif args.pools:
+        note("no pools to show: the catalog names none" + (" with a member listed" if filtered else ""))
     return 0
 
 

@@ -3,7 +3,8 @@
 Each ``lease.granted`` is paired with the event that ended it (released,
 expired, revoked), matched by the public lease ``ref``. A hold is clipped to
 the window ``[since, until]``; one still open at ``until`` counts up to it.
-A lease counts (and its wait with it) in the window where it was granted.
+A lease counts (and its wait with it) in the window where it was granted. A
+group's take given back (:func:`broker.core.history.given_back`) counts as nothing.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from broker.core.compat import StrEnum
+from broker.core.history import given_back
 
 __all__ = ["UsageBy", "UsageRow", "account"]
 
@@ -67,10 +69,16 @@ def account(
 ) -> list[UsageRow]:
     """Totals per ``by`` over ``[since, until]``, most hours held first (then by name)."""
     rows: dict[str, UsageRow] = {}
-    open_grants: dict[str, tuple[str, float]] = {}  # lease ref -> (group name, granted at)
+    open_grants: dict[str, tuple[str, float, float]] = {}  # lease ref -> (group name, granted at, waited)
 
     def row(name: str) -> UsageRow:
         return rows.setdefault(name, UsageRow(name))
+
+    def grant(name: str, granted_at: float, waited: float) -> None:
+        if granted_at >= since:  # counted once its end is known: a take given back is no lease
+            granted = row(name)
+            granted.leases += 1
+            granted.waited_s += waited
 
     def hold(name: str, start: float, end: float) -> None:
         clipped = min(end, until) - max(start, since)
@@ -88,18 +96,18 @@ def account(
             continue
         group = key if by is UsageBy.RESOURCE else str(event.get("holder", "?"))
         if name == "lease.granted":
-            open_grants[ref] = (group, ts)
-            if ts >= since:
-                granted = row(group)
-                granted.leases += 1
-                granted.waited_s += float(event.get("wait_s") or 0.0)
+            open_grants[ref] = (group, ts, float(event.get("wait_s") or 0.0))
         elif name in _ENDS and ref in open_grants:
-            group, granted_at = open_grants.pop(ref)
+            group, granted_at, waited = open_grants.pop(ref)
+            if given_back(event):
+                continue
+            grant(group, granted_at, waited)
             hold(group, granted_at, ts)
             if ts >= since:
                 ended = row(group)
                 kind = _ENDS[name]
                 setattr(ended, kind, getattr(ended, kind) + 1)
-    for group, granted_at in open_grants.values():  # still held at the end of the window
+    for group, granted_at, waited in open_grants.values():  # still held at the end of the window
+        grant(group, granted_at, waited)
         hold(group, granted_at, until)
     return sorted(rows.values(), key=lambda r: (-r.held_s, r.name))

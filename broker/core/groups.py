@@ -46,7 +46,7 @@ from dataclasses import dataclass
 from pydantic import BaseModel, ConfigDict, Field
 
 from broker.errors import InvalidRequest, UnknownResource
-from broker.models import RESOURCE_KEY_PATTERN, GroupLease
+from broker.models import RESOURCE_KEY_PATTERN, GroupLease, ResourceState
 
 __all__ = [
     "SelectorTerm",
@@ -54,8 +54,11 @@ __all__ = [
     "parse_selector",
     "GroupAsk",
     "resolve_ask",
+    "check_same_ask",
     "KeyView",
     "choose_members",
+    "open_to_new",
+    "gating_place",
     "most_on_one_host",
     "MAX_GROUP_KEYS",
     "GroupRecord",
@@ -218,6 +221,35 @@ def _resolve(
     return GroupAsk(candidates, need, selector.text())
 
 
+def check_same_ask(lease: GroupLease, ask: GroupAsk, *, one_host: bool = False) -> None:
+    """A ``request_id`` reused for a group request must ask what it asked before (a retry).
+
+    The same id asking for other keys, another selector, another count or another
+    placement is a new request under an old name: ``InvalidRequest`` naming the field,
+    never the old group as its answer (as ``reserve`` refuses an id reused on another key).
+    A selector is compared by its canonical text, so a retry after the catalog changed
+    the selector's members is still the same request.
+    """
+    asked = ask.selector or ",".join(ask.candidates)
+    before = lease.selector or ",".join(lease.candidates)
+    field = ""
+    if ask.selector != lease.selector:
+        field = "labels" if ask.selector else "keys"
+    elif not ask.selector and set(ask.candidates) != set(lease.candidates):
+        field = "keys"
+    elif ask.count != lease.count:
+        field = "count"
+    elif (one_host and ask.count > 1) != lease.one_host:
+        field = "one_host"
+    if field:
+        raise InvalidRequest(
+            f"request id {lease.request_id} already names a group request for {lease.count} of {before} "
+            f"(holder {lease.holder}{', one host' if lease.one_host else ''}); this one asks another {field} "
+            f"({ask.count} of {asked}{', one host' if one_host and ask.count > 1 else ''}): use a new request id",
+            field,
+        )
+
+
 @dataclass(frozen=True)
 class KeyView:
     """What the scheduler needs of one key: is it free with this group's entry at the head, since when."""
@@ -226,6 +258,30 @@ class KeyView:
     ready_for: str | None  # the group ref heading this free key's queue, else None
     free_since: float | None = None  # None: never granted (counts as free the longest)
     host: str | None = None  # the host its hardware hangs off (None: reachable from anywhere)
+
+
+def open_to_new(state: ResourceState, queued: int) -> bool:
+    """Could a new request take this key now: free, and nobody queued for it.
+
+    A free key with a queue is kept for the group whose entry heads it (a book
+    grants a single-key head at once): idle, but no new request of the group's
+    priority or lower can have it, so a pool's free count leaves it out.
+    """
+    return state is ResourceState.FREE and queued == 0
+
+
+def gating_place(places: Sequence[int], count: int) -> int | None:
+    """A waiting group's place in line: the one that gates its grant, from its entries' places.
+
+    The group needs ``count`` keys at once, so it is granted when its ``count``-th best
+    place comes to the head: the k-th smallest of its places (all of a set's keys: the
+    worst of them; any one of a pool: the best). None when it is queued nowhere; with
+    fewer entries than ``count`` (some being queued again), the worst of those it has.
+    """
+    if not places:
+        return None
+    ordered = sorted(places)
+    return ordered[min(count, len(ordered)) - 1]
 
 
 def _longest_free(view: KeyView) -> tuple[bool, float, str]:

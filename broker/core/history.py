@@ -3,7 +3,8 @@
 Reads journal records (dicts as :func:`broker.disk.journal.read_journal` yields
 them) and pairs each ``lease.granted`` with the event that ended the lease
 (matched by the public lease ``ref``). Holds are clipped to the window, so
-utilization is the share of the window the board was held.
+utilization is the share of the window the board was held. A group's take that
+was given back (its group could not take every key) is no grant: nobody held it.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from typing import Any
 
 from broker.models import EndReason, LeaseEvent
 
-__all__ = ["HolderUsage", "UsageHistory", "summarize_usage", "select_events"]
+__all__ = ["HolderUsage", "UsageHistory", "summarize_usage", "select_events", "given_back"]
 
 # The events that end a hold, and the UsageHistory count each one adds to.
 _ENDS = {LeaseEvent.RELEASED: "released", LeaseEvent.EXPIRED: "expired", LeaseEvent.REVOKED: "revoked"}
@@ -108,9 +109,14 @@ def select_events(
 
 
 def summarize_usage(events: Iterable[dict[str, Any]], resource: str, since: float, until: float) -> UsageHistory:
-    """Usage of ``resource`` in ``[since, until]`` from its journal records (in journal order)."""
+    """Usage of ``resource`` in ``[since, until]`` from its journal records (in journal order).
+
+    A grant counts once its end is seen (or the journal ends with it open): a group's take
+    given back (``its group's grant could not take every key``, the key requeued for the
+    group) was held by nobody and counts as nothing — no grant, no hold, no release.
+    """
     history = UsageHistory(resource=resource, since=since, until=until)
-    open_grants: dict[str, tuple[str, float]] = {}  # lease ref -> (holder, granted at)
+    open_grants: dict[str, tuple[str, float, float]] = {}  # lease ref -> (holder, granted at, waited)
     for event in events:
         if event.get("resource") != resource:
             continue
@@ -118,17 +124,13 @@ def summarize_usage(events: Iterable[dict[str, Any]], resource: str, since: floa
         end = _ENDS.get(name) if name is not None else None
         ts = float(event.get("ts", 0.0))
         ref = event.get("lease")
-        holder = event.get("holder", "?")
         if name is LeaseEvent.GRANTED and ref:
-            open_grants[ref] = (holder, ts)
-            if ts >= since:
-                history.grants += 1
-                usage = history.holders.setdefault(holder, HolderUsage(holder))
-                usage.leases += 1
-                usage.waited_s += float(event.get("wait_s") or 0.0)
-                usage.last_granted_at = ts
+            open_grants[ref] = (event.get("holder", "?"), ts, float(event.get("wait_s") or 0.0))
         elif end is not None and ref in open_grants:
-            holder, granted_at = open_grants.pop(ref)
+            holder, granted_at, waited = open_grants.pop(ref)
+            if given_back(event):
+                continue
+            _add_grant(history, holder, granted_at, waited)
             _add_hold(history, holder, granted_at, ts)
             if ts >= since:
                 setattr(history, end, getattr(history, end) + 1)
@@ -142,10 +144,26 @@ def summarize_usage(events: Iterable[dict[str, Any]], resource: str, since: floa
                 history.wait_timeouts += 1
         elif name is LeaseEvent.MAINTENANCE and event.get("on") and ts >= since:
             history.maintenance_periods += 1
-    for holder, granted_at in open_grants.values():  # still held
+    for holder, granted_at, waited in open_grants.values():  # still held
+        _add_grant(history, holder, granted_at, waited)
         _add_hold(history, holder, granted_at, until)
         history.current_holder = holder
     return history
+
+
+def given_back(end_event: dict[str, Any]) -> bool:
+    """Is this the end of a group's take that was given back (a grant to nobody, its key requeued)?"""
+    return EndReason.of(end_event.get("reason")) is EndReason.GROUP_GRANT_ABORTED
+
+
+def _add_grant(history: UsageHistory, holder: str, granted_at: float, waited: float) -> None:
+    if granted_at < history.since:
+        return
+    history.grants += 1
+    usage = history.holders.setdefault(holder, HolderUsage(holder))
+    usage.leases += 1
+    usage.waited_s += waited
+    usage.last_granted_at = max(usage.last_granted_at or granted_at, granted_at)
 
 
 def _add_hold(history: UsageHistory, holder: str, start: float, end: float) -> None:

@@ -14,7 +14,8 @@ Rendering every family costs about 0.3 ms per key here, in the coordinator's
 process, competing for its GIL with the event loop.
 
 Pools (the catalog's named selectors) are summed from the same snapshots:
-members, free members, and the requests waiting for a member — a group
+members, free members (that a new request could take now: a free member kept
+for a waiting group is not one), and the requests waiting for a member — a group
 request with entries on several members counts once (each key's snapshot names
 the groups queued there). Group requests' waits come from the coordinator's
 group manager, seeded from the group records at start, so a restart does not
@@ -37,6 +38,7 @@ from prometheus_client import generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector, CollectorRegistry
 
+from broker.core.groups import open_to_new
 from broker.core.usage import WAIT_BUCKETS_S, Histogram, ResourceSnapshot
 from broker.models import ResourceState
 
@@ -313,8 +315,8 @@ def _pool_families(view: BoardView) -> Iterator[Metric]:
     )
     free = GaugeMetricFamily(
         "merlin_broker_pool_free",
-        "Members in state free (answering, not leased, not in maintenance); a free member may be "
-        "promised to a group request at the head of its queue.",
+        "Members a new request could take now: answering, free (not leased, in maintenance or down) "
+        "and nobody queued; a free member kept for a waiting group request is not counted.",
         labels=["pool"],
     )
     queue = GaugeMetricFamily(
@@ -339,7 +341,11 @@ def _pool_families(view: BoardView) -> Iterator[Metric]:
 
 def _is_free(view: BoardView, key: str) -> bool:
     snapshot = view.snapshots.get(key)
-    return snapshot is not None and view.up.get(key, False) and ResourceState(snapshot.state) is ResourceState.FREE
+    return (
+        snapshot is not None
+        and view.up.get(key, False)
+        and open_to_new(ResourceState(snapshot.state), snapshot.queue_depth)
+    )
 
 
 def pool_queue_depth(snapshots: Mapping[str, ResourceSnapshot], keys: Sequence[str]) -> int:

@@ -7,6 +7,8 @@ from __future__ import annotations
 import json
 import os
 import signal
+import subprocess
+import sys
 import threading
 import time
 
@@ -15,7 +17,7 @@ import pytest
 from broker.errors import InvalidRequest, ResourceBusy
 from broker.models import GroupLease, LeaseState
 from tests.integration.conftest import make_broker
-from tests.waiting import until
+from tests.waiting import StderrWatch, until
 
 pytestmark = pytest.mark.ray
 
@@ -109,6 +111,12 @@ def test_cli_any_two_lanes_and_a_pair_with_pools_in_list(lab):
     assert listing.returncode == 0, listing.stderr
     pool_lines = {line.split()[0]: line for line in listing.stdout.splitlines() if line.startswith(("u250", "sim_"))}
     assert "0/2" in pool_lines["sim_lanes"] and "2/2" in pool_lines["u250"]
+    # Filtered: the pools with a member listed, with their own figures; --pools --json: the pools' data.
+    sims = lab.cli("ray", "resources", "list", "--labels", "kind=sim")
+    pool_lines = [line for line in sims.stdout.splitlines() if line.startswith(("u250", "sim_"))]
+    assert len(pool_lines) == 1 and "0/2" in pool_lines[0] and pool_lines[0].startswith("sim_lanes"), sims.stdout
+    pools = {p["pool"]: p for p in json.loads(lab.cli("ray", "resources", "list", "--pools", "--json").stdout)}
+    assert (pools["sim_lanes"]["free"], pools["sim_lanes"]["total"], pools["u250"]["free"]) == (0, 2, 2)
     pair = lab.cli("ray", "resources", "reserve", "firesim_u250,firesim_u250_b", "--ttl", "10m")
     assert pair.returncode == 0, pair.stderr
     assert "firesim_u250: fencing token 1" in pair.stdout and "firesim_u250_b: fencing token 1" in pair.stdout
@@ -158,3 +166,54 @@ def test_waiting_group_survives_kill_9_of_coordinator_and_resource_actor(lab):
     grants = [e for e in journal if e["event"] == "group.granted"]
     assert len(grants) == 1 and sorted(grants[0]["keys"]) == ["radiance_sim_lane_a", "radiance_sim_lane_b"]
     assert not any(group.lease_id in line for line in lab.state.events_path.read_text().splitlines())
+
+
+def test_cli_group_wait_shows_the_place_that_gates_it(lab):
+    client = lab.client
+    alice = client.reserve("radiance_sim_lane_a", "alice", ttl_s=600)
+    got: dict[str, object] = {}
+    bob = threading.Thread(
+        target=lambda: got.update(bob=client.reserve("radiance_sim_lane_a", "bob", wait=True, ttl_s=600))
+    )
+    bob.start()
+    until(lambda: len(_status(client, "radiance_sim_lane_a").queue) == 1, "bob queued on lane_a")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "broker.cli", "ray", "resources", "reserve", "--labels", "kind=sim", "--count", "2",
+         "--holder", "ci", "--wait", "--timeout", "60s", "--json"],
+        env=lab.env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    stderr = StderrWatch(proc)
+    # First on lane_b but second on lane_a, behind bob: it needs both, so it is second in line.
+    stderr.wait_for("place 2 in the queue")
+    client.release(alice.lease_id)
+    bob.join(60)
+    stderr.wait_for("place 1 in the queue")  # bob holds lane_a now: the group is next on both
+    client.release(got["bob"].lease_id)  # type: ignore[attr-defined]
+    out, _ = proc.communicate(timeout=60)
+    err = stderr.text()
+    assert proc.returncode == 0, err
+    assert "waiting for kind=sim: place 2 in the queue" in err
+    group = json.loads(out)
+    assert sorted(m["key"] for m in group["members"]) == ["radiance_sim_lane_a", "radiance_sim_lane_b"]
+    client.release(group["lease_id"])
+
+
+def test_shim_lease_context_holds_a_group_renews_it_and_releases_it(lab):
+    client = lab.client
+    # Any two sim lanes, and the two U250 slots together, held at once; TTLs of 1 s kept by heartbeats.
+    with (
+        client.lease(labels="kind=sim", count=2, holder="nb", ttl_s=1.0, heartbeat_s=0.2) as lanes,
+        client.lease(keys=["firesim_u250", "firesim_u250_b"], holder="nb", ttl_s=1.0, heartbeat_s=0.2) as fpgas,
+    ):
+        assert set(lanes.keys) == {"radiance_sim_lane_a", "radiance_sim_lane_b"}
+        assert set(fpgas.keys) == {"firesim_u250", "firesim_u250_b"}
+        time.sleep(2.0)  # twice the TTL: only the heartbeats keep the keys
+        for held in (lanes, fpgas):
+            assert held.check().state is LeaseState.GRANTED
+            assert client.check_fence(held.lease_id, held.fencing_tokens).lease_id == held.lease_id
+        statuses = {s.key: s for s in client.resources()}
+        assert {s.holder for s in statuses.values()} == {"nb"}
+        assert all(s.expires_at > time.time() for s in statuses.values())
+    for held in (lanes, fpgas):
+        assert client.get_lease(held.lease_id).state is LeaseState.RELEASED
+    assert all(s.holder is None for s in client.resources())

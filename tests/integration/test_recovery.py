@@ -91,24 +91,39 @@ def test_detached_actors_outlive_the_driver_that_made_them(ray_cluster, tmp_path
 
 
 QUEUE_AND_LEAVE = """
-import sys, time, ray, broker
+import json, sys, time, ray, broker
 client = broker.connect()
 handle = ray.get_actor("broker")  # the notebook way: plain Ray, the namespace from connect()
 handle.reserve.remote("firesim_u250", "bob", wait=True, request_id="bob-req-1", ttl_s=600)
+
+def queue(key):
+    return next(s for s in client.resources() if s.key == key).queue
+
 deadline = time.time() + 60
-while time.time() < deadline and not client.resources()[0].queue:
+while time.time() < deadline and not queue("firesim_u250"):
     time.sleep(0.1)
-print("queued", flush=True)
+# Then a group that needs the FPGA (behind bob) and lane_b (free: kept for the group meanwhile).
+handle.reserve_group.remote(
+    "cosim", keys=["firesim_u250", "radiance_sim_lane_b"], wait=True, request_id="cosim-1", ttl_s=600
+)
+while time.time() < deadline and not (len(queue("firesim_u250")) == 2 and queue("radiance_sim_lane_b")):
+    time.sleep(0.1)
+print("queued", json.dumps([g["ref"] for g in client.groups() if g["state"] == "queued"]), flush=True)
 """
 
 
 def test_cluster_stop_and_start_restores_leases_and_queue(tmp_path):
-    """Its own cluster: stop it with a lease granted and a request queued, start it, `broker up`."""
+    """Its own cluster: stop it with a lease granted and a request queued, a group lease granted and
+    a group request waiting (behind the single one on a key they share), start it, `broker up`."""
     state_dir = tmp_path / "state"
     catalog = tmp_path / "catalog.yaml"
     from tests.integration.conftest import ROOT, TEST_CATALOG
 
-    catalog.write_text(yaml.safe_dump(TEST_CATALOG))
+    lab = {
+        **TEST_CATALOG,
+        "resources": {**TEST_CATALOG["resources"], "radiance_sim_lane_b": {"labels": {"kind": "sim"}}},
+    }
+    catalog.write_text(yaml.safe_dump(lab))
     env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_", "MERLIN_"))}
     env.update(MERLIN_STATE_DIR=str(state_dir), MERLIN_RAY_NAMESPACE="restart-test")
 
@@ -121,10 +136,15 @@ def test_cluster_stop_and_start_restores_leases_and_queue(tmp_path):
         assert merlin("ray", "cluster", "start-local").returncode == 0
         assert merlin("broker", "up", "--catalog", str(catalog), "--metrics-port", "0").returncode == 0
         alice = json.loads(merlin("ray", "resources", "reserve", "firesim_u250", "--holder", "alice", "--json").stdout)
+        pair = ("ray", "resources", "reserve", "spacemit_x60_board_01,radiance_sim_lane_a", "--holder", "ci",
+                "--request-id", "ci-1", "--ttl", "10m", "--json")  # fmt: skip
+        ci = json.loads(merlin(*pair).stdout)
+        assert ci["state"] == "granted"
         queued = subprocess.run(
             [sys.executable, "-c", QUEUE_AND_LEAVE], env=env, capture_output=True, text=True, timeout=120
         )
         assert "queued" in queued.stdout, queued.stderr
+        (cosim_ref,) = json.loads(queued.stdout.split("queued", 1)[1])
 
         stop = merlin("ray", "cluster", "stop")
         assert stop.returncode == 0 and "stopped" in stop.stdout, stop.stderr
@@ -139,7 +159,14 @@ def test_cluster_stop_and_start_restores_leases_and_queue(tmp_path):
             alice["fencing_token"],
         )
         listing = {r["key"]: r for r in json.loads(merlin("ray", "resources", "list", "--json").stdout)}
-        assert [q["holder"] for q in listing["firesim_u250"]["queue"]] == ["bob"]
+        # Order kept on the key they share: bob, then the group; lane_b still kept for the group.
+        assert [q["holder"] for q in listing["firesim_u250"]["queue"]] == ["bob", "cosim"]
+        lane_b = listing["radiance_sim_lane_b"]
+        assert (lane_b["state"], [q["holder"] for q in lane_b["queue"]]) == ("free", ["cosim"])
+        # The granted group is still granted, with its keys and tokens; its request id answers the same lease.
+        shown = json.loads(merlin("ray", "resources", "show", ci["lease_id"], "--json").stdout)
+        assert (shown["state"], shown["members"]) == ("granted", ci["members"])
+        assert json.loads(merlin(*pair).stdout)["lease_id"] == ci["lease_id"]
 
         # bob comes back with his request id; alice releases; bob holds the same request's lease
         waiting = subprocess.Popen(
@@ -155,6 +182,22 @@ def test_cluster_stop_and_start_restores_leases_and_queue(tmp_path):
         bob = json.loads(out)
         assert bob["state"] == "granted" and bob["fencing_token"] == alice["fencing_token"] + 1, err
         assert bob["expires_at"] - bob["granted_at"] > 500  # he came back: his full TTL, not the claim window
+
+        # cosim comes back with its request id: the same group, next in line for both keys.
+        waiting = subprocess.Popen(
+            [sys.executable, "-m", "broker.cli", "ray", "resources", "reserve", "firesim_u250,radiance_sim_lane_b",
+             "--holder", "cosim", "--request-id", "cosim-1", "--wait", "--timeout", "60s", "--json"],
+            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT,
+        )  # fmt: skip
+        stderr = StderrWatch(waiting)
+        stderr.wait_for("place 1 in the queue")
+        assert merlin("ray", "resources", "release", bob["lease_id"]).returncode == 0
+        out, _ = waiting.communicate(timeout=120)
+        cosim = json.loads(out)
+        assert cosim["state"] == "granted" and cosim["ref"] == cosim_ref, stderr.text()
+        tokens = {m["key"]: m["fencing_token"] for m in cosim["members"]}
+        assert tokens == {"firesim_u250": bob["fencing_token"] + 1, "radiance_sim_lane_b": 1}
+        assert cosim["expires_at"] - cosim["granted_at"] > 500  # claimed by its caller: the full TTL
     finally:
         merlin("ray", "cluster", "stop")
 

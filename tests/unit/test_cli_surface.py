@@ -17,7 +17,7 @@ import pytest
 from broker.cli import build_parser
 from broker.cli.common import state_dir_error
 from broker.cli.completion import bash_script, catalog_keys, command_tree, held_lease_ids
-from broker.cli.filters import ResourceFilter, parse_labels
+from broker.cli.filters import ResourceFilter, parse_labels, pools_for
 from broker.core.accounting import UsageBy, account
 from broker.core.durations import format_duration
 from broker.core.request_index import RequestIndex
@@ -259,6 +259,20 @@ STATUSES = [
 def test_resource_filters(chosen, keys):
     assert [status.key for status in chosen.apply(STATUSES)] == keys
     assert [status.key for status in chosen.apply(reversed(STATUSES))] == list(reversed(keys))
+
+
+def test_a_filtered_listing_shows_the_pools_with_a_member_listed_and_their_own_figures():
+    pools = [
+        {"pool": "fpgas", "members": ["fpga_a", "fpga_b"], "free": 1, "total": 2},
+        {"pool": "sims", "members": ["sim"], "free": 0, "total": 1},
+        {"pool": "none", "members": [], "free": 0, "total": 0},
+    ]
+    assert pools_for(pools, ["board"], filtered=False) == pools  # no filter: every pool
+    shown = ResourceFilter(states=frozenset({ResourceState.LEASED})).apply(STATUSES)  # fpga_a and sim
+    assert pools_for(pools, [s.key for s in shown], filtered=True) == pools[:2]  # figures unchanged
+    shown = ResourceFilter(labels={"kind": "sim"}).apply(STATUSES)
+    assert [p["pool"] for p in pools_for(pools, [s.key for s in shown], filtered=True)] == ["sims"]
+    assert pools_for(pools, [], filtered=True) == []
 
 
 def test_labels_parse_from_repeated_and_comma_separated_options():

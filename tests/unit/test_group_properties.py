@@ -4,6 +4,12 @@ releases, expiries, maintenance, lost races and restarts, never break the schedu
 The machine is the coordinator's protocol (broker/actors/groups.py) with the shell taken out:
 one LeaseBook per key restarted from what it wrote, group entries queued one group at a time,
 and the pass that takes a group's keys with :func:`choose_members` — or gives them back.
+
+Checked at every grant: fencing tokens increase; a key in maintenance is never granted (also
+when it went into maintenance while kept for a waiting group, between two takes of a pass); no
+waiting request — single or group — is overtaken on a key it could use by a later request of the
+same or lower priority. Checked at the end (liveness): with no new requests, every request ends
+granted or timed out (requests may carry wait timeouts; a group past its deadline is never granted).
 """
 
 from __future__ import annotations
@@ -18,10 +24,11 @@ from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
 from broker.core.book import LeaseBook, Outcome
 from broker.core.groups import KeyView, choose_members
 from broker.errors import BrokerError, ResourceBusy
-from broker.models import Lease, LeaseState, ReserveRequest
+from broker.models import EndReason, Lease, LeaseState, ReserveRequest
 
 KEYS = ("a", "b", "c", "d")
 PRIORITIES = st.sampled_from([0, 0, 0, 5])
+TIMEOUTS = st.sampled_from([None, None, 10.0, 30.0])  # a waiting request's timeout_s
 TTL = 50.0
 
 
@@ -33,9 +40,10 @@ class Group:
     count: int
     priority: int
     arrival: int
+    deadline: float | None = None  # its wait's end (the coordinator ends it then, never grants it after)
     entries: dict[str, str] = field(default_factory=dict)
     members: tuple[str, ...] = ()
-    state: str = "waiting"  # waiting, granted, ended
+    state: str = "waiting"  # waiting, granted, ended, timed out
 
 
 class GroupScheduling(RuleBasedStateMachine):
@@ -44,15 +52,16 @@ class GroupScheduling(RuleBasedStateMachine):
         self.now = 1000.0
         self.books = {key: LeaseBook(key, claim_s=30.0, retention_s=1e6) for key in KEYS}
         self.disk: dict[str, dict[str, Lease]] = {key: {} for key in KEYS}
-        self.maintenance: dict[str, bool] = dict.fromkeys(KEYS, False)
+        self.maintenance_flags: dict[str, bool] = dict.fromkeys(KEYS, False)
         self.ids = itertools.count()
         self.arrivals = itertools.count()
         self.groups: list[Group] = []
         self.arrival_of: dict[tuple[str, str], int] = {}  # (key, lease id) -> arrival of its request
         self.singles: dict[str, tuple[str, int, int]] = {}  # lease id -> (key, priority, arrival)
-        self.ever_granted: set[int] = set()  # arrivals granted at least once
+        self.with_timeout: set[int] = set()  # arrivals of single requests that asked with a timeout
         self.requests: set[int] = set()
         self.last_token: dict[str, int] = dict.fromkeys(KEYS, 0)
+        self.group_of: dict[str, Group] = {}  # ref -> group
 
     # ---------------------------------------------------------------- the shell's part
 
@@ -65,8 +74,12 @@ class GroupScheduling(RuleBasedStateMachine):
                 continue
             assert lease.fencing_token > self.last_token[key], "fencing token did not increase"
             self.last_token[key] = lease.fencing_token
+            assert not self.maintenance_flags[key], f"{key} granted to {lease.holder} while in maintenance"
             if lease.group is None:
                 self._check_not_overtaking(key, lease.priority, self.singles[lease.lease_id][2])
+            else:
+                group = self.group_of[lease.group]
+                self._check_not_overtaking(key, group.priority, group.arrival, taker=group.ref)
 
     def _apply(self, key: str, command) -> Outcome | None:
         try:
@@ -76,25 +89,41 @@ class GroupScheduling(RuleBasedStateMachine):
         self._write(key, outcome)
         return outcome
 
-    def _check_not_overtaking(self, key: str, priority: int, arrival: int) -> None:
+    def _check_not_overtaking(self, key: str, priority: int, arrival: int, taker: str | None = None) -> None:
+        """A grant of ``key`` to request ``arrival``: no earlier request of the same or a higher
+        priority that could use the key still waits (a group that could use it, or a single on it)."""
         for group in self.groups:
-            if group.state == "waiting" and key in group.candidates:
+            if group.state == "waiting" and key in group.candidates and group.ref != taker:
                 overtaken = group.priority >= priority and group.arrival < arrival
                 assert not overtaken, f"request {arrival} took {key} before the waiting group {group.arrival}"
+        book = self.books[key]
+        for lease in book.queue:
+            if lease.group is None:
+                _, waiting_priority, waiting_arrival = self.singles[lease.lease_id]
+                overtaken = waiting_priority >= priority and waiting_arrival < arrival
+                assert not overtaken, f"request {arrival} took {key} before the waiting single {waiting_arrival}"
 
     def _new_id(self, key: str) -> str:
         return f"{key}.{next(self.ids):032x}"
 
     # ---------------------------------------------------------------- requests
 
-    @rule(key=st.sampled_from(KEYS), priority=PRIORITIES)
-    def single(self, key: str, priority: int) -> None:
+    @rule(key=st.sampled_from(KEYS), priority=PRIORITIES, timeout_s=TIMEOUTS)
+    def single(self, key: str, priority: int, timeout_s: float | None = None) -> None:
         arrival = next(self.arrivals)
         lease_id = self._new_id(key)
         request = ReserveRequest(
-            resource=key, holder=f"s{arrival}", ttl_s=TTL, wait=True, priority=priority, request_id=f"r{arrival}"
+            resource=key,
+            holder=f"s{arrival}",
+            ttl_s=TTL,
+            wait=True,
+            timeout_s=timeout_s,
+            priority=priority,
+            request_id=f"r{arrival}",
         )
         self.singles[lease_id] = (key, priority, arrival)
+        if timeout_s is not None:
+            self.with_timeout.add(arrival)
         self.requests.add(arrival)
         self._apply(key, lambda book: book.reserve(request, lease_id, self.now))
 
@@ -102,12 +131,15 @@ class GroupScheduling(RuleBasedStateMachine):
         candidates=st.lists(st.sampled_from(KEYS), min_size=1, max_size=4, unique=True),
         want=st.integers(1, 4),
         priority=PRIORITIES,
+        timeout_s=TIMEOUTS,
     )
-    def group(self, candidates: list[str], want: int, priority: int) -> None:
+    def group(self, candidates: list[str], want: int, priority: int, timeout_s: float | None) -> None:
         arrival = next(self.arrivals)
         ordered = tuple(key for key in KEYS if key in candidates)
-        group = Group(f"{arrival:012x}", f"g{arrival}", ordered, min(want, len(ordered)), priority, arrival)
+        deadline = None if timeout_s is None else self.now + timeout_s
+        group = Group(f"{arrival:012x}", f"g{arrival}", ordered, min(want, len(ordered)), priority, arrival, deadline)
         self.groups.append(group)
+        self.group_of[group.ref] = group
         self.requests.add(arrival)
         for key in ordered:  # one group's entries, all of them, before anything else arrives
             lease_id = self._new_id(key)
@@ -126,11 +158,15 @@ class GroupScheduling(RuleBasedStateMachine):
 
     # ---------------------------------------------------------------- the pass
 
-    @rule(race=st.booleans())
-    def schedule(self, race: bool) -> None:
-        """The coordinator's pass; ``race``: a higher-priority request lands between two takes."""
+    @rule(race=st.sampled_from(["none", "single", "maintenance"]))
+    def schedule(self, race: str = "none") -> None:
+        """The coordinator's pass. ``race``, between two takes of a group's keys (before the take,
+        for one key): a higher-priority request lands on the key, or the key goes into maintenance."""
         for group in sorted(self.groups, key=lambda g: (-g.priority, g.arrival)):
             if group.state != "waiting":
+                continue
+            if group.deadline is not None and group.deadline <= self.now:
+                self._time_out(group)  # never granted after its wait ran out
                 continue
             views = [
                 KeyView(key, self.books[key].ready_for_group, self.books[key].freed_at) for key in group.candidates
@@ -140,8 +176,11 @@ class GroupScheduling(RuleBasedStateMachine):
                 continue
             taken: dict[str, Lease] = {}
             for index, key in enumerate(chosen):
-                if race and index == 1:
-                    self.single(key, 9)  # arrives first on this key: ahead of the group, granted at once
+                if index == min(1, len(chosen) - 1):
+                    if race == "single":
+                        self.single(key, 9)  # arrives first on this key: ahead of the group, granted at once
+                    elif race == "maintenance":
+                        self.maintenance(key, True)  # kept for the group until now: not handed out
                 try:
                     outcome = self.books[key].take_for_group(group.entries[key], self.now)
                 except ResourceBusy:
@@ -156,7 +195,6 @@ class GroupScheduling(RuleBasedStateMachine):
                     group.entries[key] = new_id
                 continue
             group.state, group.members = "granted", chosen
-            self.ever_granted.add(group.arrival)
             for key in group.candidates:  # withdraw what it did not get
                 if key not in chosen:
                     self._apply(key, lambda book, i=group.entries[key]: book.cancel(i, self.now))
@@ -186,6 +224,12 @@ class GroupScheduling(RuleBasedStateMachine):
             self._apply(key, lambda book, i=group.entries[key]: book.release(i, self.now))
         group.state = "ended"
 
+    def _time_out(self, group: Group) -> None:
+        """A waiting group whose deadline passed: its entries leave every queue (the coordinator's tick)."""
+        group.state = "timed out"  # it waits no more: the keys it held back go to the next in line
+        for key in group.candidates:
+            self._apply(key, lambda book, i=group.entries[key]: book.cancel(i, self.now, EndReason.WAIT_TIMED_OUT))
+
     @rule(seconds=st.sampled_from([1.0, 20.0, TTL + 1]))
     def time_passes(self, seconds: float) -> None:
         self.now += seconds
@@ -196,10 +240,13 @@ class GroupScheduling(RuleBasedStateMachine):
                 self.books[key].get(group.entries[key]).state is not LeaseState.GRANTED for key in group.members
             ):
                 self._end_group(group)
+            elif group.state == "waiting" and group.deadline is not None and group.deadline <= self.now:
+                self._time_out(group)
 
     @rule(key=st.sampled_from(KEYS), on=st.booleans())
     def maintenance(self, key: str, on: bool) -> None:
-        self.maintenance[key] = on
+        self._apply(key, lambda book: book.tick(self.now))  # what was due before it (a grant may be)
+        self.maintenance_flags[key] = on
         self._apply(key, lambda book: book.set_maintenance(on, "test", self.now))
 
     @rule(key=st.sampled_from(KEYS))
@@ -243,34 +290,34 @@ class GroupScheduling(RuleBasedStateMachine):
                 assert lease.state is LeaseState.QUEUED and lease.group == group.ref
 
     def teardown(self) -> None:
-        """Liveness: with no new requests, every waiting request is granted once holders end."""
+        """Liveness: with no new requests, every request ends granted or timed out while holders end
+        and time passes (a maintenance window ends too)."""
         for key in KEYS:
-            if self.maintenance[key]:
+            if self.maintenance_flags[key]:
                 self.maintenance_off(key)
         for _ in range(4 * (len(self.requests) + 2)):
-            self.schedule(False)
-            for book in self.books.values():
-                if book.granted is not None:
-                    lease = book.granted
-                    if lease.group is None:
-                        self.ever_granted.add(self.singles[lease.lease_id][2])
+            self.schedule("none")
             for group in [g for g in self.groups if g.state == "granted"]:
                 self._end_group(group)
             for key, book in self.books.items():
                 granted = book.granted
                 if granted is not None and granted.group is None:
                     self._apply(key, lambda b, i=granted.lease_id: b.release(i, self.now))
+            self.time_passes(5.0)
         waiting = [g.arrival for g in self.groups if g.state == "waiting"]
-        assert not waiting, f"groups {waiting} never granted"
-        starved = [
-            arrival
-            for lease_id, (key, _, arrival) in self.singles.items()
-            if self.books[key].get(lease_id).state is LeaseState.QUEUED
-        ]
-        assert not starved, f"single requests {starved} never granted"
+        assert not waiting, f"groups {waiting} neither granted nor timed out"
+        assert all(g.deadline is not None for g in self.groups if g.state == "timed out")
+        for lease_id, (key, _, arrival) in self.singles.items():
+            lease = self.books[key].get(lease_id)
+            assert lease.state is not LeaseState.QUEUED, f"single request {arrival} neither granted nor timed out"
+            if lease.granted_at is None:
+                assert lease.end_reason == EndReason.WAIT_TIMED_OUT and arrival in self.with_timeout, lease
+        for group in self.groups:  # no key is left held back for a group that no longer waits
+            for key in group.candidates:
+                assert self.books[key].ready_for_group is None
 
     def maintenance_off(self, key: str) -> None:
-        self.maintenance[key] = False
+        self.maintenance_flags[key] = False
         self._apply(key, lambda book: book.set_maintenance(False, "", self.now))
 
 

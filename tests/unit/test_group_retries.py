@@ -13,7 +13,7 @@ import time
 import pytest
 
 from broker.core.groups import entry_request_id
-from broker.errors import BrokerError, LeaseNotHeld, WaitTimeout
+from broker.errors import BrokerError, InvalidRequest, LeaseNotHeld, WaitTimeout
 from broker.models import LeaseState
 from broker.seam import ActorRef
 from broker.seam.fake import FakeSystem
@@ -79,5 +79,41 @@ def test_a_group_whose_wait_ran_out_while_the_coordinator_was_down_is_not_grante
         assert book(system, "lane_a").granted is None and book(system, "lane_b").granted is None
         await until(lambda: book(system, "lane_a").queue == [] == book(system, "lane_b").queue, "entries withdrawn")
         waiting.cancel()
+
+    run(body)
+
+
+def test_a_request_id_reused_for_another_group_ask_is_refused_and_a_true_retry_is_the_same_group(tmp_path):
+    async def body() -> None:
+        system = FakeSystem()
+        broker = await up(tmp_path, system)
+        first = await system.call(broker, "reserve_group", "ci", labels="kind=sim", ttl_s=60, request_id="r1")
+        assert first.state is LeaseState.GRANTED
+        other_asks = [
+            ("labels", dict(labels="board=u250")),
+            ("count", dict(labels="kind=sim", count=2)),
+            ("keys", dict(keys=["lane_a", "lane_b"])),
+        ]
+        for field, ask in other_asks:
+            with pytest.raises(InvalidRequest) as refused:
+                await system.call(broker, "reserve_group", "ci", ttl_s=60, request_id="r1", wait=True, **ask)
+            assert refused.value.field == field and "r1" in str(refused.value)
+        # The same ask again (the selector spelled another way reads the same) is a retry: the same group.
+        again = await system.call(broker, "reserve_group", "ci", labels=" kind = sim ", ttl_s=60, request_id="r1")
+        assert again.lease_id == first.lease_id
+        # Nothing of the refused asks was queued or taken.
+        assert all(book(system, key).queue == [] for key in ("u250_a", "u250_b", "lane_a", "lane_b"))
+        assert [book(system, key).granted is not None for key in ("u250_a", "u250_b")] == [False, False]
+        # A set of keys: the same keys in another order, with their count spelled out, is the same ask.
+        pair = await system.call(broker, "reserve_group", "cosim", keys=["u250_a", "u250_b"], request_id="p1")
+        retry = await system.call(broker, "reserve_group", "cosim", keys=["u250_b", "u250_a"], count=2, request_id="p1")
+        assert retry.lease_id == pair.lease_id
+        for field, ask in [
+            ("keys", dict(keys=["u250_a", "lane_b"])),
+            ("count", dict(keys=["u250_a", "u250_b"], count=1)),
+        ]:
+            with pytest.raises(InvalidRequest) as refused:
+                await system.call(broker, "reserve_group", "cosim", request_id="p1", **ask)
+            assert refused.value.field == field
 
     run(body)

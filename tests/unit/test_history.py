@@ -42,3 +42,30 @@ def test_usage_is_paired_clipped_and_split_by_holder():
 def test_select_events_filters():
     assert len(list(select_events(JOURNAL, resource=KEY, since=300.0))) == 5
     assert [e["ts"] for e in select_events(JOURNAL, prefix="lease.expired")] == [260.0]
+
+
+# A group's take on the key given back (its group could not take its other key at once), then the
+# group's real grant; as the resource actor journals them.
+ABORTED = "its group's grant could not take every key"
+GROUP_JOURNAL = [
+    ev(100.0, "lease.granted", "t1", "cosim", wait_s=40.0, group="g1", fencing_token=1),
+    ev(100.01, "lease.released", "t1", "cosim", reason=ABORTED, hold_s=0.01, group="g1"),
+    ev(100.01, "lease.queued", "t2", "cosim", group="g1"),
+    ev(200.0, "lease.granted", "t2", "cosim", wait_s=140.0, group="g1", fencing_token=2),
+    ev(260.0, "lease.released", "t2", "cosim", reason="released", group="g1"),
+    ev(300.0, "lease.granted", "t3", "alice", wait_s=0.0, fencing_token=3),
+    ev(300.02, "lease.released", "t3", "alice", reason=ABORTED),  # (a take given back, by its reason only)
+]
+
+
+def test_a_take_given_back_to_the_queue_is_no_grant_in_history_nor_usage():
+    from broker.core.accounting import UsageBy, account
+
+    history = summarize_usage(GROUP_JOURNAL, KEY, since=0.0, until=400.0)
+    assert (history.grants, history.released) == (1, 1)
+    assert history.held_s == 60.0 and history.current_holder is None
+    cosim = history.holders["cosim"]
+    assert (cosim.leases, cosim.held_s, cosim.mean_wait_s, cosim.last_granted_at) == (1, 60.0, 140.0, 200.0)
+    assert "alice" not in history.holders
+    (row,) = account(GROUP_JOURNAL, since=0.0, until=400.0, by=UsageBy.HOLDER)
+    assert (row.name, row.leases, row.held_s, row.released, row.mean_wait_s) == ("cosim", 1, 60.0, 1, 140.0)

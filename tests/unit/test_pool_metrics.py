@@ -49,7 +49,9 @@ def _value(board: MetricsBoard):
 def test_pools_count_members_free_members_and_each_waiting_request_once():
     value = _value(_board())
     assert value("merlin_broker_pool_members", {"pool": "u250"}) == 2.0
-    assert value("merlin_broker_pool_free", {"pool": "u250"}) == 1.0  # free though kept for a group
+    # u250_b is free but kept for bob's group: no new request could take it, so the pool has none free
+    # (else "waiters and no free member" never holds while a member idles for a group).
+    assert value("merlin_broker_pool_free", {"pool": "u250"}) == 0.0
     # bob's group is queued on both members but is one request; plus the single-key waiter.
     assert value("merlin_broker_pool_queue_depth", {"pool": "u250"}) == 2.0
     assert value("merlin_broker_pool_free", {"pool": "sims"}) == 0.0  # in maintenance
@@ -106,7 +108,7 @@ def test_the_cached_exposition_serves_pool_and_group_changes_at_the_next_scrape(
     board.observe_group_wait(2.0)
     assert b"merlin_broker_group_wait_seconds_count 1.0" in exposition.render()
     board.put(_snapshot("u250_a", "free", seq=2), 5.0)  # its waiters were granted or left
-    assert b'merlin_broker_pool_free{pool="u250"} 2.0' in exposition.render()
+    assert b'merlin_broker_pool_free{pool="u250"} 1.0' in exposition.render()  # u250_b: kept for bob
     assert b'merlin_broker_pool_queue_depth{pool="u250"} 1.0' in exposition.render()
     board.set_keys(["u250_a", "u250_b", "lane_a", "lane_b"], "0.1.0", {"u250": ("u250_a", "u250_b")})
     assert b'pool="sims"' not in exposition.render()
@@ -143,7 +145,11 @@ def test_the_coordinator_feeds_pools_and_group_waits_and_a_restart_keeps_the_wai
         queued = asyncio.ensure_future(system.call(broker, "reserve", "u250_b", "carol", wait=True, ttl_s=60))
         await until(lambda: value("merlin_broker_pool_queue_depth", pool="u250") == 2.0, "bob's group and carol")
         assert value("merlin_broker_pool_members", pool="u250") == 2.0
-        await until(lambda: value("merlin_broker_pool_free", pool="u250") == 1.0, "u250_b free, kept for bob")
+        await until(lambda: value("merlin_broker_pool_queue_depth", pool="u250") == 2.0, "bob and carol wait")
+        # u250_b is free but kept for bob's group: not free for a new request, in the metric and in pools().
+        assert value("merlin_broker_pool_free", pool="u250") == 0.0
+        (u250,) = [pool for pool in await system.call(broker, "pools") if pool["pool"] == "u250"]
+        assert (u250["free"], u250["total"], u250["waiting_groups"], u250["waiting_single"]) == (0, 2, 1, 1)
         assert value("merlin_broker_pool_queue_depth", pool="sims") == 0.0
         assert value("merlin_broker_group_wait_seconds_count") == 0.0
 
