@@ -75,6 +75,7 @@ def run(
     namespace = f"bench-{uuid.uuid4().hex[:8]}"
     results: list[Result] = []
     connected = False
+    ctx: BenchContext | None = None
     # Stopped from outside (CI cancels, a test times out): unwind, so `finally` stops our cluster.
     previous = {sig: signal.signal(sig, _unwind) for sig in UNWIND_SIGNALS}
     try:
@@ -104,6 +105,8 @@ def run(
         for sig in previous:
             signal.signal(sig, signal.SIG_IGN)  # a second signal must not cut the clean-up short
         try:
+            if ctx is not None:
+                ctx.close()
             if connected:
                 broker_down(namespace)
             if own_cluster:
