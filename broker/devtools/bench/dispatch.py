@@ -22,11 +22,19 @@ __all__ = ["dispatch", "cli"]
 _STEP = "import time; time.sleep(0.2)"
 
 
-def _job_client() -> Any:
+def _job_client(timeout_s: float = 60.0) -> Any:
+    """Ray's job client, once the dashboard answers (a fresh head starts it after `ray start` returns)."""
     from ray._private.services import get_webui_url_from_internal_kv
     from ray.job_submission import JobSubmissionClient
 
-    return JobSubmissionClient(f"http://{get_webui_url_from_internal_kv()}")
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            return JobSubmissionClient(f"http://{get_webui_url_from_internal_kv()}")
+        except Exception:  # not up yet (no URL, connection refused): retried until the deadline
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.1)
 
 
 def _until_running(jobs: Any, submission_id: str, timeout_s: float = 120.0) -> float:

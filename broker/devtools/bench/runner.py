@@ -91,8 +91,9 @@ def run(
         # Ports the OS picks: a broker already on 9477/9478 (`make demo`) must not take the bench's listeners.
         broker_up(state, namespace, _catalog(keys), metrics_port=0)
         ctx = BenchContext(state=state, namespace=namespace, keys=keys, quick=quick)
-        # A fresh head keeps starting its dashboard modules for a while: let it settle.
-        time.sleep(ctx.samples(15.0, 2.0))
+        # A fresh head keeps starting its dashboard modules for a while: let it settle (figures only;
+        # --quick is a smoke run, and what needs the dashboard waits for it).
+        time.sleep(ctx.samples(15.0, 0.0))
         for name, scenario in _scenarios().items():
             if only and name not in only:
                 continue
