@@ -69,7 +69,7 @@ def dispatch(ctx: BenchContext) -> Result:
     jobs = _job_client()
     root = Path(tempfile.mkdtemp(prefix="merlin-bench-runs-"))
     ours, theirs = [], []
-    for _ in range(ctx.samples(6, 2)):
+    for _ in range(ctx.samples(6, 1)):
         started = time.time()
         job_id = jobs.submit_job(entrypoint=f"{sys.executable} -c '{_STEP}'", entrypoint_num_cpus=0)
         theirs.append(_until_running(jobs, job_id) - started)
@@ -107,7 +107,7 @@ def cli(ctx: BenchContext) -> Result:
     command = [str(merlin)] if merlin.exists() else [sys.executable, "-m", "broker.cli"]
     env = {**os.environ, "MERLIN_STATE_DIR": str(ctx.state.root), "MERLIN_RAY_NAMESPACE": ctx.namespace}
     over_ray = {**env, "MERLIN_CLI_TRANSPORT": "ray"}
-    count = ctx.samples(7, 3)
+    count = ctx.samples(7, 1)
     walls: dict[str, list[float]] = {}
 
     def timed_run(name: str, argv: list[str], environ: dict[str, str]) -> str:

@@ -69,7 +69,7 @@ def recovery(ctx: BenchContext) -> Result:
     _until_true(lambda: _queue_length(ctx, key) == 1, "the waiter is queued")
     ours, theirs = [], []
     bare = RestartingActor.options(namespace=ctx.namespace).remote()
-    for _ in range(ctx.samples(8, 3)):
+    for _ in range(ctx.samples(8, 2)):
         resource = ctx.resource(key)
         pid = ray.get(resource.ping.remote())["pid"]
 
@@ -135,7 +135,7 @@ def holder_death(ctx: BenchContext) -> Result:
     result = Result("holder death")
     for kind in HOLDER_KINDS:
         samples = []
-        for _ in range(ctx.samples(5, 2)):
+        for _ in range(ctx.samples(5, 1)):
             proc = subprocess.Popen(
                 [sys.executable, "-c", HOLDER, key, str(ttl), kind], env=env, stdout=subprocess.PIPE, text=True
             )
