@@ -437,6 +437,8 @@ def test_the_holder_death_bench_kills_a_session_bound_and_a_ttl_bound_holder(kin
     asked: dict = {}
 
     class Held:
+        lease_id = "lease-1"
+
         def __enter__(self):
             return self
 
@@ -459,6 +461,6 @@ def test_the_holder_death_bench_kills_a_session_bound_and_a_ttl_bound_holder(kin
     monkeypatch.setattr(sys, "argv", ["holder", KEY, "2.0", kind])
     with pytest.raises(Killed):
         exec(compile(HOLDER, "holder", "exec"), {"__name__": "__main__"})
-    assert capsys.readouterr().out == "held\n"
+    assert capsys.readouterr().out == "held lease-1\n"  # the bench waits for this lease's first renewal
     assert asked == {"key": KEY, "holder": "bench-doomed", "ttl_s": 2.0, "heartbeat_s": 0.5, "bind_session": bound}
     assert len({holder_figure(each) for each in HOLDER_KINDS}) == 2 and HOLDER_KINDS[kind] in holder_figure(kind)

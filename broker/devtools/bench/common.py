@@ -4,16 +4,16 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
 import time
 import uuid
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 import ray
 
+from broker.devtools.bench.together import Workers
 from broker.disk.store import StateDir
 
 N = TypeVar("N", int, float)
@@ -27,9 +27,24 @@ class BenchContext:
     namespace: str
     keys: list[str]
     quick: bool
+    _workers: Workers | None = field(default=None, repr=False)
 
     def samples(self, full: N, quick: N) -> N:
         return quick if self.quick else full
+
+    def workers(self) -> Workers:
+        """The bench's client processes (:func:`run_workers`). ``--quick`` keeps them across runs, so each
+        imports Ray and connects once; a full run starts fresh ones for every run, as its figures always had."""
+        if self._workers is None:
+            where = {"state_dir": str(self.state.root), "namespace": self.namespace}
+            argv = [sys.executable, "-m", "broker.devtools.bench.worker", json.dumps(where)]
+            self._workers = Workers(argv, env={**os.environ}, keep=self.quick)
+        return self._workers
+
+    def close(self) -> None:
+        """Ends the client processes kept for ``--quick``."""
+        if self._workers is not None:
+            self._workers.close()
 
     def broker(self) -> Any:
         return ray.get_actor("broker", namespace=self.namespace)
@@ -63,28 +78,9 @@ def interleaved(fns: dict[str, Callable[[], Any]], count: int, rounds: int = 5) 
 def run_workers(
     ctx: BenchContext, specs: list[dict[str, Any]], *, namespace: str | None = None
 ) -> list[dict[str, Any]]:
-    """Run one worker process per spec, all starting together; returns each one's JSON answer."""
-    start_at = time.time() + 4.0 + 0.5 * len(specs)  # time for every worker to import Ray and connect
-    procs = []
-    for spec in specs:
-        spec = {**spec, "start_at": start_at, "state_dir": str(ctx.state.root), "namespace": namespace or ctx.namespace}
-        if "duration_s" in spec:
-            spec["until"] = start_at + spec["duration_s"]
-        procs.append(
-            subprocess.Popen(
-                [sys.executable, "-m", "broker.devtools.bench.worker", json.dumps(spec)],
-                stdout=subprocess.PIPE,
-                stderr=subprocess.DEVNULL,
-                text=True,
-                env={**os.environ},
-            )
-        )
-    answers = []
-    for proc in procs:
-        out, _ = proc.communicate(timeout=600)
-        lines = [line for line in out.splitlines() if line.startswith("{")]
-        answers.append(json.loads(lines[-1]) if lines else {})
-    return answers
+    """Run ``specs`` on one worker process each (in ``namespace``, default the bench's), all starting
+    together once every one is ready; returns their answers. A spec's ``duration_s`` sets its ``until``."""
+    return ctx.workers().run([{**spec, "namespace": namespace or ctx.namespace} for spec in specs])
 
 
 def extra_broker(ctx: BenchContext, keys: int) -> tuple[str, list[str], Any]:

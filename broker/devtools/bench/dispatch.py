@@ -22,11 +22,19 @@ __all__ = ["dispatch", "cli"]
 _STEP = "import time; time.sleep(0.2)"
 
 
-def _job_client() -> Any:
+def _job_client(timeout_s: float = 60.0) -> Any:
+    """Ray's job client, once the dashboard answers (a fresh head starts it after `ray start` returns)."""
     from ray._private.services import get_webui_url_from_internal_kv
     from ray.job_submission import JobSubmissionClient
 
-    return JobSubmissionClient(f"http://{get_webui_url_from_internal_kv()}")
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            return JobSubmissionClient(f"http://{get_webui_url_from_internal_kv()}")
+        except Exception:  # not up yet (no URL, connection refused): retried until the deadline
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.1)
 
 
 def _until_running(jobs: Any, submission_id: str, timeout_s: float = 120.0) -> float:
@@ -61,7 +69,7 @@ def dispatch(ctx: BenchContext) -> Result:
     jobs = _job_client()
     root = Path(tempfile.mkdtemp(prefix="merlin-bench-runs-"))
     ours, theirs = [], []
-    for _ in range(ctx.samples(6, 2)):
+    for _ in range(ctx.samples(6, 1)):
         started = time.time()
         job_id = jobs.submit_job(entrypoint=f"{sys.executable} -c '{_STEP}'", entrypoint_num_cpus=0)
         theirs.append(_until_running(jobs, job_id) - started)
@@ -99,7 +107,7 @@ def cli(ctx: BenchContext) -> Result:
     command = [str(merlin)] if merlin.exists() else [sys.executable, "-m", "broker.cli"]
     env = {**os.environ, "MERLIN_STATE_DIR": str(ctx.state.root), "MERLIN_RAY_NAMESPACE": ctx.namespace}
     over_ray = {**env, "MERLIN_CLI_TRANSPORT": "ray"}
-    count = ctx.samples(7, 3)
+    count = ctx.samples(7, 1)
     walls: dict[str, list[float]] = {}
 
     def timed_run(name: str, argv: list[str], environ: dict[str, str]) -> str:

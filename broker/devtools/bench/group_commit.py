@@ -17,13 +17,14 @@ def _commit_counts(actor: Any) -> tuple[int, int]:
     return ray.get(actor.__ray_call__.remote(lambda self: (self._committer.syncs, self._committer.records)))
 
 
-def group_commit(ctx: BenchContext, clients: int = 8) -> Result:
+def group_commit(ctx: BenchContext, clients: int | None = None) -> Result:
     """Changes/s on one key from 1 and from ``clients`` processes (waiting reserve + release, direct), and
     records per fdatasync: with one client each change has a sync of its own; with many, a sync covers
-    every change that arrived while the one before was in flight."""
+    every change that arrived while the one before was in flight. ``clients``: 8 (--quick: 3)."""
     from broker.actors.deploy import broker_down
 
     result = Result("group-commit")
+    clients = clients or ctx.samples(8, 3)
     rounds = ctx.samples(100, 20)
     namespace, (key,), _handle = extra_broker(ctx, 1)
     actor = ray.get_actor(f"resource:{key}", namespace=namespace)

@@ -54,7 +54,7 @@ def cycle(ctx: BenchContext) -> Result:
             "direct cycle": direct,
             "broker cycle": via_broker,
         },
-        ctx.samples(1000, 150),
+        ctx.samples(1000, 60),
     )
     result = Result("cycle")
     for name, values in samples.items():
@@ -81,8 +81,9 @@ def _handoffs(grants: list[tuple[float, float]]) -> list[float]:
     return [max(0.0, nxt[0] - prev[1]) for prev, nxt in zip(grants, grants[1:])]
 
 
-def handoff(ctx: BenchContext, waiters: int = 8) -> Result:
-    """Release to the next waiter's grant, ``waiters`` client processes contending for one key."""
+def handoff(ctx: BenchContext, waiters: int | None = None) -> Result:
+    """Release to the next waiter's grant, ``waiters`` client processes contending for one key (8; --quick 3)."""
+    waiters = waiters or ctx.samples(8, 3)
     rounds = ctx.samples(60, 12)
     lock = LockActor.options(name="bench-lock", namespace=ctx.namespace).remote()
     ray.get(lock.ping.remote())

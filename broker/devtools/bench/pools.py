@@ -52,12 +52,15 @@ def per_key_handoffs(grants: Sequence[tuple[float, float, Sequence[str]]]) -> li
     return gaps
 
 
-def pools(ctx: Any, waiters: int = 8) -> Result:
-    """The handoff to a waiting any-of request and to a 2-key group, beside the single-key one."""
+def pools(ctx: Any, waiters: int | None = None) -> Result:
+    """The handoff to a waiting any-of request and to a 2-key group, beside the single-key one.
+
+    ``waiters`` client processes per contender: 8 (--quick: 3)."""
     from broker.actors.deploy import broker_down, broker_up
     from broker.devtools.bench.common import run_workers
     from broker.disk.store import StateDir
 
+    waiters = waiters or ctx.samples(8, 3)
     rounds = ctx.samples(60, 12)
     namespace = f"{ctx.namespace}-pools-{uuid.uuid4().hex[:4]}"
     catalog = {

@@ -9,6 +9,7 @@ import subprocess
 import sys
 import time
 import uuid
+from functools import partial
 from typing import Any
 
 import ray
@@ -26,6 +27,24 @@ class RestartingActor:
 
     def ping(self) -> int:
         return os.getpid()
+
+
+def _until_true(fn: Any, what: str, timeout_s: float = 60.0) -> None:
+    """Poll ``fn`` until it returns true; raises TimeoutError naming ``what``."""
+    deadline = time.monotonic() + timeout_s
+    while not fn():
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{what}: not so after {timeout_s:g}s")
+        time.sleep(0.01)
+
+
+def _queue_length(ctx: BenchContext, key: str) -> int:
+    return len(ray.get(ctx.resource(key).status.remote(), timeout=10).queue)
+
+
+def _renewed_with_waiter(ctx: BenchContext, lease_id: str) -> bool:
+    lease = ray.get(ctx.broker().lease.remote(lease_id), timeout=10)
+    return bool(lease.renewals >= 1 and _queue_length(ctx, ctx.keys[0]) == 1)
 
 
 def _until(fn: Any, timeout_s: float = 60.0) -> float:
@@ -47,10 +66,10 @@ def recovery(ctx: BenchContext) -> Result:
     lease = ray.get(broker.reserve.remote(key, "bench-holder", ttl_s=600, request_id=uuid.uuid4().hex))
     waiter_id = uuid.uuid4().hex
     waiter = broker.reserve.remote(key, "bench-waiter", wait=True, timeout_s=600, request_id=waiter_id)
-    time.sleep(0.5)
+    _until_true(lambda: _queue_length(ctx, key) == 1, "the waiter is queued")
     ours, theirs = [], []
     bare = RestartingActor.options(namespace=ctx.namespace).remote()
-    for _ in range(ctx.samples(8, 3)):
+    for _ in range(ctx.samples(8, 2)):
         resource = ctx.resource(key)
         pid = ray.get(resource.ping.remote())["pid"]
 
@@ -94,7 +113,7 @@ import sys, time, broker
 client = broker.connect()
 ttl, bound = float(sys.argv[2]), sys.argv[3] == "session"
 with client.lease(sys.argv[1], "bench-doomed", ttl_s=ttl, heartbeat_s=ttl / 4, bind_session=bound) as held:
-    print("held", flush=True)
+    print("held", held.lease_id, flush=True)
     time.sleep(600)
 """
 
@@ -116,14 +135,16 @@ def holder_death(ctx: BenchContext) -> Result:
     result = Result("holder death")
     for kind in HOLDER_KINDS:
         samples = []
-        for _ in range(ctx.samples(5, 2)):
+        for _ in range(ctx.samples(5, 1)):
             proc = subprocess.Popen(
                 [sys.executable, "-c", HOLDER, key, str(ttl), kind], env=env, stdout=subprocess.PIPE, text=True
             )
-            if proc.stdout is None or not proc.stdout.readline().startswith("held"):
+            held = proc.stdout.readline().split() if proc.stdout is not None else []
+            if held[:1] != ["held"]:
                 raise RuntimeError("the holder process did not get its lease")
             waiter = broker.reserve.remote(key, "bench-next", wait=True, timeout_s=60, request_id=uuid.uuid4().hex)
-            time.sleep(ttl * 1.5)  # heartbeats have renewed it by now
+            # Killed once it is a heartbeating holder with a waiter behind it: renewed, and the waiter queued.
+            _until_true(partial(_renewed_with_waiter, ctx, held[1]), "the holder's lease renewed, the waiter queued")
             killed = time.time()
             proc.send_signal(signal.SIGKILL)
             proc.wait()

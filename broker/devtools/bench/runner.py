@@ -75,6 +75,7 @@ def run(
     namespace = f"bench-{uuid.uuid4().hex[:8]}"
     results: list[Result] = []
     connected = False
+    ctx: BenchContext | None = None
     # Stopped from outside (CI cancels, a test times out): unwind, so `finally` stops our cluster.
     previous = {sig: signal.signal(sig, _unwind) for sig in UNWIND_SIGNALS}
     try:
@@ -90,8 +91,9 @@ def run(
         # Ports the OS picks: a broker already on 9477/9478 (`make demo`) must not take the bench's listeners.
         broker_up(state, namespace, _catalog(keys), metrics_port=0)
         ctx = BenchContext(state=state, namespace=namespace, keys=keys, quick=quick)
-        # A fresh head keeps starting its dashboard modules for a while: let it settle.
-        time.sleep(ctx.samples(15.0, 2.0))
+        # A fresh head keeps starting its dashboard modules for a while: let it settle (figures only;
+        # --quick is a smoke run, and what needs the dashboard waits for it).
+        time.sleep(ctx.samples(15.0, 0.0))
         for name, scenario in _scenarios().items():
             if only and name not in only:
                 continue
@@ -104,6 +106,8 @@ def run(
         for sig in previous:
             signal.signal(sig, signal.SIG_IGN)  # a second signal must not cut the clean-up short
         try:
+            if ctx is not None:
+                ctx.close()
             if connected:
                 broker_down(namespace)
             if own_cluster:

@@ -1,32 +1,39 @@
-"""A benchmark client process: ``python -m broker.devtools.bench.worker '<json spec>'``.
+"""A benchmark client process: ``python -m broker.devtools.bench.worker '{"state_dir": ..., "namespace": ...}'``.
 
 Separate processes, because the clients of a lab broker are separate
 processes (notebooks, CI jobs), and one Python process cannot drive many Ray
-clients at once. Modes:
+clients at once. It connects to Ray once, then serves runs
+(:mod:`broker.devtools.bench.together`): for each spec on stdin it sets up
+and warms up, says it is ready, starts at the common ``start_at`` it is sent
+(with ``until``, for a spec with ``duration_s``), and answers. Modes:
 
 ``target`` says how a worker reaches the lock: ``shim`` (``BrokerClient``),
 ``direct`` (a plain Ray call on ``resource:<key>``), ``broker`` (a plain Ray
 call on the coordinator), ``group`` (``reserve_group`` on the coordinator with
-the spec's ``labels`` or ``keys``), or ``lock`` (the minimal lock actor baseline).
+the spec's ``labels`` or ``keys``), or ``lock`` (the minimal lock actor
+baseline), each in the spec's ``namespace``.
 
-* ``handoff``: acquire (waiting) and release ``rounds`` times; prints
+* ``handoff``: acquire (waiting) and release ``rounds`` times; answers
   ``{"grants": [[t_grant, t_release], ...], "keys": [[key, ...], ...]}``
   (the keys each grant got).
 * ``cycles``: reserve (no wait) + release on its own key until ``until``;
-  prints ``{"cycles": n}``.
+  answers ``{"cycles": n}``.
 * ``gated``: run zero-CPU tasks that each need one unit of a custom
   resource, one after another, until ``until`` (Ray's own gating);
-  prints ``{"cycles": n}``.
+  answers ``{"cycles": n}``.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
 import uuid
 from collections.abc import Callable
 from typing import Any
+
+from broker.devtools.bench.together import serve
 
 
 def _acquire_release(spec: dict[str, Any]) -> tuple[Any, Any]:
@@ -64,7 +71,7 @@ def _acquire_release(spec: dict[str, Any]) -> tuple[Any, Any]:
     return reserve, (lambda lease: ray.get(broker.release.remote(lease.lease_id)))
 
 
-def _gated(spec: dict[str, Any]) -> int:
+def _gated(spec: dict[str, Any], start: Callable[[], None]) -> int:
     import ray
 
     @ray.remote(num_cpus=0, resources={spec["gate"]: 1})
@@ -72,7 +79,7 @@ def _gated(spec: dict[str, Any]) -> int:
         return None
 
     ray.get(use_the_board.remote())  # warm: a worker process exists
-    _start_together(spec)
+    start()
     count = 0
     while time.time() < spec["until"]:
         ray.get(use_the_board.remote())
@@ -80,33 +87,23 @@ def _gated(spec: dict[str, Any]) -> int:
     return count
 
 
-def _start_together(spec: dict[str, Any]) -> None:
-    time.sleep(max(0.0, spec["start_at"] - time.time()))
-
-
-def main(raw: str) -> None:
-    from broker.disk.store import StateDir
-    from broker.seam.cluster import connect_ray
-
-    spec = json.loads(raw)
-    connect_ray(StateDir.from_env(spec["state_dir"]), namespace=spec["namespace"])
+def run(spec: dict[str, Any], start: Callable[[], None]) -> dict[str, Any]:
+    """One run of ``spec``: set up and warm up, ``start()`` with the others, measure; returns the answer."""
     mode = spec.get("mode", "handoff")
     if mode == "gated":
-        print(json.dumps({"cycles": _gated(spec)}), flush=True)
-        return
+        return {"cycles": _gated(spec, start)}
     acquire, release = _acquire_release(spec)
     if mode == "cycles":
         release(acquire())  # warm
-        _start_together(spec)
+        start()
         count = 0
         while time.time() < spec["until"]:
             release(acquire())
             count += 1
-        print(json.dumps({"cycles": count}), flush=True)
-        return
+        return {"cycles": count}
     grants: list[tuple[float, float]] = []
     keys: list[list[str]] = []
-    _start_together(spec)
+    start()
     deadline = time.time() + spec.get("max_s", 120.0)
     while len(grants) < spec["rounds"] and time.time() < deadline:
         token = acquire()
@@ -115,7 +112,17 @@ def main(raw: str) -> None:
         release(token)
         grants.append((granted, released))
         keys.append(_keys_of(token, spec))
-    print(json.dumps({"grants": grants, "keys": keys}), flush=True)
+    return {"grants": grants, "keys": keys}
+
+
+def main(raw: str) -> None:
+    """Connect once (``raw``: the state dir and namespace), then serve runs from stdin until it ends."""
+    from broker.disk.store import StateDir
+    from broker.seam.cluster import connect_ray
+
+    where = json.loads(raw)
+    connect_ray(StateDir.from_env(where["state_dir"]), namespace=where["namespace"])
+    serve(run)
 
 
 def _keys_of(token: Any, spec: dict[str, Any]) -> list[str]:
@@ -127,3 +134,8 @@ def _keys_of(token: Any, spec: dict[str, Any]) -> list[str]:
 
 if __name__ == "__main__":
     main(sys.argv[1])
+    # Its answers are out: skip Ray's shutdown at exit (about a second of CPU each, taken from the
+    # workers still measuring and from the next run); the cluster sees the driver gone either way.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
