@@ -16,7 +16,7 @@ from broker.devtools.bench.runner import SCENARIOS
 pytestmark = pytest.mark.ray
 
 
-@pytest.mark.timeout(900)  # every scenario once, each with its own brokers: minutes on 2 cores
+@pytest.mark.timeout(600)  # every scenario once at smoke sizes: about 1.5 min on 2 cores
 def test_quick_bench_produces_every_figure(tmp_path):
     env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_", "MERLIN_"))}
     env["MERLIN_STATE_DIR"] = str(tmp_path / "unused")  # the bench makes its own cluster and state dir
@@ -25,7 +25,7 @@ def test_quick_bench_produces_every_figure(tmp_path):
         env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
     )  # fmt: skip
     try:
-        stdout, stderr = bench.communicate(timeout=870)
+        stdout, stderr = bench.communicate(timeout=570)
     finally:
         if bench.poll() is None:  # timed out, or this test was stopped: the bench stops its own cluster
             os.killpg(bench.pid, signal.SIGTERM)
