@@ -108,6 +108,7 @@ class Context:
         self.address = args.address
         self._state: Any = None
         self._client: Any = None
+        self._http: Any = None  # the HTTP client; False: the state dir names no API
         self._ray_client: Any = None
 
     @property
@@ -166,8 +167,14 @@ class Context:
         """The broker: over its HTTP API when the state dir names one and a token is at hand (no Ray
         import: a write costs a Python start-up and one request), else through Ray."""
         if self._client is None:
-            self._client = self._http_client() or self.ray_client()
+            self._client = self.http_client() or self.ray_client()
         return self._client
+
+    def http_client(self) -> Any | None:
+        """The broker's HTTP API client, or None when the state dir names no API (of this namespace)."""
+        if self._http is None:
+            self._http = self._http_client() or False
+        return self._http or None
 
     def ray_client(self) -> Any:
         if self._ray_client is None:

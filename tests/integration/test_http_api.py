@@ -18,6 +18,7 @@ import pytest
 
 from broker.disk.token_store import read_operator_token
 from tests.integration.conftest import ROOT
+from tests.integration.test_runs import target
 from tests.waiting import until
 
 pytestmark = pytest.mark.ray
@@ -125,7 +126,7 @@ def test_every_documented_route_is_served(api):
             assert status not in (404, 405) or isinstance(_, dict) and "error" in _, f"{method} {path}: {status}"
 
 
-def test_cli_writes_go_over_http_without_importing_ray(api):
+def test_cli_writes_go_over_http_without_importing_ray(api, tmp_path):
     env = api.env()
     probe = (
         "import sys, runpy; sys.argv = ['merlin'] + sys.argv[1:]\n"
@@ -135,9 +136,14 @@ def test_cli_writes_go_over_http_without_importing_ray(api):
         "sys.exit(code)\n"
     )
 
-    def merlin(*args: str) -> subprocess.CompletedProcess[str]:
+    def merlin(*args: str, **extra: str) -> subprocess.CompletedProcess[str]:
         return subprocess.run(
-            [sys.executable, "-c", probe, *args], env=env, capture_output=True, text=True, timeout=120, cwd=ROOT
+            [sys.executable, "-c", probe, *args],
+            env={**env, **extra},
+            capture_output=True,
+            text=True,
+            timeout=120,
+            cwd=ROOT,
         )
 
     reserved = merlin("ray", "resources", "reserve", "radiance_sim_lane_a", "--ttl", "10m", "--json")
@@ -158,3 +164,43 @@ def test_cli_writes_go_over_http_without_importing_ray(api):
     assert again.returncode == 7  # released: not held
     busy = merlin("ray", "resources", "reserve", "nope", "--json")
     assert busy.returncode == 4 and json.loads(busy.stdout)["error"]["type"] == "UnknownResource"
+
+    # Reads, and a run from submit to cancel: none of them imports Ray either (the run's own life over
+    # HTTP, logs included, is test_fences_queues_timeouts_events_and_runs_over_http's).
+    listed = merlin("ray", "resources", "list", "--json")
+    assert listed.returncode == 0 and "NO_RAY" in listed.stderr, listed.stderr
+    assert {s["key"] for s in json.loads(listed.stdout)} == {
+        "firesim_u250",
+        "spacemit_x60_board_01",
+        "radiance_sim_lane_a",
+    }
+    status = merlin("broker", "status", "--json")
+    assert status.returncode == 0 and "NO_RAY" in status.stderr and json.loads(status.stdout)["healthy"] is True
+    held = merlin("ray", "resources", "reserve", "firesim_u250", "--holder", "x", "--json")  # the run waits for it
+    directory = target(tmp_path, "cli-run", "firesim_u250", 0.2)
+    submitted = merlin("ray", "jobs", "submit", str(directory), "--json")
+    assert submitted.returncode == 0 and "NO_RAY" in submitted.stderr, submitted.stderr
+    run = json.loads(submitted.stdout)
+    assert run["status"] == "pending" and run["source"] == "http" and run["workdir"] == str(directory)
+    executed = merlin(
+        "targetgen",
+        "execute",
+        "--engine",
+        "ray",
+        "--from-dir",
+        str(target(tmp_path, "cli-exec", "firesim_u250")),
+        "--json",
+    )
+    assert executed.returncode == 0 and "NO_RAY" in executed.stderr, executed.stderr
+    second = json.loads(executed.stdout)
+    assert second["status"] == "pending" and second["source"] == "http"
+    for verb in ("status", "logs", "cancel"):
+        shown = merlin("ray", "jobs", verb, run["run_id"])
+        assert shown.returncode == 0 and "NO_RAY" in shown.stderr, shown.stderr
+        assert verb == "logs" or run["run_id"] in shown.stdout
+    assert merlin("ray", "jobs", "cancel", second["run_id"]).returncode == 0
+    listing = merlin("ray", "jobs", "list", "--json")
+    assert listing.returncode == 0 and "NO_RAY" in listing.stderr
+    runs = {(r["run_id"], r["status"]) for r in json.loads(listing.stdout)}
+    assert runs == {(run["run_id"], "stopped"), (second["run_id"], "stopped")}
+    assert merlin("ray", "resources", "release", json.loads(held.stdout)["lease_id"]).returncode == 0
