@@ -204,3 +204,22 @@ def test_cli_writes_go_over_http_without_importing_ray(api, tmp_path):
     runs = {(r["run_id"], r["status"]) for r in json.loads(listing.stdout)}
     assert runs == {(run["run_id"], "stopped"), (second["run_id"], "stopped")}
     assert merlin("ray", "resources", "release", json.loads(held.stdout)["lease_id"]).returncode == 0
+
+    # A bad token (unknown, or revoked) is one line and exit 11, and the broker journals the refusal.
+    made = merlin("broker", "token", "create", "dave", "--json")
+    dave = json.loads(made.stdout)["token"]
+    assert merlin("ray", "resources", "list", MERLIN_TOKEN=dave).returncode == 0
+    assert merlin("broker", "token", "revoke", "dave").returncode == 0
+    unknown = "mt_" + "2" * 64
+    for token, argv in (
+        (unknown, ("ray", "resources", "list")),
+        (unknown, ("broker", "status")),
+        (unknown, ("ray", "resources", "reserve", "firesim_u250")),
+        (dave, ("ray", "resources", "reserve", "firesim_u250")),
+    ):
+        refused = merlin(*argv, MERLIN_TOKEN=token)
+        said = refused.stderr.strip().splitlines()
+        assert refused.returncode == 11 and len(said) == 2 and said[-1] == "NO_RAY", (argv, refused.stderr)
+        assert said[0].startswith("merlin: NotAuthenticated: ") and "valid API token" in said[0]
+    journal = api.state.events_path.read_text()
+    assert journal.count('"auth.refused"') == 4 and dave not in journal and unknown not in journal
