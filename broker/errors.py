@@ -371,15 +371,24 @@ class NotAuthorized(BrokerError):
 
 
 class NotAuthenticated(NotAuthorized):
-    """An HTTP API call with no token, or one the broker does not know (or revoked)."""
+    """An HTTP API call with no token, or one the broker does not know (or revoked).
+
+    ``why``: the client found no usable token of its own (none given, a token file others can
+    read): refused before any request, so nothing is journaled; it says what to do itself.
+    """
 
     hint_kind = Hint.API_TOKEN
 
+    def __init__(self, act: str, by: str = "", why: str = ""):
+        super().__init__(act, by)
+        self.args = (act, by, why)
+        self.why = why
+
     def summary(self) -> str:
-        return f"{self.act} needs a valid API token"
+        return self.why or f"{self.act} needs a valid API token"
 
     def hint_for(self, surface: Surface) -> str:
-        return HINTS[Hint.API_TOKEN][surface]
+        return "" if self.why else HINTS[Hint.API_TOKEN][surface]
 
 
 # The errors the broker raises on purpose, each with its own exit code (NotAuthenticated shares

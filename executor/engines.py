@@ -10,6 +10,7 @@ command to run — and returns a blocked handle instead of raising.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 from broker.core.runs import RunRecord, end_run, new_run
 from broker.disk.run_records import RunRecords
@@ -38,25 +39,30 @@ def submit_ray(
     namespace: str | None = None,
     address: str | None = None,
     restart: bool = False,
+    client: Any | None = None,
 ) -> RayJobHandle | BlockedJobHandle:
     """Queue ``target_dir`` on the broker; blocked (record written) if no cluster answers.
 
     A target dir that already ran to success is refused unless ``restart`` (run it again from its start).
+    ``client``: the broker already at hand (the CLI's HTTP client: no Ray import); else the shim connects.
     """
     import sys
     import uuid
 
-    from broker.client import connect
-
     target_dir = Path(target_dir).resolve()
     load_bundle(target_dir)  # bad input: nothing queued, nothing written
     request_id = request_id or uuid.uuid4().hex
-    try:
-        client = connect(address, namespace=namespace, state_dir=state_dir)
-    except BrokerUnavailable as exc:
-        state = StateDir.from_env(state_dir).ensure()
-        record = write_blocked_record(state, target_dir, holder, request_id, source, str(exc), python=sys.executable)
-        return BlockedJobHandle(record)
+    if client is None:
+        from broker.client import connect
+
+        try:
+            client = connect(address, namespace=namespace, state_dir=state_dir)
+        except BrokerUnavailable as exc:
+            state = StateDir.from_env(state_dir).ensure()
+            record = write_blocked_record(
+                state, target_dir, holder, request_id, source, str(exc), python=sys.executable
+            )
+            return BlockedJobHandle(record)
     record = client.call(
         "submit",
         str(target_dir),

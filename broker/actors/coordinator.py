@@ -38,6 +38,7 @@ Guarantees:
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import hmac
 import json
@@ -62,6 +63,7 @@ from broker.disk.journal import EventSink
 from broker.disk.store import StateDir, atomic_write, read_json
 from broker.disk.token_store import TokenStore
 from broker.errors import (
+    BrokerError,
     BrokerUnavailable,
     InvalidRequest,
     LeaseNotFound,
@@ -166,6 +168,7 @@ class BrokerActor:
             self._status_for_decision,
             lambda: self._catalog,
             self._board.observe_group_wait,
+            self._system.aftercare,
         )
         self._groups.load()
         self._groups_recovered = self._loop.create_task(self._groups.recover())
@@ -332,9 +335,12 @@ class BrokerActor:
                 requests.forget(holder, request_id, resource)
             raise
         except asyncio.CancelledError:
-            # The caller cancelled its wait (ray.cancel): take the request out of the queue.
+            # The caller cancelled its wait (ray.cancel; Ray Serve's when an HTTP client disconnects): take
+            # the request out of the queue — outside the cancelled call, which Ray cancels with the calls
+            # it makes (see ActorSystem.aftercare).
             if wait and isinstance(holder, str):
-                await self._call(resource, "withdraw", holder, request_id)
+                with contextlib.suppress(BrokerError):
+                    await self._system.aftercare(self._call(resource, "withdraw", holder, request_id))
             raise
 
     async def reserve_group(

@@ -95,8 +95,11 @@ class GroupManager:
         status_of: Callable[[str], Awaitable[ResourceStatus]],
         catalog: Callable[[], Catalog | None],
         observe_wait: Callable[[float], None] | None = None,
+        aftercare: Callable[[Awaitable[Any]], Awaitable[Any]] | None = None,
     ):
         self._records = GroupRecords(state)
+        # Runs a cancelled wait's clean-up to its end (ActorSystem.aftercare: outside the cancelled call).
+        self._aftercare = aftercare or _shielded
         self._observe_wait = observe_wait  # each grant's wait (seconds), for the metrics histogram
         self._events = events
         self._call = call
@@ -190,29 +193,43 @@ class GroupManager:
         ref = self._by_request.get((holder, request_id))
         if ref is not None:  # a retry, or the same id reused for another ask (refused)
             check_same_ask(self._groups[ref].lease, ask, one_host=one_host)
-        if ref is None:
-            if not wait and not await self._could_take_now(ask.candidates, ask.count):
-                raise self._busy(ask.selector or ",".join(ask.candidates), ask.candidates)
-            async with self._lock:
-                ref = self._by_request.get((holder, request_id))  # a concurrent retry may have made it
-                if ref is None:
-                    ref = await self._create(
-                        holder, request_id, ask, ttl_s, wait, timeout_s, priority, note, session, one_host
-                    )
-                else:
-                    check_same_ask(self._groups[ref].lease, ask, one_host=one_host)
-        record = self._groups[ref]
-        self._awaited.add(ref)
-        if ref in self._unclaimed and record.lease.state is LeaseState.GRANTED:
-            self._unclaimed.discard(ref)  # its caller is back: the whole TTL, as for a single key
-            with contextlib.suppress(LeaseNotHeld):
-                await self.renew(record.lease.lease_id)
+        try:
+            if ref is None:
+                if not wait and not await self._could_take_now(ask.candidates, ask.count):
+                    raise self._busy(ask.selector or ",".join(ask.candidates), ask.candidates)
+                async with self._lock:
+                    ref = self._by_request.get((holder, request_id))  # a concurrent retry may have made it
+                    if ref is None:
+                        ref = await self._create(
+                            holder, request_id, ask, ttl_s, wait, timeout_s, priority, note, session, one_host
+                        )
+                    else:
+                        check_same_ask(self._groups[ref].lease, ask, one_host=one_host)
             record = self._groups[ref]
-        if record.lease.state is LeaseState.QUEUED:
-            async with self._lock:
-                await self._ensure_entries(self._groups[ref])
-            await self.schedule()
-        return await self._answer(ref, wait)
+            self._awaited.add(ref)
+            if ref in self._unclaimed and record.lease.state is LeaseState.GRANTED:
+                self._unclaimed.discard(ref)  # its caller is back: the whole TTL, as for a single key
+                with contextlib.suppress(LeaseNotHeld):
+                    await self.renew(record.lease.lease_id)
+                record = self._groups[ref]
+            if record.lease.state is LeaseState.QUEUED:
+                async with self._lock:
+                    await self._ensure_entries(self._groups[ref])
+                await self.schedule()
+            return await self._answer(ref, wait)
+        except asyncio.CancelledError:
+            # The caller went away (ray.cancel — Ray Serve's when an HTTP client disconnects —, Ctrl-C) at
+            # whichever step, also while its request was being written and queued on its keys: the request
+            # leaves every queue (a waiter's grant that raced the cancel is given back), unless another
+            # call for the same request still waits. Ray cancels the calls a cancelled call makes too:
+            # the clean-up runs outside it, to its end.
+            gone = self._by_request.get((holder, request_id))
+            if gone is not None and not self._waiters.get(gone):
+                with contextlib.suppress(BrokerError):
+                    await self._aftercare(
+                        self._end_waiting(gone, EndReason.WAITER_WENT_AWAY, LeaseState.CANCELLED, release_granted=wait)
+                    )
+            raise
 
     async def _create(
         self,
@@ -282,13 +299,7 @@ class GroupManager:
             raise WaitTimeout(
                 current.lease.selector or ",".join(current.lease.candidates), (deadline or 0) - current.lease.queued_at
             ) from None
-        except asyncio.CancelledError:
-            # The caller went away (ray.cancel, Ctrl-C): its keys go to the next in line.
-            self._forget_waiter(ref, future)
-            with contextlib.suppress(BrokerError):
-                await self._end_waiting(ref, EndReason.WAITER_WENT_AWAY, LeaseState.CANCELLED, release_granted=True)
-            raise
-        finally:
+        finally:  # cancelled too: the caller's reserve ends the wait (see there)
             self._forget_waiter(ref, future)
 
     def _forget_waiter(self, ref: str, future: asyncio.Future[GroupLease]) -> None:
@@ -720,6 +731,11 @@ class GroupManager:
     def close(self) -> None:
         for task in self._tasks:
             task.cancel()
+
+
+async def _shielded(work: Awaitable[Any]) -> Any:
+    """Run ``work`` to its end although the caller is cancelled (without an actor system's aftercare)."""
+    return await asyncio.shield(asyncio.ensure_future(work))
 
 
 def _entry_missing(status: ResourceStatus, ref: str) -> bool:

@@ -4,7 +4,7 @@ Exit codes: 0 ok; 1 internal error; 2 usage error; then one per error class
 (``broker.errors.EXIT_CODES``): 3 invalid request, 4 unknown resource,
 5 busy, 6 lease not found, 7 lease not held, 8 stale fencing token,
 9 wait timed out, 10 broker or cluster unavailable (or an unusable state
-dir), 11 not authorized; 130 interrupted (SIGINT), 143 terminated (SIGTERM),
+dir), 11 not authorized (also: no usable API token); 130 interrupted (SIGINT), 143 terminated (SIGTERM),
 129 hung up (SIGHUP) — a waiting request leaves the queue first
 (``broker.errors.SIGNAL_EXIT_CODES``, :mod:`broker.cli.interrupts`). Under ``--json`` an error is also a JSON object on stdout:
 ``{"error": {"type", "message", "exit_code", <the error's fields>}}``.
@@ -28,7 +28,11 @@ _EXIT_HELP = (
     + ", ".join(f"{code} {name}" for name, code in sorted(EXIT_CODES.items(), key=lambda item: item[1]))
     + ", 130 interrupted (SIGINT), 143 terminated (SIGTERM), 129 hung up (SIGHUP): a waiting request "
     "leaves the queue first. Under --json an error is also "
-    '{"error": {"type", "message", "exit_code", ...}} on stdout.'
+    '{"error": {"type", "message", "exit_code", ...}} on stdout. '
+    "When the state dir names the broker's HTTP API, `ray resources|jobs` and `broker status|token` use it "
+    "with $MERLIN_TOKEN, else the 0600 file $MERLIN_TOKEN_FILE, else the state dir's operator.token; a bad, "
+    "revoked or missing token (or a token file others can read) is exit 11. MERLIN_CLI_TRANSPORT=ray or "
+    "--address take the Ray path instead."
 )
 
 

@@ -9,6 +9,7 @@ is imported where they need it.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
@@ -108,6 +109,7 @@ class Context:
         self.address = args.address
         self._state: Any = None
         self._client: Any = None
+        self._http: Any = None  # the HTTP client; False: the state dir names no API
         self._ray_client: Any = None
 
     @property
@@ -138,36 +140,39 @@ class Context:
         can read is someone else's too.
 
         Raises:
-            InvalidRequest: the file is missing, unreadable, empty or readable by others.
+            NotAuthenticated: (exit 11) the file is missing, unreadable, empty or readable by others.
         """
         token = os.environ.get("MERLIN_TOKEN", "").strip()
         path = os.environ.get("MERLIN_TOKEN_FILE", "")
         if token or not path:
             return token or None
-        from broker.errors import InvalidRequest
-
         try:
             mode = os.stat(path).st_mode & 0o777
             if mode & 0o077:
-                raise InvalidRequest(
-                    f"MERLIN_TOKEN_FILE {path} is readable by others (mode {mode:04o}): chmod 600 it",
-                    "MERLIN_TOKEN_FILE",
-                )
+                raise _no_token(f"MERLIN_TOKEN_FILE {path} is readable by others (mode {mode:04o}): chmod 600 it")
             token = Path(path).read_text().strip()
         except OSError as exc:
-            raise InvalidRequest(
-                f"cannot read MERLIN_TOKEN_FILE {path}: {exc.strerror or exc}", "MERLIN_TOKEN_FILE"
-            ) from None
+            raise _no_token(f"cannot read MERLIN_TOKEN_FILE {path}: {exc.strerror or exc}") from None
         if not token:
-            raise InvalidRequest(f"MERLIN_TOKEN_FILE {path} is empty", "MERLIN_TOKEN_FILE")
+            raise _no_token(f"MERLIN_TOKEN_FILE {path} is empty")
         return token
 
     def client(self) -> Any:
-        """The broker: over its HTTP API when the state dir names one and a token is at hand (no Ray
-        import: a write costs a Python start-up and one request), else through Ray."""
+        """The broker: over its HTTP API when the state dir names one (no Ray import: a write costs a
+        Python start-up and one request), else through Ray."""
         if self._client is None:
-            self._client = self._http_client() or self.ray_client()
+            self._client = self.http_client() or self.ray_client()
         return self._client
+
+    def http_client(self) -> Any | None:
+        """The broker's HTTP API client, or None when the state dir names no API (of this namespace).
+
+        Raises:
+            NotAuthenticated: (exit 11) it names one, but no token is at hand (see :meth:`_http_client`).
+        """
+        if self._http is None:
+            self._http = self._http_client() or False
+        return self._http or None
 
     def ray_client(self) -> Any:
         if self._ray_client is None:
@@ -179,6 +184,14 @@ class Context:
         return self._ray_client
 
     def _http_client(self) -> Any | None:
+        """A client of the API the state dir names, with the caller's token (``MERLIN_TOKEN``, a private
+        ``MERLIN_TOKEN_FILE``) or else the state dir's operator token; None on the Ray path (``--address``,
+        ``MERLIN_CLI_TRANSPORT=ray``, no API of this namespace recorded).
+
+        Raises:
+            NotAuthenticated: (exit 11) the state dir names an API but no token is at hand: one line that
+                says where tokens come from, never a silent switch to the Ray path's other rules.
+        """
         if self.address or os.environ.get("MERLIN_CLI_TRANSPORT", "").lower() == "ray":
             return None
         record = self._broker_record()
@@ -189,7 +202,11 @@ class Context:
         operator = self._operator_token()
         token = self.given_token() or operator
         if not token:
-            return None
+            raise _no_token(
+                f"no API token for the broker at {record['http_url']}: set MERLIN_TOKEN or MERLIN_TOKEN_FILE "
+                f"(`merlin broker token create NAME`); the operator's token {self.state_root / OPERATOR_TOKEN_FILE} "
+                "is not readable here; MERLIN_CLI_TRANSPORT=ray uses Ray instead"
+            )
         return HttpClient(
             record["http_url"],
             token,
@@ -209,22 +226,28 @@ class Context:
         costs ~0.4 s, connecting another ~0.5 s. Falls back to Ray when the
         state dir names no live coordinator of this namespace.
         """
-        if self.address:
+        if self.address or os.environ.get("MERLIN_CLI_TRANSPORT", "").lower() == "ray":
             return None
+        import urllib.error
         import urllib.request
 
+        record = self._broker_record()
+        if not isinstance(record, dict) or record.get("namespace") != self.namespace or not record.get("api_url"):
+            return None
+        token = self.given_token() or self._operator_token()
+        if not token:
+            return None  # the client says why (exit 11)
+        request = urllib.request.Request(f"{record['api_url']}/{what}", headers={"Authorization": f"Bearer {token}"})
         try:
-            record = self._broker_record()
-            if not isinstance(record, dict) or record.get("namespace") != self.namespace or not record.get("api_url"):
-                return None
-            token = self.given_token() or self._operator_token()
-            if not token:
-                return None
-            request = urllib.request.Request(
-                f"{record['api_url']}/{what}", headers={"Authorization": f"Bearer {token}"}
-            )
             with urllib.request.urlopen(request, timeout=3) as response:
                 return json.loads(response.read())
+        except urllib.error.HTTPError as refused:
+            if refused.code in (401, 403):  # a bad or revoked token: said once, as the server journaled it
+                from broker.errors import error_from_json
+
+                with contextlib.suppress(ValueError):
+                    raise error_from_json(json.loads(refused.read())) from None
+            return None
         except (OSError, ValueError):
             return None
 
@@ -245,6 +268,13 @@ class Context:
         connected = connect_ray(self.state, address=self.address, namespace=self.namespace)
         _signals_after_ray()
         return connected
+
+
+def _no_token(why: str) -> Exception:
+    """NotAuthenticated (exit 11): the CLI has no usable token of its own, so it asks nothing."""
+    from broker.errors import NotAuthenticated
+
+    return NotAuthenticated("the broker's HTTP API", why=why)
 
 
 def _signals_after_ray() -> None:

@@ -122,6 +122,7 @@ def _submit(ctx: Context) -> int:
         state_dir=str(ctx.state.root),
         namespace=ctx.namespace,
         address=ctx.address,
+        client=ctx.http_client(),  # over the HTTP API when the state dir names one: no Ray import
     )
     return finish_submission(ctx, handle)
 

@@ -194,6 +194,7 @@ def _execute(ctx: Context) -> int:
             state_dir=str(ctx.state.root),
             namespace=ctx.namespace,
             address=ctx.address,
+            client=ctx.http_client(),  # over the HTTP API when the state dir names one, as `jobs submit`
         )
         return finish_submission(ctx, handle)
     return _execute_local(ctx)

@@ -291,6 +291,15 @@ class HttpClient:
             return self.request("GET", "/pools")
         if method == "renew":
             return self.renew(args[0], args[1] if len(args) > 1 else kwargs.get("ttl_s"))
+        if method == "submit":  # the run's source is recorded as "http" (the token names who)
+            body = {
+                "target_dir": args[0],
+                "holder": self._holder(kwargs.get("holder")),
+                "priority": kwargs.get("priority", 0),
+                "request_id": kwargs.get("request_id"),
+                "restart": kwargs.get("restart", False),
+            }
+            return RunRecord.model_validate(self.request("POST", "/runs", body))
         if method == "run":
             return RunRecord.model_validate(self.request("GET", f"/runs/{quoted[0]}"))
         if method == "cancel":

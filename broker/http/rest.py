@@ -91,6 +91,10 @@ HTTP_STATUS: dict[type[BrokerError], int] = {
 ADMIN_ACTS = frozenset({"revoke", "set_maintenance", "withdraw", "create_token", "list_tokens", "revoke_token"})
 
 
+async def _shielded(work: Awaitable[Any]) -> Any:
+    return await asyncio.shield(asyncio.ensure_future(work))
+
+
 @dataclass(frozen=True)
 class Call:
     """One request as a handler sees it, whichever server took it (aiohttp here, or Ray Serve)."""
@@ -100,6 +104,10 @@ class Call:
     query: Mapping[str, str]
     body: dict[str, Any]
     admin_secret: str | None = None  # the X-Merlin-Admin-Secret header
+    # Runs the clean-up of a cancelled request to its end. Under Ray Serve, ActorSystem.aftercare: Serve
+    # cancels a disconnected client's request with a recursive ray.cancel, which would cancel the
+    # clean-up's calls on the coordinator too.
+    aftercare: Callable[[Awaitable[Any]], Awaitable[Any]] = _shielded
 
 
 @dataclass(frozen=True)
@@ -371,19 +379,24 @@ async def _reserve(broker: Any, call: Call) -> Any:
             )
         return await broker.reserve(body["resource"], holder, **options)
     except asyncio.CancelledError:
-        # The client went away while it waited. In the coordinator's loop the cancelled call has left the
-        # queue already; through Ray Serve the coordinator's call is still waiting: either way the request
-        # is withdrawn here, and a grant that raced its going (it would hold the keys for nobody until its
-        # TTL) is given back.
+        # The client went away while it waited. The cancelled coordinator call leaves the queue itself
+        # (in the coordinator's loop it is this call; through Ray Serve, Ray's recursive cancel reaches
+        # it), yet wherever the cancel lands, the request is withdrawn here too, and a grant that raced
+        # its going (it would hold the keys for nobody until its TTL) is given back.
         if options.get("wait") is True:
             with contextlib.suppress(BrokerError):
-                if group:
-                    await broker.withdraw_group(holder, options["request_id"])  # a granted group: released
-                else:
-                    lease = await broker.withdraw(body["resource"], holder, options["request_id"])
-                    if lease is not None and lease.state is LeaseState.GRANTED:
-                        await broker.release(lease.lease_id)
+                await call.aftercare(_give_back(broker, holder, options["request_id"], body.get("resource")))
         raise
+
+
+async def _give_back(broker: Any, holder: str, request_id: str, resource: str | None) -> None:
+    """Withdraw a request whose client went away; a grant that raced its going is released."""
+    if resource is None:
+        await broker.withdraw_group(holder, request_id)  # a granted group: released
+        return
+    lease = await broker.withdraw(resource, holder, request_id)
+    if lease is not None and lease.state is LeaseState.GRANTED:
+        await broker.release(lease.lease_id)
 
 
 async def _lease(broker: Any, call: Call) -> Any:

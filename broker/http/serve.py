@@ -10,7 +10,10 @@ call (the token check is one of them: the token book stays in the coordinator,
 which answers with the caller's :class:`~broker.core.tokens.Identity` only).
 
 A waiting reserve stays one open request: when its client disconnects, Serve
-cancels the handler and the handler withdraws the request (as in the loop).
+cancels the handler — a recursive ``ray.cancel``, so the coordinator's call is
+cancelled too, at whatever step it is in, and leaves the queue itself — and the
+handler withdraws the request as well (as in the loop), outside the cancelled
+call (:meth:`~broker.seam.actors.ActorSystem.aftercare`).
 
 Deploy with ``merlin broker serve`` (or ``serve run broker.http.serve:app`` with
 ``MERLIN_RAY_NAMESPACE`` set); the proxy listens on 127.0.0.1 unless told.
@@ -99,7 +102,14 @@ class BrokerApi:
             return render_error(err)
         admin = authorization if who.admin and not who.operator else None
         broker = RemoteBroker(self._system, self._ref, admin)
-        call = Call(who, params, dict(request.query_params), body, request.headers.get(ADMIN_SECRET_HEADER))
+        call = Call(
+            who,
+            params,
+            dict(request.query_params),
+            body,
+            request.headers.get(ADMIN_SECRET_HEADER),
+            aftercare=self._system.aftercare,
+        )
         return await perform(route, broker, call)
 
 

@@ -11,10 +11,11 @@ through :meth:`ActorSystem.call`, so there is one retry/unwrap policy
 from __future__ import annotations
 
 import asyncio
+import contextvars
 from abc import ABC, abstractmethod
-from collections.abc import Mapping, Sequence
+from collections.abc import Awaitable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 from broker.core.placement_rules import NodeInfo
 from broker.errors import BrokerError, BrokerUnavailable
@@ -22,6 +23,10 @@ from broker.seam.jobs import JobRunner
 from broker.seam.retry import Failure, RetryPolicy
 
 __all__ = ["ActorSystem", "ActorRef", "Spawn", "CallFailed"]
+
+T = TypeVar("T")
+# Clean-up tasks in flight (the loop keeps only weak references to tasks).
+_AFTERCARE: set[asyncio.Task[Any]] = set()
 
 
 @dataclass(frozen=True)
@@ -131,6 +136,25 @@ class ActorSystem(ABC):
     @abstractmethod
     def tell(self, ref: ActorRef, method: str, *args: Any) -> None:
         """Fire and forget: no answer, no retry, never raises (the receiver may be gone)."""
+
+    def outside_current_call(self) -> contextvars.Context:
+        """A context for calls that must not count as made by the call this code serves (see
+        :meth:`aftercare`). Ray overrides it; a backend without call trees needs nothing more."""
+        return contextvars.copy_context()
+
+    async def aftercare(self, work: Awaitable[T]) -> T:
+        """Run ``work`` — the clean-up after a cancelled wait — to its end, and answer with it.
+
+        A wait's clean-up (leave the queue, give back a grant that raced the cancel) runs in a
+        cancelled task: a second cancel would stop it half-way, and on Ray so would the cancel
+        itself, because ``ray.cancel`` is recursive — it also cancels the calls the cancelled call
+        makes (Ray Serve cancels a request so when its client disconnects). So ``work`` runs as a
+        task of its own, shielded from the caller, in :meth:`outside_current_call`.
+        """
+        task = self.outside_current_call().run(asyncio.ensure_future, work)
+        _AFTERCARE.add(task)
+        task.add_done_callback(_AFTERCARE.discard)
+        return await asyncio.shield(task)
 
     # ------------------------------------------------------------------ the one call
 

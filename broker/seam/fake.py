@@ -4,7 +4,9 @@ For unit tests of the shells (resource actor, coordinator, run manager) without
 a cluster. It keeps the parts of Ray's behaviour the shells depend on:
 arguments and answers are copied by pickling (so an unpicklable value or a
 shared mutable object fails here as it would on Ray), an actor's exception
-reaches the caller with its type, and :meth:`FakeSystem.crash` kills an actor
+reaches the caller with its type, a cancelled call cancels the calls it makes
+(also those it makes afterwards, while it cleans up: Ray's ``ray.cancel`` is
+recursive), and :meth:`FakeSystem.crash` kills an actor
 the way kill -9 does — calls in flight fail, its timers stop — after which
 :meth:`FakeSystem.restart` runs its constructor again on the same state dir,
 as Ray's ``max_restarts=-1`` does. What only Ray can show (real processes,
@@ -15,8 +17,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import pickle
-from collections.abc import Mapping
+from collections.abc import Awaitable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -45,6 +48,15 @@ class _Handle:
 
 def _copied(value: Any) -> Any:
     return pickle.loads(pickle.dumps(value))
+
+
+class _Call:
+    """One call in flight, as the calls it makes see it (Ray's task tree)."""
+
+    cancelled = False
+
+
+_CURRENT_CALL: contextvars.ContextVar[_Call | None] = contextvars.ContextVar("merlin_fake_call", default=None)
 
 
 class FakeSystem(ActorSystem):
@@ -110,17 +122,31 @@ class FakeSystem(ActorSystem):
     def job_runner(self) -> FakeJobRunner:
         return self.jobs
 
+    def outside_current_call(self) -> contextvars.Context:
+        context = contextvars.copy_context()
+        context.run(_CURRENT_CALL.set, None)
+        return context
+
     async def invoke(self, handle: Any, method: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        caller = _CURRENT_CALL.get()
+        if caller is not None and caller.cancelled:
+            # Ray's ray.cancel is recursive: a cancelled call's calls are cancelled, also the ones it
+            # makes while it cleans up (see ActorSystem.aftercare).
+            raise asyncio.CancelledError
         hosted = self._hosted.get((handle.namespace, handle.name))
         if hosted is None or not hosted.alive:
             raise CallFailed(Failure.DEAD, f"{handle.name} is not running")
         args, kwargs = _copied((args, kwargs))
         died = hosted.died
         assert died is not None
-        task = asyncio.ensure_future(self._run(hosted.instance, method, args, kwargs))
+        call = _Call()
+        context = contextvars.copy_context()
+        context.run(_CURRENT_CALL.set, call)
+        task = context.run(asyncio.ensure_future, self._run(hosted.instance, method, args, kwargs))
         try:
             await asyncio.wait({task, died}, return_when=asyncio.FIRST_COMPLETED)
         except asyncio.CancelledError:
+            call.cancelled = True
             task.cancel()  # the caller gave up (ray.cancel): the actor's task is cancelled, as on Ray
             raise
         if not task.done():
@@ -217,6 +243,13 @@ class _OneLife:
         finally:
             await self._freeze_if_dead()
         return result
+
+    async def aftercare(self, work: Awaitable[Any]) -> Any:
+        if self._dead:  # a killed process starts no clean-up either
+            if asyncio.iscoroutine(work):
+                work.close()
+            await self._freeze_if_dead()
+        return await self._system.aftercare(work)
 
     def tell(self, ref: ActorRef, method: str, *args: Any) -> None:
         if not self._dead:

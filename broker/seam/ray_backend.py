@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import functools
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -138,6 +139,11 @@ class RaySystem(ActorSystem):
             return await getattr(handle, method).remote(*args, **kwargs)
         except (RayTaskError, RayActorError, GetTimeoutError) as err:
             raise _classified(err) from None
+
+    def outside_current_call(self) -> contextvars.Context:
+        from broker.seam.ray_private import context_outside_ray_task
+
+        return context_outside_ray_task()
 
     def tell(self, ref: ActorRef, method: str, *args: Any) -> None:
         try:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import os
 from collections.abc import Mapping
 from typing import Any
@@ -23,6 +24,7 @@ __all__ = [
     "job_info_or_none",
     "ended_jobs",
     "JobChanges",
+    "context_outside_ray_task",
 ]
 
 # A job's start time (GCS clock) and a request's arrival (the actor's clock) are both wall time on
@@ -63,6 +65,21 @@ def route_ray_messages_to_stderr() -> None:
 
     to_stderr._merlin_stderr = True  # type: ignore[attr-defined]
     ray_worker.print_to_stdstream = to_stderr
+
+
+def context_outside_ray_task() -> contextvars.Context:
+    """A copy of the current context in which Ray sees no current (async actor) task.
+
+    A call made from an async actor's method is that method's child, and ``ray.cancel`` (recursive
+    by default; Ray Serve uses it when a client disconnects) cancels children too — also those the
+    cancelled method makes while it cleans up. Calls made in this context are nobody's children.
+    Ray has no public way to say so; its own Serve tests clear the same variable.
+    """
+    from ray._raylet import async_task_id  # type: ignore[attr-defined]  # compiled, no stubs
+
+    context = contextvars.copy_context()
+    context.run(async_task_id.set, None)
+    return context
 
 
 def dashboard_url() -> str:

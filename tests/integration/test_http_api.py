@@ -9,6 +9,7 @@ import json
 import statistics
 import subprocess
 import sys
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -18,6 +19,7 @@ import pytest
 
 from broker.disk.token_store import read_operator_token
 from tests.integration.conftest import ROOT
+from tests.integration.test_runs import target
 from tests.waiting import until
 
 pytestmark = pytest.mark.ray
@@ -125,7 +127,7 @@ def test_every_documented_route_is_served(api):
             assert status not in (404, 405) or isinstance(_, dict) and "error" in _, f"{method} {path}: {status}"
 
 
-def test_cli_writes_go_over_http_without_importing_ray(api):
+def test_cli_writes_go_over_http_without_importing_ray(api, tmp_path):
     env = api.env()
     probe = (
         "import sys, runpy; sys.argv = ['merlin'] + sys.argv[1:]\n"
@@ -135,9 +137,14 @@ def test_cli_writes_go_over_http_without_importing_ray(api):
         "sys.exit(code)\n"
     )
 
-    def merlin(*args: str) -> subprocess.CompletedProcess[str]:
+    def merlin(*args: str, **extra: str) -> subprocess.CompletedProcess[str]:
         return subprocess.run(
-            [sys.executable, "-c", probe, *args], env=env, capture_output=True, text=True, timeout=120, cwd=ROOT
+            [sys.executable, "-c", probe, *args],
+            env={**env, **extra},
+            capture_output=True,
+            text=True,
+            timeout=120,
+            cwd=ROOT,
         )
 
     reserved = merlin("ray", "resources", "reserve", "radiance_sim_lane_a", "--ttl", "10m", "--json")
@@ -158,3 +165,154 @@ def test_cli_writes_go_over_http_without_importing_ray(api):
     assert again.returncode == 7  # released: not held
     busy = merlin("ray", "resources", "reserve", "nope", "--json")
     assert busy.returncode == 4 and json.loads(busy.stdout)["error"]["type"] == "UnknownResource"
+
+    # Reads, and a run from submit to cancel: none of them imports Ray either (the run's own life over
+    # HTTP, logs included, is test_fences_queues_timeouts_events_and_runs_over_http's).
+    listed = merlin("ray", "resources", "list", "--json")
+    assert listed.returncode == 0 and "NO_RAY" in listed.stderr, listed.stderr
+    assert {s["key"] for s in json.loads(listed.stdout)} == {
+        "firesim_u250",
+        "spacemit_x60_board_01",
+        "radiance_sim_lane_a",
+    }
+    status = merlin("broker", "status", "--json")
+    assert status.returncode == 0 and "NO_RAY" in status.stderr and json.loads(status.stdout)["healthy"] is True
+    held = merlin("ray", "resources", "reserve", "firesim_u250", "--holder", "x", "--json")  # the run waits for it
+    directory = target(tmp_path, "cli-run", "firesim_u250", 0.2)
+    submitted = merlin("ray", "jobs", "submit", str(directory), "--json")
+    assert submitted.returncode == 0 and "NO_RAY" in submitted.stderr, submitted.stderr
+    run = json.loads(submitted.stdout)
+    assert run["status"] == "pending" and run["source"] == "http" and run["workdir"] == str(directory)
+    executed = merlin(
+        "targetgen",
+        "execute",
+        "--engine",
+        "ray",
+        "--from-dir",
+        str(target(tmp_path, "cli-exec", "firesim_u250")),
+        "--json",
+    )
+    assert executed.returncode == 0 and "NO_RAY" in executed.stderr, executed.stderr
+    second = json.loads(executed.stdout)
+    assert second["status"] == "pending" and second["source"] == "http"
+    for verb in ("status", "logs", "cancel"):
+        shown = merlin("ray", "jobs", verb, run["run_id"])
+        assert shown.returncode == 0 and "NO_RAY" in shown.stderr, shown.stderr
+        assert verb == "logs" or run["run_id"] in shown.stdout
+    assert merlin("ray", "jobs", "cancel", second["run_id"]).returncode == 0
+    listing = merlin("ray", "jobs", "list", "--json")
+    assert listing.returncode == 0 and "NO_RAY" in listing.stderr
+    runs = {(r["run_id"], r["status"]) for r in json.loads(listing.stdout)}
+    assert runs == {(run["run_id"], "stopped"), (second["run_id"], "stopped")}
+    assert merlin("ray", "resources", "release", json.loads(held.stdout)["lease_id"]).returncode == 0
+
+    # A bad token (unknown, or revoked) is one line and exit 11, and the broker journals the refusal.
+    made = merlin("broker", "token", "create", "dave", "--json")
+    dave = json.loads(made.stdout)["token"]
+    assert merlin("ray", "resources", "list", MERLIN_TOKEN=dave).returncode == 0
+    assert merlin("broker", "token", "revoke", "dave").returncode == 0
+    unknown = "mt_" + "2" * 64
+    for token, argv in (
+        (unknown, ("ray", "resources", "list")),
+        (unknown, ("broker", "status")),
+        (unknown, ("ray", "resources", "reserve", "firesim_u250")),
+        (dave, ("ray", "resources", "reserve", "firesim_u250")),
+    ):
+        refused = merlin(*argv, MERLIN_TOKEN=token)
+        said = refused.stderr.strip().splitlines()
+        assert refused.returncode == 11 and len(said) == 2 and said[-1] == "NO_RAY", (argv, refused.stderr)
+        assert said[0].startswith("merlin: NotAuthenticated: ") and "valid API token" in said[0]
+    journal = api.state.events_path.read_text()
+    assert journal.count('"auth.refused"') == 4 and dave not in journal and unknown not in journal
+
+
+def test_fences_queues_timeouts_events_and_runs_over_http(api, tmp_path):
+    """The routes past reserve/release, each for what it promises (one broker for all of them)."""
+    operator = read_operator_token(api.state)
+    alice, bob = (call(api, "POST", "/tokens", {"name": name}, operator)[1]["token"] for name in ("alice", "bob"))
+    key = "radiance_sim_lane_a"
+
+    # check_fence: the holder's token while it holds; after a revoke and a new grant, stale (409).
+    status, lease = call(api, "POST", "/reserve", {"resource": key, "ttl_s": 600}, alice)
+    assert status == 200
+    fence = f"/leases/{lease['lease_id']}/check_fence"
+    status, fenced = call(api, "POST", fence, {"fencing_token": lease["fencing_token"]}, alice)
+    assert status == 200 and fenced["state"] == "granted" and fenced["fencing_token"] == lease["fencing_token"]
+    assert call(api, "POST", "/resources/" + key + "/revoke", {"reason": "bench"}, operator)[0] == 200
+    status, bobs = call(api, "POST", "/reserve", {"resource": key, "holder": "bob", "ttl_s": 600}, operator)
+    assert status == 200 and bobs["fencing_token"] > lease["fencing_token"]
+    status, stale = call(api, "POST", fence, {"fencing_token": lease["fencing_token"]}, alice)
+    assert status == 409 and stale["error"]["type"] == "StaleFencingToken"
+    assert (
+        stale["error"]["token"] == lease["fencing_token"] and stale["error"]["current_token"] == bobs["fencing_token"]
+    )
+    assert call(api, "POST", fence, {"fencing_token": "1"}, alice)[0] == 422
+
+    # A waiting reserve that runs out of time: 408 WaitTimeout, and it left the queue.
+    status, timed_out = call(api, "POST", "/reserve", {"resource": key, "wait": True, "timeout_s": 0.3}, alice)
+    assert status == 408 and timed_out["error"]["type"] == "WaitTimeout" and timed_out["error"]["resource"] == key
+    lane = lambda: next(s for s in call(api, "GET", "/resources", token=alice)[1] if s["key"] == key)  # noqa: E731
+    assert lane()["queue"] == [] and lane()["holder"] == "bob"
+
+    # queue_position while two wait (each asks for its own; the operator for anyone); then the grant.
+    waits = {}
+
+    def wait_for(name: str, token: str, body: dict[str, Any]) -> None:
+        waits[name] = call(api, "POST", "/reserve", {"resource": key, "wait": True, **body}, token)
+
+    first = threading.Thread(target=wait_for, args=("alice", alice, {"request_id": "q1"}))
+    first.start()
+    place = lambda holder, rid, token: call(  # noqa: E731
+        api, "GET", f"/queue_position?resource={key}&holder={holder}&request_id={rid}", token=token
+    )
+    until(lambda: place("alice", "q1", alice) == (200, {"position": 1}), "alice waits first")
+    second = threading.Thread(target=wait_for, args=("carol", operator, {"request_id": "q2", "holder": "carol"}))
+    second.start()
+    until(lambda: place("carol", "q2", operator) == (200, {"position": 2}), "carol waits behind her")
+    assert place("carol", "q2", alice)[0] == 403  # alice may not ask for carol's request
+    assert call(api, "POST", f"/leases/{bobs['lease_id']}/release", {}, operator)[0] == 200
+    first.join(30)
+    assert waits["alice"][0] == 200 and waits["alice"][1]["holder"] == "alice"
+    assert place("alice", "q1", alice)[1] == {"position": None}
+    assert place("carol", "q2", operator)[1] == {"position": 1}
+    status, withdrawn = call(
+        api, "POST", "/withdraw", {"resource": key, "holder": "carol", "request_id": "q2"}, operator
+    )
+    assert status == 200 and withdrawn["state"] == "cancelled"
+    second.join(30)
+    assert waits["carol"][0] == 409 and waits["carol"][1]["error"]["type"] == "LeaseNotHeld"
+
+    # events: the journal's latest, filtered by name; a refused token is journaled, never the token.
+    assert call(api, "GET", "/status", token="mt_" + "1" * 64)[0] == 401
+    status, events = call(api, "GET", "/events?event=lease.&limit=3", token=alice)
+    assert status == 200 and len(events) == 3 and all(e["event"].startswith("lease.") for e in events)
+    assert [e["seq"] for e in events] == sorted(e["seq"] for e in events)  # oldest first
+    refused = call(api, "GET", "/events?event=auth.refused", token=alice)[1]
+    assert refused and refused[-1]["act"] == "GET /status" and "mt_" not in json.dumps(refused)
+    assert call(api, "GET", "/events?limit=x", token=alice)[0] == 422
+
+    # runs: submit over HTTP (the token is the holder), read, logs; cancel a queued one (not another's).
+    quick = target(tmp_path, "quick", "firesim_u250", 0.2)
+    status, run = call(api, "POST", "/runs", {"target_dir": str(quick)}, alice)
+    assert status == 200 and run["holder"] == "alice" and run["source"] == "http"
+    status, board = call(api, "POST", "/reserve", {"resource": "spacemit_x60_board_01", "ttl_s": 600}, bob)
+    assert status == 200  # the next run waits for bob's board
+    queued = target(tmp_path, "queued", "spacemit_x60_board_01", 0.2)
+    status, waiting = call(api, "POST", "/runs", {"target_dir": str(queued), "request_id": "w-1"}, alice)
+    assert status == 200 and waiting["status"] == "pending"
+    again = call(api, "POST", "/runs", {"target_dir": str(queued), "request_id": "w-1"}, alice)[1]
+    assert again["run_id"] == waiting["run_id"]  # the same request id: the same run
+    active = {r["run_id"] for r in call(api, "GET", "/runs?active=1", token=alice)[1]}
+    assert waiting["run_id"] in active
+    assert call(api, "POST", f"/runs/{waiting['run_id']}/cancel", {}, bob)[0] == 403
+    status, cancelled = call(api, "POST", f"/runs/{waiting['run_id']}/cancel", {}, alice)
+    assert status == 200 and cancelled["status"] == "stopped"
+    done = until(
+        lambda: (r := call(api, "GET", f"/runs/{run['run_id']}", token=alice)[1])["status"] == "succeeded" and r,
+        "the quick run succeeded",
+    )
+    assert done["fencing_token"] is not None and done["ended_at"] is not None
+    status, logs = call(api, "GET", f"/runs/{run['run_id']}/logs", token=alice)
+    assert status == 200 and isinstance(logs, str) and "hold" in logs
+    assert call(api, "GET", "/runs?active=1", token=alice)[1] == []
+    assert call(api, "POST", f"/leases/{board['lease_id']}/release", {}, bob)[0] == 200

@@ -96,6 +96,7 @@ PINNED = [
     ("ray.dashboard.modules.job.pydantic_models", "JobDetails"),
     ("ray._private.state", "state"),
     ("ray._private.gcs_pubsub", "GcsAioJobSubscriber"),
+    ("ray._raylet", "async_task_id"),
 ]
 
 
