@@ -116,6 +116,8 @@ class GroupManager:
         self._seq = 0
         self._passing = False
         self._again = False
+        self._passes_done = asyncio.Event()  # set whenever no pass runs or is asked for
+        self._passes_done.set()
         self._tasks: set[asyncio.Task[Any]] = set()
 
     # ------------------------------------------------------------------ load and recover
@@ -283,6 +285,9 @@ class GroupManager:
             return self._ended_or_granted(record)
         if not wait:
             await self._end_waiting(ref, EndReason.CANCELLED, LeaseState.CANCELLED)
+            current = self._groups[ref]
+            if current.lease.state is LeaseState.GRANTED:  # a pass granted it as it was being withdrawn: the
+                return current.lease  # caller's (refusing it would leave the keys held for nobody)
             raise self._busy(record.lease.selector or ",".join(record.lease.candidates), record.lease.candidates)
         future: asyncio.Future[GroupLease] = asyncio.get_running_loop().create_future()
         self._waiters.setdefault(ref, []).append(future)
@@ -473,11 +478,15 @@ class GroupManager:
     # ------------------------------------------------------------------ the pass
 
     async def schedule(self) -> None:
-        """Grant every waiting group that can be granted now; a pass asked for meanwhile runs after."""
+        """Grant every waiting group that can be granted now; returns once a pass begun after the call
+        has run (a pass asked for while one runs runs after it): a caller that just queued a request
+        then sees whether it was granted (``wait=False`` answers from that)."""
         if self._passing:
             self._again = True
+            await self._passes_done.wait()
             return
         self._passing = True
+        self._passes_done.clear()
         try:
             while True:
                 self._again = False
@@ -487,6 +496,7 @@ class GroupManager:
                     return
         finally:
             self._passing = False
+            self._passes_done.set()
 
     async def _pass(self) -> None:
         waiting = sorted(

@@ -10,7 +10,7 @@ import pytest
 
 from broker.actors.coordinator import BrokerActor
 from broker.errors import InvalidRequest, LeaseNotHeld, ResourceBusy, UnknownResource
-from broker.models import LeaseState
+from broker.models import EndReason, LeaseState
 from broker.seam import ActorRef, Spawn
 from broker.seam.fake import FakeSystem
 from broker.seam.placement import COORDINATOR_NAME
@@ -212,5 +212,62 @@ def test_a_half_taken_group_found_on_restart_gives_its_keys_back(tmp_path):
         group = await waiting
         assert set(group.keys) == {"lane_a", "lane_b"}
         assert group.fencing_tokens["lane_a"] == 2  # token 1 went to the take that was given back
+
+    run(body)
+
+
+def test_a_no_wait_request_arriving_during_a_running_pass_is_granted_not_refused(tmp_path):
+    """A pass that is running when a no-wait group request asks for its own (the pass a key's "ready"
+    notice started as the request's entries were queued) must not make the request answer "busy"
+    before a pass has looked at it."""
+
+    async def body() -> None:
+        system = FakeSystem()
+        broker = await up(tmp_path, system)
+        groups = system.instance("broker", NS)._groups
+        real_ensure = groups._ensure_entries
+        calls = []
+
+        async def ensure_then_a_key_says_ready(record, **kwargs) -> None:
+            await real_ensure(record, **kwargs)
+            calls.append(record.ref)
+            if len(calls) == 2:  # the request's own re-check of its entries: a key's notice lands now
+                groups._spawn(groups.schedule())
+                await asyncio.sleep(0)  # the notice's pass starts (and waits for the lock the request holds)
+
+        groups._ensure_entries = ensure_then_a_key_says_ready
+        groups.key_ready = lambda key, group: None  # on Ray the keys' notices come later, over the network
+        group = await system.call(broker, "reserve_group", "bob", labels="board=u250", ttl_s=60)
+        assert group.state is LeaseState.GRANTED and len(group.keys) == 1
+
+    run(body)
+
+
+def test_a_no_wait_request_granted_while_it_was_being_withdrawn_is_answered_with_its_lease(tmp_path):
+    """A pass may grant a no-wait request between its own pass and its withdrawal: the answer is the
+    grant, never "busy" with the keys left held for nobody until the TTL."""
+
+    async def body() -> None:
+        system = FakeSystem()
+        broker = await up(tmp_path, system)
+        groups = system.instance("broker", NS)._groups
+        lane = await system.call(broker, "reserve", "lane_a", "alice", ttl_s=60)
+        real_end_waiting = groups._end_waiting
+
+        async def freed_just_before(ref, reason, state, **kwargs) -> None:  # the lane comes free meanwhile
+            if reason is EndReason.CANCELLED and not kwargs.get("locked"):
+                await system.call(broker, "release", lane.lease_id)
+                await groups.schedule()
+            await real_end_waiting(ref, reason, state, **kwargs)
+
+        groups._end_waiting = freed_just_before
+
+        async def looked_free(candidates, count) -> bool:  # the lane's holder was about to let go
+            return True
+
+        groups._could_take_now = looked_free
+        group = await system.call(broker, "reserve_group", "bob", keys=["lane_a", "lane_b"], ttl_s=60)
+        assert group.state is LeaseState.GRANTED and set(group.keys) == {"lane_a", "lane_b"}
+        assert book(system, "lane_a").granted.holder == "bob"
 
     run(body)
