@@ -1,10 +1,12 @@
 """The MCP server's one seam to the broker: what its tools call, and the shim (Ray) behind it.
 
-Today the backend is the Python shim (``broker.connect()``: a Ray driver in
-this process, with the shim's retries and fast path). The authenticated HTTP
-API (issue 12 item 1) is the next one: a second class with these methods, and
-nothing else in ``broker.mcp`` changes. Calls block; the server runs them in
-worker threads.
+The backend is the Python shim (``broker.connect()``: a Ray driver in this
+process, with the shim's retries and fast path), not the HTTP API, because a
+Ray driver's leases are session-bound: if the server is SIGKILLed, Ray marks
+its job dead and the broker ends its waits and leases at once, where an HTTP
+client's granted lease would live to its TTL (README "Coding agents"). An
+HTTP backend would be a second class with these methods and nothing else in
+``broker.mcp`` would change. Calls block; the server runs them in worker threads.
 """
 
 from __future__ import annotations
