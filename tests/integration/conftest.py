@@ -1,8 +1,10 @@
 """One real local Ray cluster per test session (on loopback, token auth); each test gets its own
-namespace and state dir, and its broker actors are killed afterwards.
+namespace and state dir (or its module's, see ``shared_broker``), and its broker actors are killed
+afterwards.
 
-Starting a broker (four actor processes) is most of a short test's time, so the next test's
-broker with the default catalog starts in the background while the current test runs."""
+Starting a broker (four actor processes, ~4 s of CPU) is most of a short test's time, so the next
+test's broker with the default catalog starts in the background while the current test runs, and
+a module's tests that need no broker of their own share one (``shared_broker``)."""
 
 from __future__ import annotations
 
@@ -11,6 +13,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 import uuid
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -160,3 +163,44 @@ def broker_env(spare_brokers: SpareBrokers) -> Iterator[BrokerEnv]:
     env = spare_brokers.take()
     yield env
     broker_down(env.namespace)
+
+
+def left_over(env: BrokerEnv) -> list[str]:
+    """What is held, queued, in maintenance, down or running on ``env``'s broker (nothing: [])."""
+    found = [
+        f"{s.key} is {s.state.value}" + (f" (held by {s.holder})" if s.holder else "") + f", {len(s.queue)} waiting"
+        for s in env.client.resources()
+        if s.state.value != "free" or s.holder is not None or s.queue
+    ]
+    found += [f"a {g['state']} group of {g['holder']}" for g in env.client.groups()]
+    found += [f"run {r.run_id} is {r.status.value}" for r in env.client.call("runs", True)]
+    return found
+
+
+def wait_idle(env: BrokerEnv, when: str, timeout_s: float = 60.0) -> None:
+    """Wait until nothing is left over on ``env`` (an ended client's lease may take a moment to end)."""
+    deadline = time.monotonic() + timeout_s
+    while found := left_over(env):
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{when}, the shared broker is not idle after {timeout_s:g}s: {'; '.join(found)}")
+        time.sleep(0.05)
+
+
+@pytest.fixture(scope="module")
+def module_broker(spare_brokers: SpareBrokers) -> Iterator[BrokerEnv]:
+    from broker.actors.deploy import broker_down
+
+    env = spare_brokers.take()
+    yield env
+    broker_down(env.namespace)
+
+
+@pytest.fixture
+def shared_broker(module_broker: BrokerEnv) -> Iterator[BrokerEnv]:
+    """The module's one broker (default catalog), for tests whose assertions cannot see what another test
+    did there: no absolute fencing tokens, counters or journal counts; journal reads by holders or request
+    ids of their own. Each test starts with every key free, nobody waiting and no run active, and must
+    leave the broker so (checked after it: a test that leaves something fails there, not the next one)."""
+    wait_idle(module_broker, "before this test")
+    yield module_broker
+    wait_idle(module_broker, "after this test")
