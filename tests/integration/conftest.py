@@ -103,14 +103,20 @@ def ray_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
         stop_local(state)
 
 
-def make_broker(cluster: Cluster, root: Path, catalog: dict[str, Any] | None = None) -> BrokerEnv:
-    from broker.actors.deploy import broker_up
-
+def broker_place(cluster: Cluster, root: Path) -> BrokerEnv:
+    """A fresh namespace and state dir (with the cluster's record) for a broker; nothing started."""
     namespace = f"t-{uuid.uuid4().hex[:10]}"
     state = StateDir(root).ensure()
     shutil.copy(cluster.state.bootstrap_path, state.bootstrap_path)
-    broker_up(state, namespace, catalog or TEST_CATALOG, metrics_port=0)
     return BrokerEnv(state=state, namespace=namespace, client=BrokerClient(namespace, retry_s=60.0))
+
+
+def make_broker(cluster: Cluster, root: Path, catalog: dict[str, Any] | None = None) -> BrokerEnv:
+    from broker.actors.deploy import broker_up
+
+    env = broker_place(cluster, root)
+    broker_up(env.state, env.namespace, catalog or TEST_CATALOG, metrics_port=0)
+    return env
 
 
 class SpareBrokers:
