@@ -9,6 +9,7 @@ a module's tests that need no broker of their own share one (``shared_broker``).
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
 import subprocess
@@ -120,28 +121,51 @@ def make_broker(cluster: Cluster, root: Path, catalog: dict[str, Any] | None = N
 
 
 class SpareBrokers:
-    """Brokers with the default catalog, each started while the test before it runs."""
+    """Brokers, each started while the test before it runs: always the next one with the default
+    catalog, and the next one with a module's own catalog when the next test asks for it too."""
+
+    next_item: pytest.Item | None = None  # the test after the one running (see pytest_runtest_protocol)
 
     def __init__(self, cluster: Cluster, root: Path):
         self._cluster = cluster
         self._root = root
         self._starter = ThreadPoolExecutor(max_workers=1, thread_name_prefix="spare-broker")
-        self._spare: Future[BrokerEnv] | None = None
+        self._spares: dict[str, Future[BrokerEnv]] = {}  # catalog (as JSON) -> its next broker
 
-    def _start(self) -> BrokerEnv:
-        return make_broker(self._cluster, self._root / uuid.uuid4().hex[:12])
+    def _start(self, catalog: dict[str, Any] | None) -> BrokerEnv:
+        return make_broker(self._cluster, self._root / uuid.uuid4().hex[:12], catalog)
 
-    def take(self) -> BrokerEnv:
-        spare, self._spare = self._spare, self._starter.submit(self._start)
-        return spare.result() if spare is not None else self._start()
+    def take(self, catalog: dict[str, Any] | None = None, *, again: bool = True) -> BrokerEnv:
+        """A fresh broker with ``catalog`` (default: TEST_CATALOG); ``again``: start the next one now."""
+        key = json.dumps(catalog, sort_keys=True)
+        spare = self._spares.pop(key, None)
+        if again:
+            self._spares[key] = self._starter.submit(self._start, catalog)
+        return spare.result() if spare is not None else self._start(catalog)
 
     def close(self) -> None:
         from broker.actors.deploy import broker_down
 
-        if self._spare is not None:
+        for spare in self._spares.values():
             with contextlib.suppress(Exception):  # a spare that failed to start has nothing to stop
-                broker_down(self._spare.result(timeout=300).namespace)
+                broker_down(spare.result(timeout=300).namespace)
         self._starter.shutdown(wait=False, cancel_futures=True)
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_protocol(item: pytest.Item, nextitem: pytest.Item | None) -> Iterator[None]:
+    SpareBrokers.next_item = nextitem
+    yield
+
+
+def next_test_uses(request: pytest.FixtureRequest, fixture: str) -> bool:
+    """Whether the next test is in this module and uses ``fixture`` (then its broker is started now)."""
+    following = SpareBrokers.next_item
+    return (
+        following is not None
+        and getattr(following, "module", None) is request.module
+        and fixture in getattr(following, "fixturenames", ())
+    )
 
 
 @pytest.fixture(scope="session")
