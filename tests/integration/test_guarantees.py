@@ -67,13 +67,20 @@ def test_max_hold_warns_then_reclaims(ray_cluster, tmp_path):
     catalog["resources"][KEY].update({"max_hold": "3s", "warn_before": "2s"})
     env = make_broker(ray_cluster, tmp_path / "state", catalog)
     try:
-        warned = threading.Event()
+        warned, lost = threading.Event(), threading.Event()
         with (
             pytest.raises(LeaseNotHeld),
-            env.client.lease(KEY, "greedy", ttl_s=1.0, heartbeat_s=0.2, on_expiring=lambda _: warned.set()) as held,
+            env.client.lease(
+                KEY,
+                "greedy",
+                ttl_s=1.0,
+                heartbeat_s=0.2,
+                on_expiring=lambda _: warned.set(),
+                on_lost=lambda _: lost.set(),
+            ) as held,
         ):
             assert held.lease.must_end_by - held.lease.granted_at == pytest.approx(3.0)
-            time.sleep(5.0)  # renewals cannot pass must_end_by
+            assert lost.wait(60), "still held long past must_end_by"  # renewals cannot pass it
         assert warned.is_set()
         names = [e["event"] for e in journal(env) if e.get("holder") == "greedy"]
         assert names.index("lease.expiring") < names.index("lease.expired")
