@@ -1,16 +1,20 @@
 """One real local Ray cluster per test session (on loopback, token auth); each test gets its own
-namespace and state dir, and its broker actors are killed afterwards.
+namespace and state dir (or its module's, see ``shared_broker``), and its broker actors are killed
+afterwards.
 
-Starting a broker (four actor processes) is most of a short test's time, so the next test's
-broker with the default catalog starts in the background while the current test runs."""
+Starting a broker (four actor processes, ~4 s of CPU) is most of a short test's time, so the next
+test's broker with the default catalog starts in the background while the current test runs, and
+a module's tests that need no broker of their own share one (``shared_broker``)."""
 
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
 import subprocess
 import sys
+import time
 import uuid
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -100,39 +104,68 @@ def ray_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
         stop_local(state)
 
 
-def make_broker(cluster: Cluster, root: Path, catalog: dict[str, Any] | None = None) -> BrokerEnv:
-    from broker.actors.deploy import broker_up
-
+def broker_place(cluster: Cluster, root: Path) -> BrokerEnv:
+    """A fresh namespace and state dir (with the cluster's record) for a broker; nothing started."""
     namespace = f"t-{uuid.uuid4().hex[:10]}"
     state = StateDir(root).ensure()
     shutil.copy(cluster.state.bootstrap_path, state.bootstrap_path)
-    broker_up(state, namespace, catalog or TEST_CATALOG, metrics_port=0)
     return BrokerEnv(state=state, namespace=namespace, client=BrokerClient(namespace, retry_s=60.0))
 
 
+def make_broker(cluster: Cluster, root: Path, catalog: dict[str, Any] | None = None) -> BrokerEnv:
+    from broker.actors.deploy import broker_up
+
+    env = broker_place(cluster, root)
+    broker_up(env.state, env.namespace, catalog or TEST_CATALOG, metrics_port=0)
+    return env
+
+
 class SpareBrokers:
-    """Brokers with the default catalog, each started while the test before it runs."""
+    """Brokers, each started while the test before it runs: always the next one with the default
+    catalog, and the next one with a module's own catalog when the next test asks for it too."""
+
+    next_item: pytest.Item | None = None  # the test after the one running (see pytest_runtest_protocol)
 
     def __init__(self, cluster: Cluster, root: Path):
         self._cluster = cluster
         self._root = root
         self._starter = ThreadPoolExecutor(max_workers=1, thread_name_prefix="spare-broker")
-        self._spare: Future[BrokerEnv] | None = None
+        self._spares: dict[str, Future[BrokerEnv]] = {}  # catalog (as JSON) -> its next broker
 
-    def _start(self) -> BrokerEnv:
-        return make_broker(self._cluster, self._root / uuid.uuid4().hex[:12])
+    def _start(self, catalog: dict[str, Any] | None) -> BrokerEnv:
+        return make_broker(self._cluster, self._root / uuid.uuid4().hex[:12], catalog)
 
-    def take(self) -> BrokerEnv:
-        spare, self._spare = self._spare, self._starter.submit(self._start)
-        return spare.result() if spare is not None else self._start()
+    def take(self, catalog: dict[str, Any] | None = None, *, again: bool = True) -> BrokerEnv:
+        """A fresh broker with ``catalog`` (default: TEST_CATALOG); ``again``: start the next one now."""
+        key = json.dumps(catalog, sort_keys=True)
+        spare = self._spares.pop(key, None)
+        if again:
+            self._spares[key] = self._starter.submit(self._start, catalog)
+        return spare.result() if spare is not None else self._start(catalog)
 
     def close(self) -> None:
         from broker.actors.deploy import broker_down
 
-        if self._spare is not None:
+        for spare in self._spares.values():
             with contextlib.suppress(Exception):  # a spare that failed to start has nothing to stop
-                broker_down(self._spare.result(timeout=300).namespace)
+                broker_down(spare.result(timeout=300).namespace)
         self._starter.shutdown(wait=False, cancel_futures=True)
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_protocol(item: pytest.Item, nextitem: pytest.Item | None) -> Iterator[None]:
+    SpareBrokers.next_item = nextitem
+    yield
+
+
+def next_test_uses(request: pytest.FixtureRequest, fixture: str) -> bool:
+    """Whether the next test is in this module and uses ``fixture`` (then its broker is started now)."""
+    following = SpareBrokers.next_item
+    return (
+        following is not None
+        and getattr(following, "module", None) is request.module
+        and fixture in getattr(following, "fixturenames", ())
+    )
 
 
 @pytest.fixture(scope="session")
@@ -160,3 +193,44 @@ def broker_env(spare_brokers: SpareBrokers) -> Iterator[BrokerEnv]:
     env = spare_brokers.take()
     yield env
     broker_down(env.namespace)
+
+
+def left_over(env: BrokerEnv) -> list[str]:
+    """What is held, queued, in maintenance, down or running on ``env``'s broker (nothing: [])."""
+    found = [
+        f"{s.key} is {s.state.value}" + (f" (held by {s.holder})" if s.holder else "") + f", {len(s.queue)} waiting"
+        for s in env.client.resources()
+        if s.state.value != "free" or s.holder is not None or s.queue
+    ]
+    found += [f"a {g['state']} group of {g['holder']}" for g in env.client.groups()]
+    found += [f"run {r.run_id} is {r.status.value}" for r in env.client.call("runs", True)]
+    return found
+
+
+def wait_idle(env: BrokerEnv, when: str, timeout_s: float = 60.0) -> None:
+    """Wait until nothing is left over on ``env`` (an ended client's lease may take a moment to end)."""
+    deadline = time.monotonic() + timeout_s
+    while found := left_over(env):
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{when}, the shared broker is not idle after {timeout_s:g}s: {'; '.join(found)}")
+        time.sleep(0.05)
+
+
+@pytest.fixture(scope="module")
+def module_broker(spare_brokers: SpareBrokers) -> Iterator[BrokerEnv]:
+    from broker.actors.deploy import broker_down
+
+    env = spare_brokers.take()
+    yield env
+    broker_down(env.namespace)
+
+
+@pytest.fixture
+def shared_broker(module_broker: BrokerEnv) -> Iterator[BrokerEnv]:
+    """The module's one broker (default catalog), for tests whose assertions cannot see what another test
+    did there: no absolute fencing tokens, counters or journal counts; journal reads by holders or request
+    ids of their own. Each test starts with every key free, nobody waiting and no run active, and must
+    leave the broker so (checked after it: a test that leaves something fails there, not the next one)."""
+    wait_idle(module_broker, "before this test")
+    yield module_broker
+    wait_idle(module_broker, "after this test")

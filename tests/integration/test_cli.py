@@ -8,9 +8,16 @@ import sys
 
 import pytest
 
+from tests.integration.conftest import BrokerEnv
 from tests.waiting import StderrWatch
 
 pytestmark = pytest.mark.ray
+
+
+@pytest.fixture
+def broker_env(shared_broker: BrokerEnv) -> BrokerEnv:
+    """One broker for the module: each test asserts only on the leases it takes, and releases them."""
+    return shared_broker
 
 
 def test_reserve_list_release_with_json(broker_env):
@@ -76,15 +83,18 @@ def test_reserve_wait_shows_its_place_in_the_queue(broker_env):
     err = stderr.text()
     assert proc.returncode == 0, err
     assert "place 1 in the queue" in err and "so far; held by alice until" in err  # and who it waits for
-    assert json.loads(out)["holder"] == "bob"
+    bob = json.loads(out)
+    assert bob["holder"] == "bob"
+    broker_env.client.release(bob["lease_id"])
 
 
 def test_wait_timeout_exit_code(broker_env):
-    broker_env.client.reserve("radiance_sim_lane_a", "alice")
+    alice = broker_env.client.reserve("radiance_sim_lane_a", "alice")
     out = broker_env.cli(
         "ray", "resources", "reserve", "radiance_sim_lane_a", "--holder", "ci", "--wait", "--timeout", "1s"
     )
     assert out.returncode == 9 and "timed out" in out.stderr
+    broker_env.client.release(alice.lease_id)
 
 
 def test_broker_status_json(broker_env):

@@ -20,25 +20,39 @@ import yaml
 from broker.client import default_holder
 from broker.errors import ResourceBusy
 from broker.models import LeaseState
-from tests.integration.conftest import ROOT, TEST_CATALOG, BrokerEnv, make_broker
+from tests.integration.conftest import ROOT, TEST_CATALOG, BrokerEnv, make_broker, wait_idle
 
 pytestmark = pytest.mark.ray
 
 SECRET = "journeys-admin-secret"
 
 
-@pytest.fixture
-def admin_env(ray_cluster, tmp_path: Path) -> Iterator[BrokerEnv]:
-    """A broker whose catalog sets an admin secret and a 12 h max hold on firesim_u250."""
+@pytest.fixture(scope="module")
+def admin_broker(ray_cluster, tmp_path_factory: pytest.TempPathFactory) -> Iterator[BrokerEnv]:
+    """A broker whose catalog sets an admin secret and a 12 h max hold on firesim_u250 (its secret
+    in the file :func:`secret_file` names)."""
     from broker.actors.deploy import broker_down
 
     catalog = json.loads(json.dumps(TEST_CATALOG))
     catalog["broker"]["admin_secret_sha256"] = hashlib.sha256(SECRET.encode()).hexdigest()
     catalog["resources"]["firesim_u250"]["max_hold"] = "12h"
-    env = make_broker(ray_cluster, tmp_path / "state", catalog)
-    (tmp_path / "secret").write_text(SECRET)
+    root = tmp_path_factory.mktemp("admin")
+    env = make_broker(ray_cluster, root / "state", catalog)
+    secret_file(env).write_text(SECRET)
     yield env
     broker_down(env.namespace)
+
+
+@pytest.fixture
+def admin_env(admin_broker: BrokerEnv) -> Iterator[BrokerEnv]:
+    """The module's admin broker, shared as ``shared_broker`` is: every key free before and after each test."""
+    wait_idle(admin_broker, "before this test")
+    yield admin_broker
+    wait_idle(admin_broker, "after this test")
+
+
+def secret_file(env: BrokerEnv) -> Path:
+    return env.state.root.parent / "secret"
 
 
 def ok(out: subprocess.CompletedProcess[str]) -> dict:
@@ -100,24 +114,27 @@ def reserve(env: BrokerEnv, key: str, *extra: str) -> subprocess.CompletedProces
 # ---------------------------------------------------------------------- a CI pipeline
 
 
-def test_a_request_id_on_another_key_is_refused_and_takes_nothing(broker_env):
-    first = ok(reserve(broker_env, "radiance_sim_lane_a", "--holder", "ci", "--request-id", "R1"))
-    before = lease_files(broker_env)
-    error = refused(reserve(broker_env, "spacemit_x60_board_01", "--holder", "ci", "--request-id", "R1"), 3)
+def test_a_request_id_on_another_key_is_refused_and_takes_nothing(shared_broker):
+    first = ok(reserve(shared_broker, "radiance_sim_lane_a", "--holder", "ci", "--request-id", "R1"))
+    before = lease_files(shared_broker)
+    error = refused(reserve(shared_broker, "spacemit_x60_board_01", "--holder", "ci", "--request-id", "R1"), 3)
     assert error["type"] == "InvalidRequest" and error["field"] == "request_id"
     assert "request id R1 already names a lease on radiance_sim_lane_a" in error["message"]
-    assert lease_files(broker_env) == before
-    board = next(s for s in broker_env.client.resources() if s.key == "spacemit_x60_board_01")
+    assert lease_files(shared_broker) == before
+    board = next(s for s in shared_broker.client.resources() if s.key == "spacemit_x60_board_01")
     assert board.holder is None
-    again = ok(reserve(broker_env, "radiance_sim_lane_a", "--holder", "ci", "--request-id", "R1"))
+    again = ok(reserve(shared_broker, "radiance_sim_lane_a", "--holder", "ci", "--request-id", "R1"))
     assert again["lease_id"] == first["lease_id"]  # the retry on its own key is still answered
+    shared_broker.client.release(first["lease_id"])
 
 
-def test_a_request_refused_as_busy_leaves_its_id_free_for_another_key(broker_env):
-    broker_env.client.reserve("firesim_u250", "alice")
-    refused(reserve(broker_env, "firesim_u250", "--holder", "ci", "--request-id", "R2"), 5)
-    lease = ok(reserve(broker_env, "spacemit_x60_board_01", "--holder", "ci", "--request-id", "R2"))
+def test_a_request_refused_as_busy_leaves_its_id_free_for_another_key(shared_broker):
+    alice = shared_broker.client.reserve("firesim_u250", "alice")
+    refused(reserve(shared_broker, "firesim_u250", "--holder", "ci", "--request-id", "R2"), 5)
+    lease = ok(reserve(shared_broker, "spacemit_x60_board_01", "--holder", "ci", "--request-id", "R2"))
     assert lease["state"] == "granted"
+    shared_broker.client.release(alice.lease_id)
+    shared_broker.client.release(lease["lease_id"])
 
 
 def test_the_one_key_per_request_id_rule_survives_a_coordinator_restart(broker_env):
@@ -127,27 +144,28 @@ def test_the_one_key_per_request_id_rule_survives_a_coordinator_restart(broker_e
     assert "already names a lease on radiance_sim_lane_a" in error["message"]
 
 
-def test_a_reused_request_id_whose_lease_ended_is_exit_7_unless_asked(broker_env):
-    lease = ok(reserve(broker_env, "radiance_sim_lane_a", "--holder", "ci", "--request-id", "R4"))
-    broker_env.client.release(lease["lease_id"])
-    error = refused(reserve(broker_env, "radiance_sim_lane_a", "--holder", "ci", "--request-id", "R4"), 7)
+def test_a_reused_request_id_whose_lease_ended_is_exit_7_unless_asked(shared_broker):
+    lease = ok(reserve(shared_broker, "radiance_sim_lane_a", "--holder", "ci", "--request-id", "R4"))
+    shared_broker.client.release(lease["lease_id"])
+    error = refused(reserve(shared_broker, "radiance_sim_lane_a", "--holder", "ci", "--request-id", "R4"), 7)
     assert error["type"] == "LeaseNotHeld" and error["state"] == "released" and "ended (released)" in error["message"]
-    shown = ok(reserve(broker_env, "radiance_sim_lane_a", "--holder", "ci", "--request-id", "R4", "--show-ended"))
+    shown = ok(reserve(shared_broker, "radiance_sim_lane_a", "--holder", "ci", "--request-id", "R4", "--show-ended"))
     assert shown["lease_id"] == lease["lease_id"] and shown["state"] == "released"
 
-    held = ok(reserve(broker_env, "firesim_u250", "--holder", "ci", "--request-id", "R5"))
-    broker_env.client.revoke("firesim_u250", "board swap", by="bob")
-    error = refused(reserve(broker_env, "firesim_u250", "--holder", "ci", "--request-id", "R5"), 7)
+    held = ok(reserve(shared_broker, "firesim_u250", "--holder", "ci", "--request-id", "R5"))
+    shared_broker.client.revoke("firesim_u250", "board swap", by="bob")
+    error = refused(reserve(shared_broker, "firesim_u250", "--holder", "ci", "--request-id", "R5"), 7)
     assert error["state"] == "revoked" and "board swap" in error["message"]
-    assert broker_env.client.get_lease(held["lease_id"]).state is LeaseState.REVOKED
+    assert shared_broker.client.get_lease(held["lease_id"]).state is LeaseState.REVOKED
 
 
-def test_a_busy_resource_under_json_is_an_error_object_a_script_can_read(broker_env):
-    broker_env.client.reserve("firesim_u250", "alice", ttl_s=600)
-    error = refused(reserve(broker_env, "firesim_u250", "--holder", "ci"), 5)
+def test_a_busy_resource_under_json_is_an_error_object_a_script_can_read(shared_broker):
+    alice = shared_broker.client.reserve("firesim_u250", "alice", ttl_s=600)
+    error = refused(reserve(shared_broker, "firesim_u250", "--holder", "ci"), 5)
     assert error["type"] == "ResourceBusy" and error["holder"] == "alice" and error["queue_length"] == 0
     assert error["expires_at"] > time.time() + 500
     assert "--wait" in error["message"] and "wait=True" not in error["message"]
+    shared_broker.client.release(alice.lease_id)
 
 
 def test_broker_up_survives_a_kill_of_the_coordinator(broker_env, tmp_path):
@@ -163,39 +181,41 @@ def test_broker_up_survives_a_kill_of_the_coordinator(broker_env, tmp_path):
 # ---------------------------------------------------------------------- a notebook
 
 
-def test_a_notebook_sees_a_one_line_busy_error_through_plain_ray(broker_env):
-    broker = ray.get_actor("broker", namespace=broker_env.namespace)
-    ray.get(broker.reserve.remote("firesim_u250", holder="alice", ttl_s=600))
+def test_a_notebook_sees_a_one_line_busy_error_through_plain_ray(shared_broker):
+    broker = ray.get_actor("broker", namespace=shared_broker.namespace)
+    alice = ray.get(broker.reserve.remote("firesim_u250", holder="alice", ttl_s=600))
     with pytest.raises(ResourceBusy) as busy:
         ray.get(broker.reserve.remote("firesim_u250", holder="bob"))
     text = str(busy.value)
     assert "\n" not in text and "Traceback" not in text
     assert "held by alice" in text and "nobody waiting" in text and "wait=True" in text and "--wait" not in text
     assert busy.value.holder == "alice" and busy.value.queue_length == 0
+    ray.get(broker.release.remote(alice.lease_id))
 
 
 # ---------------------------------------------------------------------- a coding agent
 
 
-def test_an_agent_matches_its_lease_in_listings_and_asks_who_has_a_key(broker_env):
-    lease = ok(reserve(broker_env, "radiance_sim_lane_a", "--holder", "agent-7"))
-    listing = ok(broker_env.cli("ray", "resources", "list", "--json"))
+def test_an_agent_matches_its_lease_in_listings_and_asks_who_has_a_key(shared_broker):
+    lease = ok(reserve(shared_broker, "radiance_sim_lane_a", "--holder", "agent-7"))
+    listing = ok(shared_broker.cli("ray", "resources", "list", "--json"))
     row = next(r for r in listing if r["key"] == "radiance_sim_lane_a")
     assert row["lease_ref"] == lease["ref"] and lease["lease_id"] not in json.dumps(listing)
-    by_key = ok(broker_env.cli("ray", "resources", "show", "radiance_sim_lane_a", "--json"))
+    by_key = ok(shared_broker.cli("ray", "resources", "show", "radiance_sim_lane_a", "--json"))
     assert by_key["holder"] == "agent-7" and by_key["lease_ref"] == lease["ref"]
-    text = broker_env.cli("ray", "resources", "show", "radiance_sim_lane_a")
+    text = shared_broker.cli("ray", "resources", "show", "radiance_sim_lane_a")
     assert text.returncode == 0 and "held by agent-7" in text.stdout and lease["ref"] in text.stdout
-    assert broker_env.cli("ray", "resources", "show", lease["lease_id"]).returncode == 0
-    refused(broker_env.cli("ray", "resources", "show", "no_such_board", "--json"), 4)
+    assert shared_broker.cli("ray", "resources", "show", lease["lease_id"]).returncode == 0
+    refused(shared_broker.cli("ray", "resources", "show", "no_such_board", "--json"), 4)
+    shared_broker.client.release(lease["lease_id"])
 
 
-def test_list_filters_by_state_labels_holder_and_mine(broker_env):
-    broker_env.client.reserve("firesim_u250", "alice")
-    ok(reserve(broker_env, "radiance_sim_lane_a"))  # the default holder: user@host, as --mine means
+def test_list_filters_by_state_labels_holder_and_mine(shared_broker):
+    alice = shared_broker.client.reserve("firesim_u250", "alice")
+    mine = ok(reserve(shared_broker, "radiance_sim_lane_a"))  # the default holder: user@host, as --mine means
 
     def keys(*args: str) -> list[str]:
-        return [row["key"] for row in ok(broker_env.cli("ray", "resources", "list", *args, "--json"))]
+        return [row["key"] for row in ok(shared_broker.cli("ray", "resources", "list", *args, "--json"))]
 
     assert keys("--state", "leased") == ["firesim_u250", "radiance_sim_lane_a"]
     assert keys("--state", "free") == ["spacemit_x60_board_01"]
@@ -203,16 +223,18 @@ def test_list_filters_by_state_labels_holder_and_mine(broker_env):
     assert keys("--labels", "kind=fpga", "--state", "free") == []
     assert keys("--holder", "alice") == ["firesim_u250"]
     assert keys("--mine") == ["radiance_sim_lane_a"]
-    assert default_holder() == broker_env.client.resources()[2].holder
-    refused(broker_env.cli("ray", "resources", "list", "--labels", "kind", "--json"), 3)
+    assert default_holder() == shared_broker.client.resources()[2].holder
+    refused(shared_broker.cli("ray", "resources", "list", "--labels", "kind", "--json"), 3)
+    shared_broker.client.release(alice.lease_id)
+    shared_broker.client.release(mine["lease_id"])
 
 
 # ---------------------------------------------------------------------- waiting, and an admin
 
 
-def test_the_queue_shows_places_and_waiters_withdraw_theirs_and_an_admin_anyones(admin_env, tmp_path):
+def test_the_queue_shows_places_and_waiters_withdraw_theirs_and_an_admin_anyones(admin_env):
     env = admin_env
-    env.client.reserve("spacemit_x60_board_01", "alice", ttl_s=600)
+    alice = env.client.reserve("spacemit_x60_board_01", "alice", ttl_s=600)
     bob = background(env, "ray", "resources", "reserve", "spacemit_x60_board_01", "--holder", "bob", "--wait",
                      "--request-id", "WB", "--priority", "5", "--note", "nightly")  # fmt: skip
     wait_for(lambda: len(env.client.resources()[1].queue) == 1, "bob in the queue")
@@ -238,7 +260,7 @@ def test_the_queue_shows_places_and_waiters_withdraw_theirs_and_an_admin_anyones
     assert refused(no_secret, 11)["type"] == "NotAuthorized"
     assert [q.holder for q in env.client.resources()[1].queue] == ["carol"]
     admin = env.cli("ray", "resources", "withdraw", "spacemit_x60_board_01", "--ref", carols, "--by", "bob-admin",
-                    "--reason", "on holiday", "--admin-secret-file", str(tmp_path / "secret"), "--json")  # fmt: skip
+                    "--reason", "on holiday", "--admin-secret-file", str(secret_file(env)), "--json")  # fmt: skip
     assert ok(admin)["state"] == "cancelled" and "lease_id" not in admin.stdout
     assert carol.wait(timeout=60) == 7
     assert env.client.resources()[1].queue == ()
@@ -250,12 +272,13 @@ def test_the_queue_shows_places_and_waiters_withdraw_theirs_and_an_admin_anyones
     assert any(e["event"] == "admin.withdrew" and e["lease"] == carols and e["by"] == "bob-admin" for e in events)
     gone = env.cli("ray", "resources", "withdraw", "spacemit_x60_board_01", "--request-id", "nope", "--json")
     assert refused(gone, 6)["type"] == "LeaseNotFound"
+    env.client.release(alice.lease_id)
 
 
-def test_maintenance_confirms_in_a_line_and_journals_who_turned_it_off(admin_env, tmp_path):
+def test_maintenance_confirms_in_a_line_and_journals_who_turned_it_off(admin_env):
     env = admin_env
-    secret = ["--admin-secret-file", str(tmp_path / "secret")]
-    env.client.reserve("spacemit_x60_board_01", "alice", ttl_s=600)
+    secret = ["--admin-secret-file", str(secret_file(env))]
+    alice = env.client.reserve("spacemit_x60_board_01", "alice", ttl_s=600)
     on = env.cli("ray", "resources", "maintenance", "spacemit_x60_board_01", "on", "--reason", "flaky UART",
                  "--by", "bob", *secret)  # fmt: skip
     assert on.returncode == 0, on.stderr
@@ -265,17 +288,19 @@ def test_maintenance_confirms_in_a_line_and_journals_who_turned_it_off(admin_env
     assert off.returncode == 0 and "out of maintenance" in off.stdout and off.stdout.count("\n") == 1
     changes = [e for e in journal(env) if e["event"] == "resource.maintenance"]
     assert [(e["on"], e.get("by")) for e in changes] == [(True, "bob"), (False, "bob")]
+    env.client.release(alice.lease_id)
 
 
-def test_a_revoke_for_the_wrong_holder_names_the_holder_it_found(admin_env, tmp_path):
+def test_a_revoke_for_the_wrong_holder_names_the_holder_it_found(admin_env):
     env = admin_env
-    env.client.reserve("firesim_u250", "alice")
+    alice = env.client.reserve("firesim_u250", "alice")
     out = env.cli("ray", "resources", "revoke", "firesim_u250", "--reason", "cleanup", "--expected-holder", "bob",
-                  "--admin-secret-file", str(tmp_path / "secret"), "--json")  # fmt: skip
+                  "--admin-secret-file", str(secret_file(env)), "--json")  # fmt: skip
     error = refused(out, 7)
     assert "held by 'alice', not 'bob'" in error["message"] and "is not held" not in error["message"]
     assert error["holder"] == "alice"
     assert env.client.resources()[0].holder == "alice"
+    env.client.release(alice.lease_id)
 
 
 def test_a_ttl_past_the_max_hold_is_cut_and_says_so(admin_env):
@@ -290,16 +315,18 @@ def test_a_ttl_past_the_max_hold_is_cut_and_says_so(admin_env):
     assert plain["ttl_capped_by_max_hold"] is False
     too_long = refused(reserve(env, "radiance_sim_lane_a", "--ttl", "30d"), 3)
     assert "must be at most 7d" in too_long["message"]
+    env.client.release(next(line.split()[2] for line in text.stdout.splitlines() if line.startswith("lease id:")))
+    env.client.release(plain["lease_id"])
 
 
 # ---------------------------------------------------------------------- a shell script holding a lease
 
 
-def test_keep_alive_renews_until_sigterm_and_leaves_the_lease_held(broker_env):
-    client = broker_env.client
+def test_keep_alive_renews_until_sigterm_and_leaves_the_lease_held(shared_broker):
+    client = shared_broker.client
     # The TTL is far longer than a CLI's start on a loaded machine: the test waits for renewals, not a clock.
     lease = client.reserve("radiance_sim_lane_a", "script", ttl_s=60.0)
-    keeper = background(broker_env, "ray", "resources", "keep-alive", lease.lease_id, "--every", "0.5s")
+    keeper = background(shared_broker, "ray", "resources", "keep-alive", lease.lease_id, "--every", "0.5s")
 
     def renewed_again_and_again() -> bool:
         now = client.get_lease(lease.lease_id)
@@ -312,7 +339,7 @@ def test_keep_alive_renews_until_sigterm_and_leaves_the_lease_held(broker_env):
     assert keeper.returncode == 143 and err.count("\n") == 1 and "SIGTERM" in err and "stays held" in err
     assert client.get_lease(lease.lease_id).state is LeaseState.GRANTED
 
-    keeper = background(broker_env, "ray", "resources", "keep-alive", lease.lease_id, "--every", "0.5s",
+    keeper = background(shared_broker, "ray", "resources", "keep-alive", lease.lease_id, "--every", "0.5s",
                         "--release-on-exit")  # fmt: skip
     renewed = client.get_lease(lease.lease_id).renewals
     wait_for(lambda: client.get_lease(lease.lease_id).renewals > renewed + 1, "the second keeper's renewals")
@@ -321,7 +348,7 @@ def test_keep_alive_renews_until_sigterm_and_leaves_the_lease_held(broker_env):
     assert keeper.returncode == 130 and "SIGINT" in err and "released" in err
     assert client.get_lease(lease.lease_id).state is LeaseState.RELEASED
 
-    ended = broker_env.cli("ray", "resources", "keep-alive", lease.lease_id, "--every", "1s")
+    ended = shared_broker.cli("ray", "resources", "keep-alive", lease.lease_id, "--every", "1s")
     assert ended.returncode == 7 and ended.stderr.count("\n") == 1
 
 
@@ -351,11 +378,12 @@ def test_usage_totals_per_holder_and_per_resource_from_the_journal(broker_env):
 # ---------------------------------------------------------------------- completion
 
 
-def test_completion_words_come_from_the_state_dir(broker_env):
-    lease = broker_env.client.reserve("firesim_u250", "me@laptop")
-    keys = broker_env.cli("completion", "keys")
+def test_completion_words_come_from_the_state_dir(shared_broker):
+    lease = shared_broker.client.reserve("firesim_u250", "me@laptop")
+    keys = shared_broker.cli("completion", "keys")
     assert keys.returncode == 0 and keys.stdout.split() == list(TEST_CATALOG["resources"])
-    wait_for(lambda: broker_env.state.lease_path(lease.lease_id).exists(), "the lease record")
-    mine = broker_env.cli("completion", "leases", "--holder", "me@laptop")
+    wait_for(lambda: shared_broker.state.lease_path(lease.lease_id).exists(), "the lease record")
+    mine = shared_broker.cli("completion", "leases", "--holder", "me@laptop")
     assert mine.stdout.split() == [lease.lease_id]
-    assert broker_env.cli("completion", "leases", "--holder", "someone-else").stdout.split() == []
+    assert shared_broker.cli("completion", "leases", "--holder", "someone-else").stdout.split() == []
+    shared_broker.client.release(lease.lease_id)

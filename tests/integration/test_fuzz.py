@@ -115,10 +115,12 @@ _BEFORE: dict[str, tuple[dict[str, bytes], list[str]]] = {}
 
 @settings(max_examples=250, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(call=bad_calls())
-def test_bad_calls_get_typed_errors_and_change_nothing(broker_env, call):
+def test_bad_calls_get_typed_errors_and_change_nothing(unchanging_broker, call):
     method, args, kwargs = call
-    broker = ray.get_actor("broker", namespace=broker_env.namespace)
-    before = _BEFORE.setdefault(broker_env.namespace, (_state_files(broker_env), _lease_events(broker_env)))
+    broker = ray.get_actor("broker", namespace=unchanging_broker.namespace)
+    before = _BEFORE.setdefault(
+        unchanging_broker.namespace, (_state_files(unchanging_broker), _lease_events(unchanging_broker))
+    )
     try:
         result = ray.get(getattr(broker, method).remote(*args, **kwargs), timeout=60)
     except BrokerError:
@@ -126,12 +128,12 @@ def test_bad_calls_get_typed_errors_and_change_nothing(broker_env, call):
     # a valid-looking call may legitimately answer (e.g. queue_position -> None, lease not found is typed)
     assert result is None or method in ("queue_position", "withdraw"), (method, args, kwargs, result)
     files, events = before
-    assert _lease_events(broker_env) == events
-    assert _state_files(broker_env) == files
+    assert _lease_events(unchanging_broker) == events
+    assert _state_files(unchanging_broker) == files
 
 
-def test_missing_and_extra_arguments_are_refused_before_the_actor(broker_env):
-    broker = ray.get_actor("broker", namespace=broker_env.namespace)
+def test_missing_and_extra_arguments_are_refused_before_the_actor(unchanging_broker):
+    broker = ray.get_actor("broker", namespace=unchanging_broker.namespace)
     for call in (
         lambda: broker.reserve.remote("firesim_u250"),
         lambda: broker.reserve.remote("firesim_u250", "alice", colour="red"),

@@ -33,8 +33,8 @@ def test_reserve_release_and_the_state_dir_records_it(broker_env):
     assert client.release(lease.lease_id).state is LeaseState.RELEASED  # idempotent
 
 
-def test_notebook_path_through_ray_get_actor(broker_env):
-    broker = ray.get_actor("broker", namespace=broker_env.namespace)
+def test_notebook_path_through_ray_get_actor(shared_broker):
+    broker = ray.get_actor("broker", namespace=shared_broker.namespace)
     lease = ray.get(broker.reserve.remote("radiance_sim_lane_a", holder="alice", ttl_s=3600))
     with pytest.raises(ResourceBusy) as info:
         ray.get(broker.reserve.remote("radiance_sim_lane_a", holder="bob"))
@@ -46,8 +46,8 @@ def test_notebook_path_through_ray_get_actor(broker_env):
     assert ray.get(broker.release.remote(lease.lease_id)).state is LeaseState.RELEASED
 
 
-def test_handoff_to_the_next_waiter(broker_env):
-    client = broker_env.client
+def test_handoff_to_the_next_waiter(shared_broker):
+    client = shared_broker.client
     alice = client.reserve("firesim_u250", "alice")
     got: dict[str, object] = {}
 
@@ -64,15 +64,17 @@ def test_handoff_to_the_next_waiter(broker_env):
     waiter.join(30)
     bob = got["lease"]
     assert bob.state is LeaseState.GRANTED and bob.fencing_token == alice.fencing_token + 1
+    client.release(bob.lease_id)
 
 
-def test_a_waiter_times_out_and_leaves_the_queue(broker_env):
-    client = broker_env.client
-    client.reserve("spacemit_x60_board_01", "alice")
+def test_a_waiter_times_out_and_leaves_the_queue(shared_broker):
+    client = shared_broker.client
+    alice = client.reserve("spacemit_x60_board_01", "alice")
     with pytest.raises(WaitTimeout):
         client.reserve("spacemit_x60_board_01", "bob", wait=True, timeout_s=0.5)
     board = next(s for s in client.resources() if s.key == "spacemit_x60_board_01")
     assert board.queue == ()
+    client.release(alice.lease_id)
 
 
 def test_expiry_grants_the_next_waiter_without_anyone_calling(broker_env):
@@ -95,11 +97,11 @@ print(json.dumps({"released": client.release(sys.argv[1]).state.value}), flush=T
 """
 
 
-def test_a_second_driver_sees_and_releases_a_lease(broker_env):
-    lease = broker_env.client.reserve("firesim_u250", "alice")
+def test_a_second_driver_sees_and_releases_a_lease(shared_broker):
+    lease = shared_broker.client.reserve("firesim_u250", "alice")
     out = subprocess.run(
         [sys.executable, "-c", SECOND_DRIVER, lease.lease_id],
-        env=broker_env.env(),
+        env=shared_broker.env(),
         capture_output=True,
         text=True,
         timeout=120,
@@ -107,11 +109,11 @@ def test_a_second_driver_sees_and_releases_a_lease(broker_env):
     assert out.returncode == 0, out.stderr
     lines = [json.loads(line) for line in out.stdout.splitlines()]
     assert lines == [{"holder": "alice"}, {"released": "released"}]
-    assert broker_env.client.get_lease(lease.lease_id).state is LeaseState.RELEASED
+    assert shared_broker.client.get_lease(lease.lease_id).state is LeaseState.RELEASED
 
 
-def test_held_lease_context_renews_and_releases(broker_env):
-    client = broker_env.client
+def test_held_lease_context_renews_and_releases(shared_broker):
+    client = shared_broker.client
     with client.lease("firesim_u250", "alice", ttl_s=1.0, heartbeat_s=0.2) as held:
         time.sleep(2.5)  # well past the TTL: only heartbeats keep it
         assert held.check().state is LeaseState.GRANTED
@@ -120,8 +122,8 @@ def test_held_lease_context_renews_and_releases(broker_env):
     assert client.get_lease(held.lease_id).state is LeaseState.RELEASED
 
 
-def test_held_lease_context_raises_when_the_lease_is_revoked(broker_env):
-    client = broker_env.client
+def test_held_lease_context_raises_when_the_lease_is_revoked(shared_broker):
+    client = shared_broker.client
     lost = threading.Event()
     with pytest.raises(LeaseNotHeld):
         with client.lease("firesim_u250", "alice", ttl_s=3.0, heartbeat_s=0.2, on_lost=lambda _: lost.set()):

@@ -25,6 +25,13 @@ from tests.waiting import until
 pytestmark = pytest.mark.ray
 
 
+@pytest.fixture
+def broker_env(shared_broker: BrokerEnv) -> BrokerEnv:
+    """One broker for the module: each test's agent is a holder of its own, and what its session
+    holds ends with the session (or the test releases it)."""
+    return shared_broker
+
+
 @asynccontextmanager
 async def mcp_session(broker_env: BrokerEnv, holder: str) -> AsyncIterator[Client]:
     params = StdioServerParameters(

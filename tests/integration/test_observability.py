@@ -83,9 +83,9 @@ def test_queue_depth_and_oldest_wait(broker_env):
     assert value(url, "merlin_broker_lease_wait_seconds_count", resource=KEY) == 2.0
 
 
-def test_resource_actors_push_their_snapshots(broker_env):
-    client = broker_env.client
-    broker = ray.get_actor("broker", namespace=broker_env.namespace)
+def test_resource_actors_push_their_snapshots(shared_broker):
+    client = shared_broker.client
+    broker = ray.get_actor("broker", namespace=shared_broker.namespace)
     before = ray.get(broker.__ray_call__.remote(lambda actor: actor._pushes_received))
     client.release(client.reserve(KEY, "alice").lease_id)
     deadline = time.monotonic() + 10
@@ -121,46 +121,46 @@ def test_a_resource_actor_that_stops_answering_is_down(broker_env):
     eventually(url, "merlin_broker_resource_up", 1.0, resource="spacemit_x60_board_01", timeout=30)
 
 
-def test_exposition_passes_promtool(broker_env):
+def test_exposition_passes_promtool(shared_broker):
     promtool = require_tool("promtool")
-    client = broker_env.client
+    client = shared_broker.client
     client.release(client.reserve(KEY, "alice").lease_id)
-    with urllib.request.urlopen(broker_env.metrics_url(), timeout=10) as response:
+    with urllib.request.urlopen(shared_broker.metrics_url(), timeout=10) as response:
         text = response.read()
     check = subprocess.run([promtool, "check", "metrics"], input=text, capture_output=True, timeout=60)
     assert check.returncode == 0, check.stdout.decode() + check.stderr.decode()
 
 
-def test_journal_records_every_change_in_order(broker_env):
-    client = broker_env.client
-    lease = client.reserve(KEY, "alice", note="bitstream test")
+def test_journal_records_every_change_in_order(shared_broker):
+    client = shared_broker.client
+    lease = client.reserve(KEY, "journal-reader", note="bitstream test")  # a holder no other test has
     client.renew(lease.lease_id)
     client.release(lease.lease_id)
-    events = [json.loads(line) for line in broker_env.state.events_path.read_text().splitlines()]
+    events = [json.loads(line) for line in shared_broker.state.events_path.read_text().splitlines()]
     seqs = [event["seq"] for event in events]
     assert seqs == list(range(1, len(seqs) + 1))
-    mine = [event["event"] for event in events if event.get("resource") == KEY and event.get("holder") == "alice"]
+    mine = [e["event"] for e in events if e.get("resource") == KEY and e.get("holder") == "journal-reader"]
     assert mine == ["lease.granted", "lease.renewed", "lease.released"]
-    assert lease.lease_id not in broker_env.state.events_path.read_text()
+    assert lease.lease_id not in shared_broker.state.events_path.read_text()
 
 
-def test_read_api_answers_like_resources_and_never_shows_a_lease_id(broker_env):
+def test_read_api_answers_like_resources_and_never_shows_a_lease_id(shared_broker):
     import urllib.error
 
     from broker.disk.token_store import read_operator_token
     from tests.waiting import until
 
-    lease = broker_env.client.reserve(KEY, "alice")
+    lease = shared_broker.client.reserve(KEY, "alice")
     record = until(
-        lambda: (r := json.loads(broker_env.state.broker_record_path.read_text())).get("api_url") and r,
+        lambda: (r := json.loads(shared_broker.state.broker_record_path.read_text())).get("api_url") and r,
         "the API listens",
     )
-    assert record["namespace"] == broker_env.namespace and record["api_url"].startswith("http://127.0.0.1:")
-    headers = {"Authorization": f"Bearer {read_operator_token(broker_env.state)}"}
+    assert record["namespace"] == shared_broker.namespace and record["api_url"].startswith("http://127.0.0.1:")
+    headers = {"Authorization": f"Bearer {read_operator_token(shared_broker.state)}"}
     request = urllib.request.Request(f"{record['api_url']}/resources", headers=headers)
     with urllib.request.urlopen(request, timeout=10) as response:
         listed = json.loads(response.read())
-    assert [item["key"] for item in listed] == [status.key for status in broker_env.client.resources()]
+    assert [item["key"] for item in listed] == [status.key for status in shared_broker.client.resources()]
     assert listed[0]["holder"] == "alice" and lease.lease_id not in json.dumps(listed)
     with pytest.raises(urllib.error.HTTPError) as refused:  # reads need a token too
         urllib.request.urlopen(f"{record['api_url']}/resources", timeout=10)
@@ -171,8 +171,9 @@ def test_read_api_answers_like_resources_and_never_shows_a_lease_id(broker_env):
     assert wrong.value.code == 405
     # The metrics listener serves only /metrics now.
     with pytest.raises(urllib.error.HTTPError) as missing:
-        urllib.request.urlopen(broker_env.metrics_url().replace("/metrics", "/api/v1/resources"), timeout=10)
+        urllib.request.urlopen(shared_broker.metrics_url().replace("/metrics", "/api/v1/resources"), timeout=10)
     assert missing.value.code == 404
+    shared_broker.client.release(lease.lease_id)
 
 
 READ_WITHOUT_RAY = """
@@ -183,11 +184,12 @@ print(json.dumps({"code": code, "ray_imported": "ray" in sys.modules}), file=sys
 """
 
 
-def test_cli_reads_resources_without_importing_ray(broker_env):
-    broker_env.client.reserve(KEY, "alice")
+def test_cli_reads_resources_without_importing_ray(shared_broker):
+    lease = shared_broker.client.reserve(KEY, "alice")
     out = subprocess.run(
-        [sys.executable, "-c", READ_WITHOUT_RAY], env=broker_env.env(), capture_output=True, text=True, timeout=60
+        [sys.executable, "-c", READ_WITHOUT_RAY], env=shared_broker.env(), capture_output=True, text=True, timeout=60
     )
     verdict = json.loads(out.stderr.strip().splitlines()[-1])
     assert verdict == {"code": 0, "ray_imported": False}, out.stderr
     assert json.loads(out.stdout)[0]["holder"] == "alice"
+    shared_broker.client.release(lease.lease_id)

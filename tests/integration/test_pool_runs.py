@@ -13,7 +13,7 @@ import pytest
 from broker.core.runs import RunStatus
 from broker.models import ResourceState
 from targetgen.bundle import POOL_RESOURCE, ExecutionBundle, write_bundle
-from tests.integration.conftest import BrokerEnv, Cluster, make_broker
+from tests.integration.conftest import BrokerEnv, SpareBrokers, next_test_uses
 
 pytestmark = pytest.mark.ray
 PY = sys.executable
@@ -29,10 +29,11 @@ LAB = {
 
 
 @pytest.fixture
-def lab(ray_cluster: Cluster, tmp_path: Path) -> Iterator[BrokerEnv]:
+def lab(spare_brokers: SpareBrokers, request: pytest.FixtureRequest) -> Iterator[BrokerEnv]:
+    """A broker with the lab's catalog for each test (the next test's starts while this one runs)."""
     from broker.actors.deploy import broker_down
 
-    env = make_broker(ray_cluster, tmp_path / "state", LAB)
+    env = spare_brokers.take(LAB, again=next_test_uses(request, "lab"))
     yield env
     broker_down(env.namespace)
 

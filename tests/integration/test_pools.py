@@ -16,7 +16,7 @@ import pytest
 
 from broker.errors import InvalidRequest, ResourceBusy
 from broker.models import GroupLease, LeaseState
-from tests.integration.conftest import make_broker
+from tests.integration.conftest import SpareBrokers, next_test_uses
 from tests.waiting import StderrWatch, until
 
 pytestmark = pytest.mark.ray
@@ -35,10 +35,11 @@ LAB = {
 
 
 @pytest.fixture
-def lab(ray_cluster, tmp_path):
+def lab(spare_brokers: SpareBrokers, request: pytest.FixtureRequest):
+    """A broker with the lab's catalog for each test (the next test's starts while this one runs)."""
     from broker.actors.deploy import broker_down
 
-    env = make_broker(ray_cluster, tmp_path / "state", LAB)
+    env = spare_brokers.take(LAB, again=next_test_uses(request, "lab"))
     yield env
     broker_down(env.namespace)
 

@@ -31,10 +31,10 @@ def exposition_names(url: str) -> set[str]:
     return names
 
 
-def test_every_name_in_the_dashboard_and_rules_is_served(broker_env):
-    client = broker_env.client
+def test_every_name_in_the_dashboard_and_rules_is_served(shared_broker):
+    client = shared_broker.client
     client.release(client.reserve("firesim_u250", "alice").lease_id)
-    url = broker_env.metrics_url()
+    url = shared_broker.metrics_url()
     deadline = time.monotonic() + 20
     missing = shipped_metric_names()
     while missing and time.monotonic() < deadline:
@@ -49,9 +49,9 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-def test_a_real_prometheus_scrapes_the_broker(broker_env, tmp_path: Path):
+def test_a_real_prometheus_scrapes_the_broker(shared_broker, tmp_path: Path):
     prometheus = require_tool("prometheus")
-    target = urllib.parse.urlparse(broker_env.metrics_url()).netloc
+    target = urllib.parse.urlparse(shared_broker.metrics_url()).netloc
     config = yaml.safe_load((CONFIGS / "prometheus" / "prometheus.yml").read_text())
     config["global"]["scrape_interval"] = "1s"
     config["global"]["evaluation_interval"] = "1s"
@@ -66,7 +66,7 @@ def test_a_real_prometheus_scrapes_the_broker(broker_env, tmp_path: Path):
         stdout=subprocess.DEVNULL, stderr=open(tmp_path / "prometheus.log", "wb"),
     )  # fmt: skip
     try:
-        lease = broker_env.client.reserve("firesim_u250", "alice")
+        lease = shared_broker.client.reserve("firesim_u250", "alice")
         query = urllib.parse.urlencode({"query": 'merlin_broker_resource_leased{resource="firesim_u250"}'})
         result: list = []
         deadline = time.monotonic() + 60
@@ -80,7 +80,7 @@ def test_a_real_prometheus_scrapes_the_broker(broker_env, tmp_path: Path):
         with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/v1/rules", timeout=5) as response:
             groups = json.loads(response.read())["data"]["groups"]
         assert {rule["name"] for rule in groups[0]["rules"]} >= {"MerlinResourceDown", "MerlinLeasesExpiring"}
-        broker_env.client.release(lease.lease_id)
+        shared_broker.client.release(lease.lease_id)
     finally:
         server.terminate()
         server.wait(timeout=30)

@@ -74,10 +74,9 @@ def test_kill_9_of_the_coordinator_loses_nothing(broker_env):
 
 def test_detached_actors_outlive_the_driver_that_made_them(ray_cluster, tmp_path):
     from broker.actors.deploy import broker_down
-    from tests.integration.conftest import TEST_CATALOG, make_broker
+    from tests.integration.conftest import TEST_CATALOG, broker_place
 
-    env = make_broker(ray_cluster, tmp_path / "seed")  # only to get a namespace and a state dir
-    broker_down(env.namespace)
+    env = broker_place(ray_cluster, tmp_path / "state")  # a namespace and a state dir: the CLI starts the broker
     catalog = tmp_path / "catalog.yaml"
     catalog.write_text(yaml.safe_dump(TEST_CATALOG))
     up = env.cli("broker", "up", "--catalog", str(catalog), "--metrics-port", "0")

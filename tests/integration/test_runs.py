@@ -86,8 +86,8 @@ def span(record) -> tuple[float, float]:
     return step.started_at, step.ended_at
 
 
-def test_bundles_on_one_key_run_in_turn_and_another_key_runs_alongside(broker_env, tmp_path):
-    client = broker_env.client
+def test_bundles_on_one_key_run_in_turn_and_another_key_runs_alongside(shared_broker, tmp_path):
+    client = shared_broker.client
     # a (on firesim_u250) and c (on the board) wait for each other: they can only both succeed
     # if c's key let it start while a held firesim_u250 (no timing involved).
     started_a, started_c = tmp_path / "a.started", tmp_path / "c.started"
@@ -107,15 +107,15 @@ def test_bundles_on_one_key_run_in_turn_and_another_key_runs_alongside(broker_en
     assert (Path(a.workdir) / "artifacts/out.txt").read_text() == str(a.fencing_token)
     statuses = {status.key: status for status in client.resources()}
     assert statuses["firesim_u250"].state is ResourceState.FREE and statuses["spacemit_x60_board_01"].holder is None
-    artifacts = json.loads((broker_env.state.runs_dir / a.run_id / "artifacts.json").read_text())["artifacts"]
+    artifacts = json.loads((shared_broker.state.runs_dir / a.run_id / "artifacts.json").read_text())["artifacts"]
     assert artifacts[0]["path"] == "out.txt" and len(artifacts[0]["sha256"]) == 64
-    request = json.loads((broker_env.state.runs_dir / a.run_id / "run_request.json").read_text())
+    request = json.loads((shared_broker.state.runs_dir / a.run_id / "run_request.json").read_text())
     assert request["holder"] == "alice" and request["target_dir"] == a.workdir
     assert "--resume" in a.command and a.command.startswith(PY)
 
 
-def test_cancel_a_queued_run_and_a_running_one(broker_env, tmp_path):
-    client = broker_env.client
+def test_cancel_a_queued_run_and_a_running_one(shared_broker, tmp_path):
+    client = shared_broker.client
     long = client.call("submit", str(target(tmp_path, "long", "firesim_u250", 60.0)), holder="alice")
     queued = client.call("submit", str(target(tmp_path, "queued", "firesim_u250", 1.0)), holder="bob")
     after = client.call("submit", str(target(tmp_path, "after", "firesim_u250", 1.0)), holder="carol")
@@ -137,8 +137,8 @@ def test_cancel_a_queued_run_and_a_running_one(broker_env, tmp_path):
     assert all(step.status is not StepStatus.RUNNING for step in state.steps)
 
 
-def test_a_failing_job_fails_the_run_with_its_exit_code_and_frees_the_key(broker_env, tmp_path):
-    client = broker_env.client
+def test_a_failing_job_fails_the_run_with_its_exit_code_and_frees_the_key(shared_broker, tmp_path):
+    client = shared_broker.client
     run = client.call("submit", str(target(tmp_path, "bad", "spacemit_x60_board_01", 0.2, exit_code=3)), holder="ci")
     record = finished(client, run.run_id)
     assert record.status is RunStatus.FAILED and record.exit_code == 21  # the executor's "a step failed"
@@ -160,8 +160,8 @@ def test_killing_the_coordinator_mid_run_loses_nothing(broker_env, tmp_path):
     assert any(e["event"] == "run.reattached" and e["run_id"] == run.run_id for e in events)
 
 
-def test_revoking_a_running_runs_lease_stops_its_job_at_once(broker_env, tmp_path):
-    client = broker_env.client
+def test_revoking_a_running_runs_lease_stops_its_job_at_once(shared_broker, tmp_path):
+    client = shared_broker.client
     run = client.call("submit", str(target(tmp_path, "victim", "firesim_u250", 60.0)), holder="alice")
     wait_for(client, run.run_id, {RunStatus.RUNNING})
     until(lambda: _step_started(Path(run.workdir)), "the hardware step to start")
@@ -178,8 +178,8 @@ def test_revoking_a_running_runs_lease_stops_its_job_at_once(broker_env, tmp_pat
     assert "lease" in state.message
 
 
-def test_a_succeeded_target_dir_runs_again_only_with_restart(broker_env, tmp_path):
-    client = broker_env.client
+def test_a_succeeded_target_dir_runs_again_only_with_restart(shared_broker, tmp_path):
+    client = shared_broker.client
     directory = target(tmp_path, "again", "radiance_sim_lane_a", 0.1)
     first = finished(client, client.call("submit", str(directory), holder="ci").run_id)
     assert first.status is RunStatus.SUCCEEDED
@@ -191,14 +191,14 @@ def test_a_succeeded_target_dir_runs_again_only_with_restart(broker_env, tmp_pat
     assert again.fencing_token == first.fencing_token + 1
 
 
-def test_the_local_engine_takes_the_lease_itself_and_waits_its_turn(broker_env, tmp_path):
-    client = broker_env.client
+def test_the_local_engine_takes_the_lease_itself_and_waits_its_turn(shared_broker, tmp_path):
+    client = shared_broker.client
     alice = client.reserve("spacemit_x60_board_01", "alice")
     directory = target(tmp_path, "local", "spacemit_x60_board_01", 0.1)
     proc = subprocess.Popen(
         [PY, "-m", "broker.cli", "targetgen", "execute", "--engine", "local", "--from-dir", str(directory),
          "--holder", "ci-local"],
-        env=broker_env.env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        env=shared_broker.env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )  # fmt: skip
     board = lambda: next(s for s in client.resources() if s.key == "spacemit_x60_board_01")  # noqa: E731
     until(lambda: [entry.holder for entry in board().queue] == ["ci-local"], "the local engine to queue")
@@ -208,7 +208,7 @@ def test_the_local_engine_takes_the_lease_itself_and_waits_its_turn(broker_env, 
     assert proc.returncode == 0, err
     assert "bundle local: succeeded" in out
     assert board().holder is None  # released at the end
-    history = [json.loads(line) for line in broker_env.state.events_path.read_text().splitlines()]
+    history = [json.loads(line) for line in shared_broker.state.events_path.read_text().splitlines()]
     granted = [e for e in history if e["event"] == "lease.granted" and e.get("holder") == "ci-local"]
     assert len(granted) == 1 and granted[0]["fencing_token"] == alice.fencing_token + 1
 
@@ -218,8 +218,9 @@ def _step_started(directory: Path) -> bool:
     return state is not None and any(step.status is StepStatus.RUNNING for step in state.steps)
 
 
-def test_bad_submissions_change_nothing(broker_env, tmp_path):
-    client = broker_env.client
+def test_bad_submissions_change_nothing(shared_broker, tmp_path):
+    client = shared_broker.client
+    runs_before = sorted(shared_broker.state.runs_dir.iterdir())
     with pytest.raises(InvalidRequest, match="does not exist"):
         client.call("submit", str(tmp_path / "missing"), holder="alice")
     with pytest.raises(UnknownResource):
@@ -228,7 +229,7 @@ def test_bad_submissions_change_nothing(broker_env, tmp_path):
         client.call("submit", "relative/dir", holder="alice")
     with pytest.raises(InvalidRequest, match="run id"):
         client.call("run", "../../etc")
-    assert list(broker_env.state.runs_dir.iterdir()) == []
+    assert sorted(shared_broker.state.runs_dir.iterdir()) == runs_before  # no run record made
 
 
 def test_run_metrics_and_events(broker_env, tmp_path):

@@ -31,6 +31,14 @@ TTL_S = 600.0  # the dead client's lease would block the key this long without s
 BOUND_S = 60.0  # what the tests assert: far above the ≤ 5 s promised, far below the TTL
 PROMISE_S = 5.0  # the promise itself, asserted where a test says so (measured figures are ~0.1 s)
 
+
+@pytest.fixture
+def broker_env(shared_broker: BrokerEnv) -> BrokerEnv:
+    """One broker for the module: each test's clients have holder names of their own, its fencing
+    tokens are compared with the ones before them on the same key, and it leaves the key free."""
+    return shared_broker
+
+
 SHIM_CLIENT = """
 import sys, time, broker
 client = broker.connect()
@@ -137,7 +145,7 @@ def ended_of(env: BrokerEnv, holder: str) -> list[dict[str, Any]]:
 @pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM], ids=lambda s: s.name)
 @pytest.mark.parametrize("kind", ["shim", "plain-ray"])
 def test_a_dead_session_bound_holder_frees_the_key_in_seconds_not_at_its_ttl(broker_env, kind, sig):
-    holder = f"{kind}-holder"
+    holder = f"{kind}-holder-{sig.name}"
     proc = start_client(broker_env, kind, holder)
     line = proc.stdout.readline()  # type: ignore[union-attr]
     assert line.startswith("held"), line
@@ -153,6 +161,7 @@ def test_a_dead_session_bound_holder_frees_the_key_in_seconds_not_at_its_ttl(bro
         assert old.state is LeaseState.EXPIRED and old.end_reason is EndReason.HOLDER_GONE
         assert ended_of(broker_env, holder)[-1]["reason"] == "holder gone"
     assert granted.fencing_token == old.fencing_token + 1  # type: ignore[operator]
+    broker_env.client.release(granted.lease_id)
 
 
 # ---------------------------------------------------------------------- waiting
@@ -175,6 +184,7 @@ def test_a_killed_waiter_leaves_the_queue_and_is_never_granted(broker_env, kind)
     events = [e for e in journal(broker_env) if e.get("holder") == doomed]
     assert [e["event"] for e in events] == ["lease.queued", "lease.cancelled"]
     assert events[-1]["reason"] == EndReason.HOLDER_GONE.value
+    client.release(granted.lease_id)
 
 
 def test_a_sigtermed_waiting_shim_client_leaves_the_queue_within_the_promise(broker_env):
@@ -210,6 +220,7 @@ def test_a_grant_racing_with_its_waiters_death_is_taken_back_and_the_next_waiter
     raced = [e for e in journal(broker_env) if e.get("holder") == doomed and e["event"] == "lease.granted"]
     if raced:  # it was granted to the dead client: taken back, and its token is never used again
         assert ended[0]["event"] == "lease.expired" and granted.fencing_token == raced[0]["fencing_token"] + 1
+    client.release(granted.lease_id)
 
 
 # ---------------------------------------------------------------------- the CLI
@@ -233,7 +244,8 @@ def cli_reserve_wait(env: BrokerEnv, holder: str) -> tuple[subprocess.Popen[str]
 def test_a_waiting_cli_stopped_by_a_signal_leaves_the_queue_says_one_line_and_exits_128_plus_it(broker_env, sig):
     client = broker_env.client
     blocker = client.reserve(KEY, "blocker", ttl_s=TTL_S)
-    proc, watch = cli_reserve_wait(broker_env, "ci-job")
+    doomed = f"ci-job-{sig.name}"
+    proc, watch = cli_reserve_wait(broker_env, doomed)
     nxt = Waiter(broker_env)
     died_at = kill(proc, sig)
     assert proc.returncode == 128 + sig.value
@@ -241,18 +253,19 @@ def test_a_waiting_cli_stopped_by_a_signal_leaves_the_queue_says_one_line_and_ex
     lines = [line for line in text.splitlines() if line and "place 1 in the queue" not in line]
     assert lines == [f"merlin: stopped by {sig.name}; the request for {KEY} left the queue"], text
     assert "Traceback" not in text and "*** " not in text  # no Python traceback, no C++ stack dump
-    assert "ci-job" not in queued_holders(broker_env)
+    assert doomed not in queued_holders(broker_env)
     client.release(blocker.lease_id)
     granted = nxt.granted()
     figure(f"CLI reserve --wait, {sig.name}, then a release", granted.granted_at - died_at)  # type: ignore[operator]
     # It left by its own act: its cancelled call (Ray's cancel reaches the key first) or its withdraw.
-    assert ended_of(broker_env, "ci-job")[-1]["reason"] in (EndReason.WAITER_WENT_AWAY, EndReason.WITHDRAWN)
+    assert ended_of(broker_env, doomed)[-1]["reason"] in (EndReason.WAITER_WENT_AWAY, EndReason.WITHDRAWN)
+    client.release(granted.lease_id)
 
 
 def test_a_killed_waiting_cli_leaves_the_queue_and_the_next_waiter_gets_the_key(broker_env):
     client = broker_env.client
     blocker = client.reserve(KEY, "blocker", ttl_s=TTL_S)
-    proc, _ = cli_reserve_wait(broker_env, "ci-job")
+    proc, _ = cli_reserve_wait(broker_env, "ci-job-killed")
     nxt = Waiter(broker_env)
     died_at = kill(proc, signal.SIGKILL)
     client.release(blocker.lease_id)  # the race: the dead command may be granted first, and is taken back
@@ -262,8 +275,9 @@ def test_a_killed_waiting_cli_leaves_the_queue_and_the_next_waiter_gets_the_key(
     # Over Ray the broker sees the command's session end; over HTTP its connection close (the request
     # is withdrawn, and a grant that raced the death is given back).
     gone = {EndReason.HOLDER_GONE.value, EndReason.WITHDRAWN.value, EndReason.RELEASED.value}
-    until(lambda: ended_of(broker_env, "ci-job"), "the dead command's request ended in the journal", 30)
-    assert ended_of(broker_env, "ci-job")[-1]["reason"] in gone
+    until(lambda: ended_of(broker_env, "ci-job-killed"), "the dead command's request ended in the journal", 30)
+    assert ended_of(broker_env, "ci-job-killed")[-1]["reason"] in gone
+    client.release(granted.lease_id)
 
 
 def test_a_lease_the_cli_received_outlives_the_command(broker_env):
@@ -357,3 +371,4 @@ def test_a_killed_jupyter_kernel_frees_its_key_in_seconds(broker_env, when):
     figure(f"Jupyter kernel SIGKILL while {when}", granted.granted_at - died_at)  # type: ignore[operator]
     assert granted.granted_at - died_at < BOUND_S  # type: ignore[operator]
     assert ended_of(broker_env, holder)[-1]["reason"] == EndReason.HOLDER_GONE.value
+    client.release(granted.lease_id)
