@@ -55,7 +55,7 @@ from broker.actors.run_manager import RunManager
 from broker.core.catalog import Catalog, parse_catalog
 from broker.core.groups import open_to_new
 from broker.core.placement_rules import JobNeeds, NodeInfo, Placement, host_down_reason, placement, unsatisfiable
-from broker.core.request_index import RequestIndex
+from broker.core.request_index import GROUP_REQUEST, RequestIndex
 from broker.core.runs import RunRecord, new_run_id
 from broker.core.tokens import Identity, TokenBook, trusted_admin
 from broker.core.usage import ResourceSnapshot
@@ -303,8 +303,8 @@ class BrokerActor:
     ) -> Lease:
         """Grant ``resource`` to ``holder`` now, or queue (``wait=True``), or raise ``ResourceBusy``.
 
-        A ``request_id`` that already names a lease on another key is refused
-        (``InvalidRequest``): a retry that lands elsewhere never takes a second key.
+        A ``request_id`` that already names a lease on another key, or a group request, is
+        refused (``InvalidRequest``): a retry that lands elsewhere never takes a second key.
         ``session`` (the caller's Ray job id, ``ray.get_runtime_context().get_job_id()``)
         ties the request to the caller: it leaves the queue within seconds of the caller's
         death, and so does its lease unless ``bind_session=False`` (then only a grant the
@@ -315,6 +315,12 @@ class BrokerActor:
         requests = await self._request_index()
         claimed = isinstance(holder, str) and isinstance(request_id, str)
         if claimed:  # no await between this check and the forward's start: concurrent calls see it
+            if self._groups.names_request(holder, request_id):  # (the index forgets groups at a restart)
+                raise InvalidRequest(
+                    f"request id {request_id} already names a group request (holder {holder}); "
+                    f"use a new request id for {resource}",
+                    "request_id",
+                )
             requests.claim(holder, request_id, resource, time.time())
         try:
             return await self._call(
@@ -373,20 +379,31 @@ class BrokerActor:
         could satisfy is ``InvalidRequest`` at once.
         """
         await self._groups_ready()
-        return await self._groups.reserve(
-            holder,
-            keys=keys,
-            labels=labels,
-            count=count,
-            ttl_s=ttl_s,
-            wait=wait,
-            timeout_s=timeout_s,
-            priority=priority,
-            request_id=request_id,
-            note=note,
-            session=session,
-            one_host=one_host,
-        )
+        requests = await self._request_index()
+        # One request id names one request: a single key's lease or a group, never both. Claimed
+        # before the group's first await, so a concurrent single reserve with the id sees it.
+        claimed = request_id if isinstance(holder, str) and isinstance(request_id, str) else None
+        if claimed is not None:
+            requests.claim(holder, claimed, GROUP_REQUEST, time.time())
+        try:
+            return await self._groups.reserve(
+                holder,
+                keys=keys,
+                labels=labels,
+                count=count,
+                ttl_s=ttl_s,
+                wait=wait,
+                timeout_s=timeout_s,
+                priority=priority,
+                request_id=request_id,
+                note=note,
+                session=session,
+                one_host=one_host,
+            )
+        except (ResourceBusy, InvalidRequest, UnknownResource):
+            if claimed is not None and not self._groups.names_request(holder, claimed):  # refused before it existed
+                requests.forget(holder, claimed, GROUP_REQUEST)
+            raise
 
     async def withdraw_group(self, holder: str, request_id: str) -> GroupLease | None:
         """Take the caller's own group request out of every queue (granted already: released)."""

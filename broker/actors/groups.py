@@ -26,21 +26,23 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import math
 import secrets
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+from broker.core.book import SWEEPS_PER_RETENTION
 from broker.core.catalog import Catalog
 from broker.core.groups import (
     GroupRecord,
     KeyView,
     check_same_ask,
     choose_members,
-    entry_request_id,
     gating_place,
     group_order,
     open_to_new,
+    past_retention,
     resolve_ask,
 )
 from broker.disk.group_records import GroupRecords
@@ -119,6 +121,7 @@ class GroupManager:
         self._passes_done = asyncio.Event()  # set whenever no pass runs or is asked for
         self._passes_done.set()
         self._tasks: set[asyncio.Task[Any]] = set()
+        self._swept_at = -math.inf  # when ended groups past the retention window were last forgotten
 
     # ------------------------------------------------------------------ load and recover
 
@@ -131,6 +134,7 @@ class GroupManager:
             self._seq = max(self._seq, record.lease.seq)
             if self._observe_wait is not None and record.lease.granted_at is not None:
                 self._observe_wait(record.lease.granted_at - record.lease.queued_at)  # a restart resets nothing
+        self.sweep(time.time())
 
     async def recover(self) -> None:
         """Finish what a crash left between a record and its keys; then grant what can be."""
@@ -265,7 +269,7 @@ class GroupManager:
             session=session,
             one_host=one_host and ask.count > 1,
         )
-        record = GroupRecord(lease=lease)
+        record = GroupRecord(lease=lease, entry_salt=lease.ref)
         self._save(record)  # on disk before any key hears of it: recover() finishes the rest
         self._events.emit(
             "group.queued",
@@ -419,6 +423,10 @@ class GroupManager:
             await self._call(key, "check_fence", record.entries[key], token)
         return record.lease
 
+    def names_request(self, holder: Any, request_id: Any) -> bool:
+        """Is ``(holder, request_id)`` a group request this broker still answers for (within retention)?"""
+        return isinstance(holder, str) and isinstance(request_id, str) and (holder, request_id) in self._by_request
+
     def listing(self) -> list[dict[str, Any]]:
         """Every active group, as anyone may see it (no lease ids)."""
         active = [r.lease for r in self._groups.values() if r.lease.active]
@@ -464,6 +472,7 @@ class GroupManager:
     async def tick(self) -> None:
         """The coordinator's health pass: end waits whose deadline passed, retry what a push may have lost."""
         now = time.time()
+        self.sweep(now)
         for ref, record in list(self._groups.items()):
             deadline = record.lease.wait_deadline
             if (
@@ -474,6 +483,40 @@ class GroupManager:
             ):
                 await self._end_waiting(ref, EndReason.WAIT_TIMED_OUT, LeaseState.CANCELLED)
         await self.schedule()
+
+    def sweep(self, now: float) -> int:
+        """Forget ended groups past the catalog's retention (:func:`past_retention`), records and all.
+
+        A scan of every group, so at most every 1/SWEEPS_PER_RETENTION of the window, as a book
+        sweeps its ended leases. Returns how many were forgotten."""
+        catalog = self._catalog()
+        if catalog is None:
+            return 0
+        retention_s = catalog.broker.retention_s
+        if now - self._swept_at < retention_s / SWEEPS_PER_RETENTION:
+            return 0
+        self._swept_at = now
+        old = [ref for ref, record in self._groups.items() if past_retention(record.lease, now, retention_s)]
+        for ref in old:
+            self._forget(ref)
+        return len(old)
+
+    def _forget(self, ref: str) -> None:
+        record = self._groups.pop(ref)
+        lease = record.lease
+        if self._by_request.get((lease.holder, lease.request_id)) == ref:
+            del self._by_request[(lease.holder, lease.request_id)]
+        if self._by_id.get(lease.lease_id) == ref:
+            del self._by_id[lease.lease_id]
+        for lease_id in record.entries.values():
+            if self._by_member.get(lease_ref(lease_id)) == ref:
+                del self._by_member[lease_ref(lease_id)]
+        self._awaited.discard(ref)
+        self._unclaimed.discard(ref)
+        try:
+            self._records.remove(ref)
+        except OSError as exc:  # forgotten here anyway; the next start finds it and sweeps it again
+            self._events.emit("group.sweep_failed", level="warning", group=ref, error=str(exc)[:200])
 
     # ------------------------------------------------------------------ the pass
 
@@ -572,7 +615,7 @@ class GroupManager:
         )
         leftover = {key: lease_id for key, lease_id in record.entries.items() if key not in taken}
         entries = {key: taken[key].lease_id for key in chosen}
-        updated = GroupRecord(lease=granted, entries=entries)
+        updated = record.model_copy(update={"lease": granted, "entries": entries})
         self._save(updated)  # granted once every key is: a crash before this gives the keys back (recover)
         self._events.emit(
             "group.granted",
@@ -607,7 +650,7 @@ class GroupManager:
                     ttl_s=lease.ttl_s,
                     wait=True,
                     priority=lease.priority,
-                    request_id=entry_request_id(lease.request_id, key),
+                    request_id=record.entry_id(key),
                     note=lease.note,
                     group=record.ref,
                     # Each entry, and each key it takes, ends with the caller's session: a member
@@ -643,7 +686,7 @@ class GroupManager:
     async def _withdraw_entries(self, record: GroupRecord, entries: dict[str, str]) -> None:
         for key in entries:
             with contextlib.suppress(BrokerError):
-                await self._call(key, "withdraw", record.lease.holder, entry_request_id(record.lease.request_id, key))
+                await self._call(key, "withdraw", record.lease.holder, record.entry_id(key))
 
     async def _end_waiting(
         self,
@@ -672,7 +715,7 @@ class GroupManager:
         ended = record.lease.model_copy(
             update={"state": state, "ended_at": time.time(), "end_reason": reason, "wait_deadline": None}
         )
-        self._save(GroupRecord(lease=ended, entries={}))
+        self._save(record.model_copy(update={"lease": ended, "entries": {}}))
         self._events.emit("group.cancelled", group=ref, holder=ended.holder, reason=reason.value)
         for future in self._waiters.pop(ref, []):
             if not future.done():  # the waiting caller hears why, as a single key's waiter does

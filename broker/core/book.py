@@ -61,12 +61,21 @@ from broker.models import (
     lease_ref,
 )
 
-__all__ = ["Change", "Outcome", "Maintenance", "HostDown", "LeaseBook", "WAIT_TIMED_OUT", "release_ended"]
+__all__ = [
+    "Change",
+    "Outcome",
+    "Maintenance",
+    "HostDown",
+    "LeaseBook",
+    "WAIT_TIMED_OUT",
+    "release_ended",
+    "SWEEPS_PER_RETENTION",
+]
 
 WAIT_TIMED_OUT = EndReason.WAIT_TIMED_OUT  # the name older callers import
 
-# Ended leases are swept from memory about this often, in units of the retention window.
-_SWEEPS_PER_RETENTION = 16
+# Ended leases (and ended groups) are swept about this often, in units of the retention window.
+SWEEPS_PER_RETENTION = 16
 
 
 @dataclass(frozen=True)
@@ -877,7 +886,7 @@ class LeaseBook:
         stays in memory for its retention and at most that much longer.
         """
         state = self._state
-        if now - state.swept_at < self.retention_s / _SWEEPS_PER_RETENTION:
+        if now - state.swept_at < self.retention_s / SWEEPS_PER_RETENTION:
             return
         state.swept_at = now
         horizon = now - self.retention_s

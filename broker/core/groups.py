@@ -34,6 +34,9 @@ How the scheduling rules hold across keys (README "Pools and group leases"):
   starts: lending it to a later request whose hold ends "in time" needs the
   start time of the group, which depends on the other keys' holders ending
   early or renewing — guesses, which would make the ordering rule false.
+* **Ended groups are forgotten** after the catalog's ``retention``
+  (:func:`past_retention`), their records too: the keys' own lease records
+  keep each member's history, and nothing grows without bound.
 """
 
 from __future__ import annotations
@@ -64,6 +67,7 @@ __all__ = [
     "GroupRecord",
     "entry_request_id",
     "group_order",
+    "past_retention",
 ]
 
 MAX_GROUP_KEYS = 64  # keys one request may name or ask for: one entry per key it may use
@@ -327,16 +331,33 @@ class GroupRecord(BaseModel):
 
     lease: GroupLease
     entries: dict[str, str] = Field(default_factory=dict)
+    # Mixed into its entries' request ids (the group's ref; "" in records written before ended groups
+    # were forgotten): a later group reusing the request id never meets this one's entry on a key.
+    entry_salt: str = ""
 
     @property
     def ref(self) -> str:
         return self.lease.ref
 
+    def entry_id(self, key: str) -> str:
+        """The request id of this group's entry on ``key``."""
+        return entry_request_id(self.lease.request_id, key, self.entry_salt)
 
-def entry_request_id(group_request_id: str, key: str) -> str:
-    """The request id of a group's entry on ``key``: fixed, so enqueueing it again is a retry."""
-    digest = hashlib.sha256(f"{group_request_id}\0{key}".encode()).hexdigest()[:24]
+
+def entry_request_id(group_request_id: str, key: str, salt: str = "") -> str:
+    """The request id of a group's entry on ``key``: fixed, so enqueueing it again is a retry.
+
+    ``salt`` (:attr:`GroupRecord.entry_salt`) makes it the group's own: a key's book remembers an
+    ended entry for its retention, so a later group with the same request id must not ask for it."""
+    text = f"{group_request_id}\0{key}" + (f"\0{salt}" if salt else "")
+    digest = hashlib.sha256(text.encode()).hexdigest()[:24]
     return f"group.{digest}"
+
+
+def past_retention(lease: GroupLease, now: float, retention_s: float) -> bool:
+    """Has this group ended more than ``retention_s`` ago? Then it is forgotten, record and all, as a
+    book forgets its ended leases: a retry of its request id past that asks anew. Active groups never are."""
+    return not lease.active and lease.ended_at is not None and lease.ended_at < now - retention_s
 
 
 def group_order(lease: GroupLease) -> tuple[int, int]:

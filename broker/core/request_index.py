@@ -12,6 +12,9 @@ Rules:
   the same key is a retry and is allowed.
 * :meth:`RequestIndex.forget` unbinds it when the call created nothing (the key
   was busy, the request was invalid), so the id may be used elsewhere.
+* A group request (``reserve_group``) claims its id too, bound to
+  :data:`GROUP_REQUEST` instead of a key: one request id names one request,
+  a single key's or a group's, never both.
 * Entries live as long as the books keep ended leases for retries
   (``retention_s``, the catalog's ``retention``): past that, the same key too
   answers a reused request id with a new lease.
@@ -26,7 +29,10 @@ from collections import OrderedDict
 
 from broker.errors import InvalidRequest
 
-__all__ = ["RequestIndex"]
+__all__ = ["RequestIndex", "GROUP_REQUEST"]
+
+# What a group request's id is bound to: no resource key can be spelled so (keys are lower-case names).
+GROUP_REQUEST = "<group>"
 
 
 class RequestIndex:
@@ -48,9 +54,10 @@ class RequestIndex:
         self._evict(now)
         bound = self.key_of(holder, request_id)
         if bound is not None and bound != key:
+            named = "a group request" if bound == GROUP_REQUEST else f"a lease on {bound}"
+            wanted = "a group request" if key == GROUP_REQUEST else key
             raise InvalidRequest(
-                f"request id {request_id} already names a lease on {bound} (holder {holder}); "
-                f"use a new request id for {key}",
+                f"request id {request_id} already names {named} (holder {holder}); use a new request id for {wanted}",
                 "request_id",
             )
         self._keys[(holder, request_id)] = (key, now)

@@ -29,6 +29,10 @@ class GroupRecords:
         self.root.mkdir(mode=DIR_MODE, parents=True, exist_ok=True)
         atomic_write(self.path(record.ref), record.model_dump_json().encode())
 
+    def remove(self, ref: str) -> None:
+        """Delete a record (an ended group past its retention); gone already is fine."""
+        self.path(ref).unlink(missing_ok=True)
+
     def load_all(self) -> tuple[list[GroupRecord], list[tuple[Path, str]]]:
         """Every record, and the corrupt ones moved aside (where to, why)."""
         records: list[GroupRecord] = []

@@ -20,7 +20,7 @@ from broker.cli.completion import bash_script, catalog_keys, command_tree, held_
 from broker.cli.filters import ResourceFilter, parse_labels, pools_for
 from broker.core.accounting import UsageBy, account
 from broker.core.durations import format_duration
-from broker.core.request_index import RequestIndex
+from broker.core.request_index import GROUP_REQUEST, RequestIndex
 from broker.errors import (
     EXIT_CODES,
     BrokerUnavailable,
@@ -334,6 +334,20 @@ def test_a_request_id_names_one_key():
     assert "R1 already names a lease on lane_b" in str(refused.value) and refused.value.field == "request_id"
     index.claim("other", "R1", "lane_a", now=2.0)  # another holder's R1 is another request
     assert index.key_of("ci", "R1") == "lane_b"
+
+
+def test_a_request_id_names_a_key_or_a_group_request_never_both():
+    index = RequestIndex()
+    index.claim("ci", "G1", GROUP_REQUEST, now=0.0)
+    index.claim("ci", "G1", GROUP_REQUEST, now=1.0)  # the group request's retry
+    with pytest.raises(InvalidRequest) as refused:
+        index.claim("ci", "G1", "lane_a", now=2.0)
+    assert "G1 already names a group request" in str(refused.value) and refused.value.field == "request_id"
+    index.claim("ci", "S1", "lane_a", now=3.0)
+    with pytest.raises(InvalidRequest) as refused:
+        index.claim("ci", "S1", GROUP_REQUEST, now=4.0)
+    assert "S1 already names a lease on lane_a" in str(refused.value) and "for a group request" in str(refused.value)
+    assert index.key_of("ci", "G1") == GROUP_REQUEST and index.key_of("ci", "S1") == "lane_a"
 
 
 def test_a_request_that_created_nothing_frees_its_id():

@@ -7,12 +7,13 @@ answered, on the shim's retry, with the cancelled group lease as if it had been 
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import time
 
 import pytest
 
-from broker.core.groups import entry_request_id
+from broker.core.groups import GroupRecord, past_retention
 from broker.errors import BrokerError, InvalidRequest, LeaseNotHeld, WaitTimeout
 from broker.models import LeaseState
 from broker.seam import ActorRef
@@ -31,8 +32,9 @@ def test_a_retried_request_of_a_group_that_lost_its_entry_raises_lease_not_held(
         waiting = asyncio.ensure_future(system.call(broker, "reserve_group", "ci", wait=True, **ask))
         await until(lambda: len(book(system, "lane_a").queue) == 1, "the group's entry queued on lane_a")
         # Its entry on lane_a is taken back from under it: the group can no longer wait there.
-        await system.call(broker, "withdraw", "lane_a", "ci", entry_request_id("ci-1", "lane_a"))
         manager = system.instance(COORDINATOR_NAME, NS)._groups
+        (record,) = manager._groups.values()
+        await system.call(broker, "withdraw", "lane_a", "ci", record.entry_id("lane_a"))
         await until(
             lambda: all(r.lease.state is LeaseState.CANCELLED for r in manager._groups.values()), "group cancelled"
         )
@@ -117,3 +119,36 @@ def test_a_request_id_reused_for_another_group_ask_is_refused_and_a_true_retry_i
             assert refused.value.field == field
 
     run(body)
+
+
+def _group_record(**lease: object) -> GroupRecord:
+    fields = dict(
+        lease_id="group:" + "ab" * 16,
+        holder="ci",
+        request_id="nightly-7",
+        state=LeaseState.RELEASED,
+        count=1,
+        candidates=("lane_a", "lane_b"),
+        ttl_s=60.0,
+        queued_at=1_000.0,
+    )
+    return GroupRecord.model_validate({"lease": {**fields, **lease}})
+
+
+def test_a_record_from_before_entry_salts_keeps_the_entry_ids_its_keys_know():
+    """A group waiting across an upgrade asks its keys for the entries it queued before it: same ids."""
+    old = _group_record(state=LeaseState.QUEUED)
+    assert old.entry_salt == ""
+    digest = hashlib.sha256(b"nightly-7\0lane_a").hexdigest()[:24]
+    assert old.entry_id("lane_a") == f"group.{digest}"
+    # A new group's entries are its own: the same request id later never names the old entries.
+    new = old.model_copy(update={"entry_salt": old.ref})
+    assert new.entry_id("lane_a") not in (old.entry_id("lane_a"), new.entry_id("lane_b"))
+
+
+def test_only_groups_ended_past_the_retention_window_are_forgotten():
+    day = 86_400.0
+    assert past_retention(_group_record(ended_at=1_000.0).lease, now=1_000.0 + day + 1, retention_s=day)
+    assert not past_retention(_group_record(ended_at=1_000.0).lease, now=1_000.0 + day - 1, retention_s=day)
+    for active in (LeaseState.QUEUED, LeaseState.GRANTED):  # however old
+        assert not past_retention(_group_record(state=active).lease, now=1e12, retention_s=day)

@@ -4,12 +4,13 @@ any-of, sets together, order across keys, ending as a whole, and restarts from d
 from __future__ import annotations
 
 import asyncio
+import time
 from pathlib import Path
 
 import pytest
 
 from broker.actors.coordinator import BrokerActor
-from broker.errors import InvalidRequest, LeaseNotHeld, ResourceBusy, UnknownResource
+from broker.errors import InvalidRequest, LeaseNotFound, LeaseNotHeld, ResourceBusy, UnknownResource
 from broker.models import EndReason, LeaseState
 from broker.seam import ActorRef, Spawn
 from broker.seam.fake import FakeSystem
@@ -269,5 +270,75 @@ def test_a_no_wait_request_granted_while_it_was_being_withdrawn_is_answered_with
         group = await system.call(broker, "reserve_group", "bob", keys=["lane_a", "lane_b"], ttl_s=60)
         assert group.state is LeaseState.GRANTED and set(group.keys) == {"lane_a", "lane_b"}
         assert book(system, "lane_a").granted.holder == "bob"
+
+    run(body)
+
+
+def test_one_request_id_names_a_single_keys_lease_or_a_group_never_both_also_after_a_restart(tmp_path):
+    async def body() -> None:
+        system = FakeSystem()
+        broker = await up(tmp_path, system)
+        single = await system.call(broker, "reserve", "lane_a", "ci", ttl_s=60, request_id="job-1")
+        group = await system.call(broker, "reserve_group", "ci", labels="board=u250", ttl_s=60, request_id="job-2")
+        for restarted in (False, True):
+            with pytest.raises(InvalidRequest) as refused:
+                await system.call(broker, "reserve_group", "ci", labels="kind=sim", request_id="job-1")
+            assert refused.value.field == "request_id" and "lane_a" in str(refused.value)
+            with pytest.raises(InvalidRequest) as refused:
+                await system.call(broker, "reserve", "lane_b", "ci", request_id="job-2")
+            assert refused.value.field == "request_id" and "group request" in str(refused.value)
+            # Nothing changed: the refused asks took nothing and queued nothing.
+            assert book(system, "lane_b").granted is None and book(system, "lane_b").queue == []
+            assert [g["holder"] for g in await system.call(broker, "groups")] == ["ci"]
+            assert book(system, "lane_a").granted.lease_id == single.lease_id
+            if not restarted:
+                system.crash(COORDINATOR_NAME, NS)
+                system.restart(COORDINATOR_NAME, NS)
+        # Each id's own retry still answers its own lease.
+        assert (await system.call(broker, "reserve", "lane_a", "ci", request_id="job-1")).lease_id == single.lease_id
+        again = await system.call(broker, "reserve_group", "ci", labels="board=u250", request_id="job-2")
+        assert again.lease_id == group.lease_id
+        # Another holder's job-1 is another request.
+        other = await system.call(broker, "reserve_group", "dave", labels="kind=sim", request_id="job-1")
+        assert other.state is LeaseState.GRANTED
+
+    run(body)
+
+
+def test_ended_groups_are_forgotten_after_the_retention_window_records_and_all(tmp_path):
+    async def body() -> None:
+        system = FakeSystem()
+        spawn = Spawn(BrokerActor, (str(tmp_path), NS, "127.0.0.1", None))
+        broker = ActorRef(system, COORDINATOR_NAME, NS, spawn)
+        await system.call(broker, "apply_catalog", {**LAB, "broker": {"retention": "1h"}})
+        done = await system.call(broker, "reserve_group", "ci", labels="kind=sim", ttl_s=60, request_id="old")
+        await system.call(broker, "release", done.lease_id)
+        held = await system.call(broker, "reserve_group", "bob", labels="board=u250", count=2, ttl_s=60)
+        waiting = asyncio.ensure_future(
+            system.call(broker, "reserve_group", "carol", labels="board=u250", wait=True, request_id="w")
+        )
+        await until(lambda: book(system, "u250_a").queue != [], "carol queued")
+        records = tmp_path / "groups"
+        assert len(list(records.iterdir())) == 3
+        groups = system.instance(COORDINATOR_NAME, NS)._groups
+        # Within the window the ended group still answers its retries.
+        assert groups.sweep(time.time() + 1800) == 0
+        assert (await system.call(broker, "lease", done.lease_id)).state is LeaseState.RELEASED
+        # Past it, it is forgotten: its record is gone, and its request id asks anew.
+        assert groups.sweep(time.time() + 3700) == 1
+        assert len(list(records.iterdir())) == 2
+        with pytest.raises(LeaseNotFound):
+            await system.call(broker, "lease", done.lease_id)
+        anew = await system.call(broker, "reserve_group", "ci", labels="kind=sim", ttl_s=60, request_id="old")
+        assert anew.lease_id != done.lease_id and anew.state is LeaseState.GRANTED
+        # Active groups are never forgotten, however old: the held one and the waiter go on.
+        assert groups.sweep(time.time() + 10 * 86400) == 0
+        await system.call(broker, "release", held.lease_id)
+        assert (await waiting).holder == "carol"
+        # A restart does not bring the forgotten one back.
+        system.crash(COORDINATOR_NAME, NS)
+        system.restart(COORDINATOR_NAME, NS)
+        with pytest.raises(LeaseNotFound):
+            await system.call(broker, "lease", done.lease_id)
 
     run(body)
