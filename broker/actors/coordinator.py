@@ -759,9 +759,12 @@ class BrokerActor:
         secret = read_operator_token(self._state)
         return token_digest(secret) if secret else None
 
-    async def recent_events(self, limit: int = 100, prefix: str = "") -> list[dict[str, Any]]:
-        """The journal's latest ``limit`` events (whose name starts with ``prefix``), oldest first."""
-        return await asyncio.to_thread(_tail_events, self._state.events_path, limit, prefix)
+    async def recent_events(self, limit: int = 100, prefix: str = "", after: int | None = None) -> list[dict[str, Any]]:
+        """The journal's latest ``limit`` events (whose name starts with ``prefix``), oldest first.
+
+        ``after`` (a ``seq``): the first ``limit`` events after it instead, so a reader that pages
+        with the last ``seq`` it saw misses none and sees none twice."""
+        return await asyncio.to_thread(_tail_events, self._state.events_path, limit, prefix, after)
 
     def _record_endpoints(self) -> None:
         """``broker.json``: where this coordinator listens, so the CLI can read without Ray."""
@@ -1105,7 +1108,7 @@ def _catalog_drops(old: Catalog | None, new: Catalog, dropped: list[str]) -> lis
     return changes
 
 
-def _tail_events(path: Path, limit: int, prefix: str) -> list[dict[str, Any]]:
+def _tail_events(path: Path, limit: int, prefix: str, after: int | None = None) -> list[dict[str, Any]]:
     try:
         with open(path, "rb") as handle:
             handle.seek(0, os.SEEK_END)
@@ -1120,11 +1123,21 @@ def _tail_events(path: Path, limit: int, prefix: str) -> list[dict[str, Any]]:
             event = json.loads(line)
         except ValueError:
             continue  # a torn first line of the window
-        if isinstance(event, dict) and str(event.get("event", "")).startswith(prefix):
+        if not isinstance(event, dict):
+            continue
+        if after is not None and _seq_of(event) <= after:
+            break  # seq is the file's order: everything before is older still
+        if str(event.get("event", "")).startswith(prefix):
             events.append(event)
-            if len(events) >= limit:
+            if after is None and len(events) >= limit:
                 break
-    return events[::-1]
+    events.reverse()
+    return events[:limit]
+
+
+def _seq_of(event: dict[str, Any]) -> int:
+    seq = event.get("seq")
+    return seq if isinstance(seq, int) else 0
 
 
 def _shown_by(by: Any) -> str:

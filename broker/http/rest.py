@@ -520,7 +520,10 @@ async def _events(broker: Any, call: Call) -> Any:
     except ValueError:
         raise InvalidRequest("invalid limit: expected a whole number", "limit") from None
     prefix = call.query.get("event", "")
-    return await broker.recent_events(limit, prefix)
+    after = call.query.get("after")
+    if after is not None and not (after.isascii() and after.isdigit()):
+        raise InvalidRequest("invalid after: expected the seq of an event (a whole number)", "after")
+    return await broker.recent_events(limit, prefix, int(after) if after is not None else None)
 
 
 async def _token_create(broker: Any, call: Call) -> Any:
@@ -609,7 +612,13 @@ ROUTES: tuple[Route, ...] = (
     Route("GET", "/runs/{run_id}", _run, "one run's record"),
     Route("POST", "/runs/{run_id}/cancel", _cancel, "stop a run"),
     Route("GET", "/runs/{run_id}/logs", _logs, "a run's job logs (text)"),
-    Route("GET", "/events", _events, "the journal's latest events", query=("limit", "event")),
+    Route(
+        "GET",
+        "/events",
+        _events,
+        "the journal's latest events (oldest first); with after=SEQ the first ones after that seq, to page",
+        query=("limit", "event", "after"),
+    ),
     Route("POST", "/tokens", _token_create, "make a token (shown once)", admin=True, body=("name", "admin")),
     Route("GET", "/tokens", _token_list, "every token (no secrets)", admin=True),
     Route("DELETE", "/tokens/{name}", _token_revoke, "revoke a token", admin=True),

@@ -290,6 +290,12 @@ def test_fences_queues_timeouts_events_and_runs_over_http(api, tmp_path):
     refused = call(api, "GET", "/events?event=auth.refused", token=alice)[1]
     assert refused and refused[-1]["act"] == "GET /status" and "mt_" not in json.dumps(refused)
     assert call(api, "GET", "/events?limit=x", token=alice)[0] == 422
+    # Paging with after=<the last seq seen>: every event once, in order, none skipped.
+    first = events[0]["seq"]
+    page_1 = call(api, "GET", f"/events?event=lease.&limit=2&after={first - 1}", token=alice)[1]
+    page_2 = call(api, "GET", f"/events?event=lease.&limit=2&after={page_1[-1]['seq']}", token=alice)[1]
+    assert [e["seq"] for e in page_1 + page_2][:3] == [e["seq"] for e in events]
+    assert call(api, "GET", "/events?after=-1", token=alice)[0] == 422
 
     # runs: submit over HTTP (the token is the holder), read, logs; cancel a queued one (not another's).
     quick = target(tmp_path, "quick", "firesim_u250", 0.2)
