@@ -71,6 +71,11 @@ __all__ = [
 API_PREFIX = "/api/v1"
 ADMIN_SECRET_HEADER = "X-Merlin-Admin-Secret"  # with the operator's token, when the catalog sets a secret
 MAX_BODY_BYTES = 256 * 1024
+# A connection must send its request line and headers, and then its body, within this; a connection
+# idle between requests is closed after it. Half-sent requests cannot pile up in the coordinator
+# (the metrics listener has the same bound, broker.http.api). A waiting reserve's open response is
+# not idle: it stays open for as long as it waits.
+REQUEST_TIMEOUT_S = 10.0
 # What each error is on HTTP (meaning lives here, not in messages).
 HTTP_STATUS: dict[type[BrokerError], int] = {
     InvalidRequest: 422,
@@ -296,7 +301,7 @@ class RestApi:
         async def handle(request: web.Request) -> web.Response:
             try:
                 who = authenticate(self._tokens(), request.headers.get("Authorization", ""), route, self._on_refused)
-                raw = await request.read() if request.can_read_body else b""
+                raw = await _read_body(request) if request.can_read_body else b""
                 body = parse_body(route, raw)
             except BrokerError as err:
                 return _response(render_error(err))
@@ -305,6 +310,13 @@ class RestApi:
             return _response(await perform(route, self.broker, call))
 
         return handle
+
+
+async def _read_body(request: web.Request) -> bytes:
+    try:
+        return await asyncio.wait_for(request.read(), REQUEST_TIMEOUT_S)
+    except asyncio.TimeoutError:
+        raise InvalidRequest(f"the request body did not arrive within {REQUEST_TIMEOUT_S:g} s", "body") from None
 
 
 def _response(answer: Answer) -> web.Response:
@@ -675,7 +687,7 @@ def _path_names(path: str) -> list[str]:
 
 async def start(api: RestApi, host: str, port: int) -> tuple[web.AppRunner, str]:
     """Serve ``api`` on ``host:port`` in the running loop; returns the runner and the API's base URL."""
-    runner = web.AppRunner(api.app, handler_cancellation=True, access_log=None)
+    runner = web.AppRunner(api.app, handler_cancellation=True, access_log=None, keepalive_timeout=REQUEST_TIMEOUT_S)
     await runner.setup()
     site = web.TCPSite(runner, host, port, shutdown_timeout=1.0)
     await site.start()

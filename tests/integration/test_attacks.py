@@ -229,6 +229,56 @@ def test_hostile_values_and_catalogs_are_refused_and_change_nothing(shared_broke
 
 
 # ---------------------------------------------------------------- item 10: the HTTP listener
+def test_the_api_listener_closes_half_sent_requests_yet_keeps_a_long_wait_open(shared_broker):
+    """The HTTP API (aiohttp, in the coordinator's loop): a request whose headers or body never
+    finish is closed after REQUEST_TIMEOUT_S, while a waiting reserve's open request is not idle."""
+    from urllib.parse import urlsplit
+
+    from broker.disk.token_store import read_operator_token
+    from broker.http.rest import REQUEST_TIMEOUT_S
+
+    env = shared_broker
+    api = urlsplit(env.client.status().http_url or "")
+    token = read_operator_token(env.state)
+    held = env.client.reserve(KEY, "alice", ttl_s=120)
+    waiting: dict[str, object] = {}
+
+    def wait_over_http() -> None:
+        body = json.dumps({"resource": KEY, "holder": "bob", "wait": True, "ttl_s": 60}).encode()
+        ask = urllib.request.Request(
+            f"{api.geturl()}/reserve", data=body, headers={"Authorization": f"Bearer {token}"}, method="POST"
+        )
+        with urllib.request.urlopen(ask, timeout=120) as answer:
+            waiting["lease"] = json.loads(answer.read())
+
+    waiter = threading.Thread(target=wait_over_http)
+    waiter.start()
+    headers_only = socket.create_connection((api.hostname, api.port), timeout=60)
+    headers_only.sendall(b"GET /api/v1/status HTTP/1.1\r\nHost: x\r\n")  # never finished
+    short_body = socket.create_connection((api.hostname, api.port), timeout=60)
+    short_body.sendall(
+        b"POST /api/v1/reserve HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer "
+        + token.encode()
+        + b'\r\nContent-Length: 400\r\n\r\n{"resource"'
+    )
+    started = time.monotonic()
+    assert headers_only.recv(4096) == b""  # closed, with nothing said
+    closed_after = time.monotonic() - started
+    answer = b""
+    while chunk := short_body.recv(4096):
+        answer += chunk
+    assert b" 422 " in answer.split(b"\r\n")[0] and b"did not arrive" in answer
+    assert closed_after < REQUEST_TIMEOUT_S + 20, f"a half-sent request stayed open {closed_after:.1f} s"
+    # The wait stayed open past the timeout, and is granted when alice releases.
+    time.sleep(max(0.0, REQUEST_TIMEOUT_S + 1 - (time.monotonic() - started)))
+    assert waiter.is_alive() and "lease" not in waiting
+    env.client.release(held.lease_id)
+    waiter.join(60)
+    lease = waiting["lease"]
+    assert isinstance(lease, dict) and lease["holder"] == "bob" and lease["state"] == "granted"
+    env.client.release(lease["lease_id"])
+    headers_only.close()
+    short_body.close()
 
 
 def test_half_sent_http_requests_do_not_pile_up_threads_in_the_coordinator(shared_broker):
