@@ -315,12 +315,6 @@ class BrokerActor:
         requests = await self._request_index()
         claimed = isinstance(holder, str) and isinstance(request_id, str)
         if claimed:  # no await between this check and the forward's start: concurrent calls see it
-            if self._groups.names_request(holder, request_id):  # (the index forgets groups at a restart)
-                raise InvalidRequest(
-                    f"request id {request_id} already names a group request (holder {holder}); "
-                    f"use a new request id for {resource}",
-                    "request_id",
-                )
             requests.claim(holder, request_id, resource, time.time())
         try:
             return await self._call(
@@ -1039,7 +1033,13 @@ class BrokerActor:
 
     async def _request_index(self) -> RequestIndex:
         if self._requests is None:
-            self._requests = await self._requests_loading
+            requests = await self._requests_loading
+            # Group requests' ids are in their records, not the lease records the index is built from.
+            now = time.time()
+            for holder, request_id, at in self._groups.request_ids(now):
+                requests.learn(holder, request_id, GROUP_REQUEST, at)
+            requests.settle(now)
+            self._requests = requests
         if self._catalog is not None:  # `broker up` may have changed it since
             self._requests.retention_s = self._catalog.broker.retention_s
         return self._requests

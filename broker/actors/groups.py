@@ -427,6 +427,13 @@ class GroupManager:
         """Is ``(holder, request_id)`` a group request this broker still answers for (within retention)?"""
         return isinstance(holder, str) and isinstance(request_id, str) and (holder, request_id) in self._by_request
 
+    def request_ids(self, now: float) -> list[tuple[str, str, float]]:
+        """``(holder, request_id, last activity)`` of every group this broker still answers for."""
+        return [
+            (r.lease.holder, r.lease.request_id, r.lease.ended_at if r.lease.ended_at is not None else now)
+            for r in self._groups.values()
+        ]
+
     def listing(self) -> list[dict[str, Any]]:
         """Every active group, as anyone may see it (no lease ids)."""
         active = [r.lease for r in self._groups.values() if r.lease.active]
